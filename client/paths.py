@@ -1,0 +1,22 @@
+"""Where things live: data root, repository root, committed weights, model repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_ENV = "LEUKOGRAPH_DATA"
+
+
+def data_root(cli_value: str | os.PathLike | None = None) -> Path:
+    """`--data-root`, else $LEUKOGRAPH_DATA, else ../shared/datasets beside the repository."""
+    if cli_value:
+        return Path(cli_value).expanduser().resolve()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared" / "datasets").resolve()
+
+
+WEIGHTS_DIR = REPO_ROOT / "training" / "weights"
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
