@@ -1,0 +1,74 @@
+"""Checkpoints: model, optimizer, epoch, args and metrics in one file, loaded with weights_only=True.
+
+Run folders keep full checkpoints (for --resume). The committed release weights in training/weights/ drop the
+optimizer state to stay small; everything else is kept, so each file says how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from leukograph.client.errors import UserError
+from leukograph.training.models import CellGraphNet, CropEmbedder, SeedBaseline
+
+CNN_FILE, GNN_FILE, BASELINE_FILE = "cnn.pt", "gnn.pt", "baseline.pt"
+
+
+def _plain(value: Any) -> Any:
+    """Make args safe for weights_only loading: Paths and other objects become strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int,
+                    args: argparse.Namespace | dict, metrics: dict, config: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": epoch,
+        "args": _plain(vars(args) if isinstance(args, argparse.Namespace) else args),
+        "metrics": _plain(metrics),
+        "config": _plain(config or {}),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found; run `leukograph train` or pass --weights")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted or foreign file
+        raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_models(weights_dir: Path) -> tuple[CropEmbedder, CellGraphNet, dict]:
+    """The CNN and GNN in eval mode, plus their checkpoints' metadata."""
+    cnn_ckpt = load_checkpoint(weights_dir / CNN_FILE)
+    gnn_ckpt = load_checkpoint(weights_dir / GNN_FILE)
+    embedder = CropEmbedder(**cnn_ckpt["config"])
+    embedder.load_state_dict(cnn_ckpt["model"])
+    gnn = CellGraphNet(**gnn_ckpt["config"])
+    gnn.load_state_dict(gnn_ckpt["model"])
+    meta = {"cnn": {k: cnn_ckpt[k] for k in ("epoch", "args", "metrics")},
+            "gnn": {k: gnn_ckpt[k] for k in ("epoch", "args", "metrics")}}
+    return embedder.eval(), gnn.eval(), meta
+
+
+def load_baseline(weights_dir: Path) -> SeedBaseline:
+    ckpt = load_checkpoint(weights_dir / BASELINE_FILE)
+    model = SeedBaseline(**ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()

@@ -1,0 +1,80 @@
+"""`leukograph export`: both served stages to ONNX (opset >= 17, weights inline, dynamic cells and frame size).
+
+Names, dtypes and dynamic axes come from `leukograph.client.contract`; the files land where the model-repository
+generator and Triton expect them: `model_repository/<stage>/1/model.onnx`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, StageSpec
+from leukograph.client.errors import UserError
+from leukograph.client.paths import MODEL_REPOSITORY, WEIGHTS_DIR
+from leukograph.training.checkpoints import load_models
+from leukograph.training.models import CellGraphStage, CropEmbedderStage
+
+OPSET = 17
+MODEL_VERSION_DIR = "1"
+
+
+def onnx_path(stage: StageSpec, repository: Path = MODEL_REPOSITORY) -> Path:
+    return repository / stage.name / MODEL_VERSION_DIR / "model.onnx"
+
+
+def _example_inputs(stage: StageSpec) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[10.0, 12.0, 90.0, 95.0], [120.0, 40.0, 200.0, 110.0], [30.0, 150.0, 70.0, 190.0],
+                          [220.0, 160.0, 300.0, 230.0], [150.0, 150.0, 170.0, 168.0], [5.0, 200.0, 60.0, 236.0]])
+    if stage is CROP_EMBEDDER:
+        return torch.randint(0, 256, (240, 320, 3), dtype=torch.uint8, generator=generator), boxes
+    return torch.randn(len(boxes), EMBED_DIM, generator=generator), boxes, torch.tensor([240.0, 320.0])
+
+
+def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: int = OPSET) -> Path:
+    """Export one stage with the contract's names and dynamic axes; weights stay inside the .onnx file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, _example_inputs(stage), str(path), dynamo=False, opset_version=opset,
+            input_names=stage.input_names, output_names=stage.output_names,
+            dynamic_axes=stage.dynamic_axes, do_constant_folding=True,
+        )
+    model = onnx.load(str(path))
+    model.doc_string = stage.description
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path), save_as_external_data=False)
+    return path
+
+
+def export_all(weights_dir: Path = WEIGHTS_DIR, repository: Path = MODEL_REPOSITORY,
+               opset: int = OPSET) -> dict[str, Path]:
+    """Export crop_embedder and cell_graph from the committed (or given) checkpoints."""
+    embedder, gnn, _ = load_models(weights_dir)
+    return {
+        CROP_EMBEDDER.name: export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER,
+                                         onnx_path(CROP_EMBEDDER, repository), opset),
+        CELL_GRAPH.name: export_stage(CellGraphStage(gnn), CELL_GRAPH, onnx_path(CELL_GRAPH, repository), opset),
+    }
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export both stages to ONNX", add_help=add_help)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder with cnn.pt and gnn.pt")
+    parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
+    parser.add_argument("--opset", type=int, default=OPSET)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.opset < 17:
+        raise UserError(f"--opset must be >= 17 (GridSample and TensorRT 10 parsing), got {args.opset}")
+    for name, path in export_all(args.weights, args.model_repository, args.opset).items():
+        print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0

@@ -1,0 +1,233 @@
+"""The models: in-graph cell cropping, the CNN crop embedder, the cell-graph GNN (PyG and dense), the seed baseline.
+
+The crop geometry (`crop_cells`), node geometry (`geometry_features`) and the kNN rule are written once here and used
+by training, by `classify`, and inside the exported ONNX graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from leukograph.client.contract import (
+    CROP_MARGIN,
+    CROP_SIZE,
+    EMBED_DIM,
+    GEOMETRY_FEATURES,
+    KNN_K,
+    NUM_CLASSES,
+)
+from torch import Tensor, nn
+from torch_geometric.nn import SAGEConv
+
+# Pixel statistics of BCCD crops (RGB, 0..1); baked into the CNN so that every runtime feeds raw pixels.
+PIXEL_MEAN = (0.70, 0.62, 0.66)
+PIXEL_STD = (0.18, 0.20, 0.15)
+# "Far away" for padded kNN columns; fits in fp16 (max 65504) since centroids are normalised to [0, 1].
+FAR = 1.0e4
+
+
+# ---- crop geometry --------------------------------------------------------------------------------------
+def crop_regions(boxes: Tensor, margin: float = CROP_MARGIN) -> Tensor:
+    """Square regions (cx, cy, side) around boxes [N,4]: the longer side plus `margin` of it on each side."""
+    cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
+    cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
+    side = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) * (1.0 + 2.0 * margin)
+    return torch.stack([cx, cy, side], dim=1)
+
+
+def crop_cells(frame: Tensor, boxes: Tensor, size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> Tensor:
+    """Crop and resize every cell in-graph: frame uint8 [H,W,3] RGB, boxes [N,4] -> float [N,3,size,size] in 0..1.
+
+    Bilinear `grid_sample` with zero padding outside the frame (black, like the 4-class augmentation fill).
+    Exports to ONNX GridSample, which TensorRT implements natively.
+    """
+    height, width = frame.shape[0], frame.shape[1]
+    image = frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32) * (1.0 / 255.0)  # 1,3,H,W
+    regions = crop_regions(boxes.to(torch.float32), margin)
+    steps = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) / size - 0.5  # S, in (-0.5, 0.5)
+    xs = regions[:, 0:1] + steps.unsqueeze(0) * regions[:, 2:3]  # N,S pixel x of each sample
+    ys = regions[:, 1:2] + steps.unsqueeze(0) * regions[:, 2:3]  # N,S
+    gx = xs * (2.0 / width) - 1.0  # align_corners=False: -1 is the left edge of pixel 0
+    gy = ys * (2.0 / height) - 1.0
+    n = boxes.shape[0]
+    grid = torch.stack([gx.unsqueeze(1).expand(n, size, size), gy.unsqueeze(2).expand(n, size, size)], dim=-1)
+    grid = grid.reshape(1, n * size, size, 2)
+    crops = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # 1,3,N*S,S
+    return crops.reshape(3, n, size, size).permute(1, 0, 2, 3)
+
+
+# ---- CNN crop embedder ----------------------------------------------------------------------------------
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CropEmbedder(nn.Module):
+    """Small VGG-style CNN: 64x64 crop -> EMBED_DIM embedding (+ per-crop logits for CNN-only use)."""
+
+    def __init__(self, embed_dim: int = EMBED_DIM, num_classes: int = NUM_CLASSES, width: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
+        w = width
+        self.features = nn.Sequential(
+            _conv(3, w), nn.MaxPool2d(2),  # 32
+            _conv(w, w), nn.MaxPool2d(2),  # 16
+            _conv(w, 2 * w), _conv(2 * w, 2 * w), nn.MaxPool2d(2),  # 8
+            _conv(2 * w, 4 * w), _conv(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.embed = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, embed_dim), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, crops: Tensor) -> tuple[Tensor, Tensor]:
+        """crops float [N,3,S,S] in 0..1 -> (embeddings [N,D], logits [N,C])."""
+        embeddings = self.embed(self.features((crops - self.mean) / self.std))
+        return embeddings, self.classifier(embeddings)
+
+
+# ---- node geometry and graph ------------------------------------------------------------------------------
+def median_1d(values: Tensor) -> Tensor:
+    """Median of a 1-D tensor using only comparisons and reductions (exports without Sort or dynamic TopK).
+
+    For an even count it returns the lower-ranked of the two middle values, as torch.median does."""
+    n = values.shape[0]
+    less = (values.unsqueeze(0) < values.unsqueeze(1)).to(torch.float32).sum(1)
+    equal = (values.unsqueeze(0) == values.unsqueeze(1)).to(torch.float32).sum(1)
+    # value i covers ranks [less, less + equal - 1]; the lower median rank is (n - 1) // 2
+    target = torch.div(torch.as_tensor(n, dtype=torch.float32) - 1.0, 2.0, rounding_mode="floor")
+    covers = (less <= target) & (less + equal - 1.0 >= target)
+    return values[torch.argmax(covers.to(torch.float32))]
+
+
+def geometry_features(boxes: Tensor, frame_size: Tensor) -> Tensor:
+    """[N, GEOMETRY_FEATURES]: log size / median cell size, log aspect, centroid x / W, centroid y / H,
+    log median cell size / shorter frame side. Most cells in a smear are RBCs, so the median is an RBC's size."""
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+    sizes = torch.sqrt(widths * heights)
+    reference = median_1d(sizes)
+    frame_h, frame_w = frame_size[0], frame_size[1]
+    return torch.stack([
+        torch.log(sizes / reference),
+        torch.log(widths / heights),
+        (boxes[:, 0] + boxes[:, 2]) * 0.5 / frame_w,
+        (boxes[:, 1] + boxes[:, 3]) * 0.5 / frame_h,
+        torch.log(reference / torch.minimum(frame_h, frame_w)).expand(boxes.shape[0]),
+    ], dim=1)
+
+
+def _normalised_centroids(boxes: Tensor, frame_size: Tensor) -> Tensor:
+    centroids = torch.stack([boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]], dim=1) * 0.5
+    return centroids / torch.maximum(frame_size[0], frame_size[1])
+
+
+def _padded_distances(boxes: Tensor, frame_size: Tensor, k: int) -> Tensor:
+    """Squared centroid distances [N, N+k]: self and k padding columns are FAR, so TopK(k) is always valid."""
+    centroids = _normalised_centroids(boxes, frame_size)
+    n = boxes.shape[0]
+    distances = ((centroids.unsqueeze(1) - centroids.unsqueeze(0)) ** 2).sum(-1)
+    index = torch.arange(n, device=boxes.device)
+    distances = distances + (index.unsqueeze(0) == index.unsqueeze(1)).to(torch.float32) * FAR
+    return torch.cat([distances, torch.full((n, k), FAR, device=boxes.device)], dim=1)
+
+
+def knn_edge_index(boxes: Tensor, frame_size: Tensor, k: int = KNN_K) -> Tensor:
+    """PyG edge_index [2, E], edges j -> i for the (up to) k nearest cells j of each cell i."""
+    distances = _padded_distances(boxes, frame_size, k)
+    values, neighbours = torch.topk(distances, k, dim=1, largest=False)
+    valid = values < FAR * 0.5
+    targets = torch.arange(boxes.shape[0]).unsqueeze(1).expand_as(neighbours)
+    return torch.stack([neighbours[valid], targets[valid]])
+
+
+def dense_mean_adjacency(boxes: Tensor, frame_size: Tensor, k: int = KNN_K) -> Tensor:
+    """Row-normalised kNN adjacency [N, N], built with TopK (constant K) and a one-hot comparison: no scatter."""
+    n = boxes.shape[0]
+    distances = _padded_distances(boxes, frame_size, k)
+    values, neighbours = torch.topk(distances, k, dim=1, largest=False)  # N,k
+    valid = (values < FAR * 0.5).to(torch.float32)
+    columns = torch.arange(distances.shape[1], device=boxes.device)
+    one_hot = (neighbours.unsqueeze(-1) == columns.view(1, 1, -1)).to(torch.float32) * valid.unsqueeze(-1)
+    adjacency = one_hot.sum(1)[:, :n]  # N,N
+    return adjacency / adjacency.sum(1, keepdim=True).clamp(min=1.0)
+
+
+class CellGraphNet(nn.Module):
+    """GraphSAGE (mean) over the frame's kNN cell graph. Node input: CNN embedding + geometry."""
+
+    def __init__(self, embed_dim: int = EMBED_DIM, hidden: int = 64, layers: int = 2,
+                 num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.input = nn.Sequential(nn.Linear(embed_dim + GEOMETRY_FEATURES, hidden), nn.ReLU())
+        self.convs = nn.ModuleList(SAGEConv(hidden, hidden, aggr="mean") for _ in range(layers))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        """PyG path. x [N, D+G] (embedding ++ geometry), edge_index [2,E] -> logits [N,C]."""
+        h0 = self.input(x)
+        h = h0
+        for conv in self.convs:
+            h = h + F.relu(conv(self.dropout(h), edge_index))
+        return self.head(torch.cat([h0, h], dim=1))
+
+    def forward_dense(self, x: Tensor, adjacency: Tensor) -> Tensor:
+        """The same network with the mean aggregation as a matmul: SAGEConv = lin_l(A @ h) + lin_r(h)."""
+        h0 = self.input(x)
+        h = h0
+        for conv in self.convs:
+            h = h + F.relu(conv.lin_l(adjacency @ h) + conv.lin_r(h))
+        return self.head(torch.cat([h0, h], dim=1))
+
+
+def node_inputs(embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> Tensor:
+    return torch.cat([embeddings, geometry_features(boxes, frame_size)], dim=1)
+
+
+# ---- the two served stages -----------------------------------------------------------------------------
+class CropEmbedderStage(nn.Module):
+    """Served stage `crop_embedder`: FRAME uint8 [H,W,3], BOXES [N,4] -> EMBEDDINGS [N,D], FRAME_SIZE [2]."""
+
+    def __init__(self, embedder: CropEmbedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, frame: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        embeddings, _ = self.embedder(crop_cells(frame, boxes))
+        frame_size = torch.stack([torch.as_tensor(frame.shape[0]), torch.as_tensor(frame.shape[1])])
+        return embeddings, frame_size.to(torch.float32)
+
+
+class CellGraphStage(nn.Module):
+    """Served stage `cell_graph`: EMBEDDINGS, BOXES, FRAME_SIZE -> PROBS [N,C], LABELS int32 [N]."""
+
+    def __init__(self, gnn: CellGraphNet) -> None:
+        super().__init__()
+        self.gnn = gnn
+
+    def forward(self, embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.gnn.forward_dense(node_inputs(embeddings, boxes, frame_size),
+                                        dense_mean_adjacency(boxes, frame_size))
+        probs = torch.softmax(logits, dim=1)
+        return probs, torch.argmax(probs, dim=1).to(torch.int32)
+
+
+# ---- seed-paper baseline -----------------------------------------------------------------------------------
+class SeedBaseline(nn.Module):
+    """The seed paper's model: whole image resized to 64x64; conv32 -> maxpool -> conv64 -> maxpool -> flatten,
+    concatenated with a dense side branch on the raw pixels, then dense 128 and softmax over the 4 WBC classes."""
+
+    def __init__(self, num_classes: int = 4, image_size: int = 64) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        conv_out = 64 * (((image_size - 2) // 2 - 2) // 2) ** 2
+        self.side = nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, 64), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(conv_out + 64, 128), nn.ReLU(), nn.Dropout(0.5),
+                                  nn.Linear(128, num_classes))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images float [B,3,64,64] in 0..1 -> logits [B,4] (softmax applied by the caller)."""
+        return self.head(torch.cat([self.conv(images), self.side(images)], dim=1))
