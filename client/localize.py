@@ -1,0 +1,191 @@
+"""Classical (OpenCV) cell localiser: WBC, RBC and platelet boxes in a blood-smear image.
+
+One source of truth: training builds its crops from these boxes and the client sends them at serving time.
+Torch-free; numpy + OpenCV only. Deterministic.
+
+Method (on a copy downscaled to WORK_SIDE):
+* Stained nuclei (WBC) and platelets are strongly blue/purple: Lab b* channel well below neutral.
+  That mask is split into groups (nucleus lobes merged by a dilation sized to the image), and each group
+  is a WBC nucleus when its area is a large enough fraction of the image, else a platelet when not tiny.
+  The WBC box is the nucleus box expanded by factors fitted on BCCD training frames (the GT box includes
+  the cytoplasm).
+* RBCs are the pink (Lab a* above neutral) regions outside WBCs; pallor holes are closed, and the peaks of
+  the distance transform give one disc per cell, so touching cells separate.
+* Scale comes from the image itself: the image size sets the lobe-merging radius and the WBC/platelet
+  area split (WBCs are a sizeable fraction of a frame and most of a single-cell crop); the RBC disc radii
+  come from the distance transform. Black pixels (augmentation fill) are excluded everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from leukograph.client.contract import CELL_KINDS, MAX_CELLS
+
+WBC, RBC, PLATELET = (CELL_KINDS.index(k) for k in ("wbc", "rbc", "platelet"))
+
+# ---- tunables (fitted on BCCD training frames only; held-out frames are for measurement) -------------
+WORK_SIDE = 320  # longer side of the working copy (images are never upscaled beyond their size)
+MIN_SIDE = 8  # smaller images return no cells
+BLACK_L_MAX = 40  # Lab L at or below this is augmentation fill / no data
+BLACK_ERODE = 2  # px (working scale) to erode the valid area, so JPEG fringes at the fill edge don't count
+NUC_B_MAX = 114  # Lab b* (uint8, neutral 128) at or below this is nucleus/platelet stain
+NUC_L_MAX = 215  # ...and not brighter than this (guards against bright blue-ish glare)
+NUC_OPEN = 3  # px opening of the stain mask (speckle removal)
+LOBE_MERGE_FRAC = 0.025  # dilation radius merging nucleus lobes, as a fraction of sqrt(image area)
+WBC_MIN_AREA_FRAC = 0.012  # a stain group with at least this fraction of the image area is a WBC nucleus
+PLT_MIN_AREA_FRAC = 0.00012  # smaller groups down to this fraction are platelets; below: noise
+WBC_BOX_SCALE = (1.13, 1.09)  # WBC box width/height = nucleus box width/height * this ...
+WBC_BOX_MIN_FRAC = 0.0  # ... and at least this fraction of sqrt(image area)
+PLT_BOX_SCALE = 1.5  # platelet box = stain box * this
+RBC_A_MIN = 134  # Lab a* (uint8, neutral 128) at or above this is RBC pink
+RBC_CLOSE_FRAC = 0.02  # closing radius (fraction of sqrt(image area)) filling RBC pallor holes
+RBC_MIN_RADIUS_FRAC = 0.03  # distance-transform peak below this fraction of sqrt(image area) is no RBC
+RBC_PEAK_SEP = 0.9  # two RBC peaks closer than this times the larger radius are one cell
+RBC_BOX_SCALE = 1.15  # RBC box half-side = peak distance * this
+WBC_SCORE_AREA = 2.0  # WBC score saturates at this multiple of WBC_MIN_AREA_FRAC
+
+
+@dataclass(frozen=True)
+class Cells:
+    boxes: np.ndarray  # float32 [N,4] x1,y1,x2,y2 in input-image pixels, inside the image
+    kinds: np.ndarray  # int64 [N], index into contract.CELL_KINDS
+    scores: np.ndarray  # float32 [N] in [0,1], a confidence for the kind
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @staticmethod
+    def empty() -> Cells:
+        return Cells(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.float32))
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray | None:
+    """Coerce to HxWx3 uint8 RGB, or None when that makes no sense."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.size == 0:
+        return None
+    image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.number):
+            return None
+        image = np.clip(np.nan_to_num(image.astype(np.float32)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+def _disk(radius: int) -> np.ndarray:
+    radius = max(int(radius), 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple[np.ndarray, int]]:
+    """Blue/purple stain groups as (x1, y1, x2, y2) working-scale boxes (exclusive ends) with pixel areas."""
+    stain = ((lab[:, :, 2] <= NUC_B_MAX) & (lab[:, :, 0] <= NUC_L_MAX) & valid).astype(np.uint8)
+    stain = cv2.morphologyEx(stain, cv2.MORPH_OPEN, _disk(NUC_OPEN // 2))
+    if not stain.any():
+        return []
+    merged = cv2.dilate(stain, _disk(round(LOBE_MERGE_FRAC * unit)))
+    n, group = cv2.connectedComponents(merged, connectivity=8)
+    group = np.where(stain > 0, group, 0)
+    groups = []
+    for g in range(1, n):
+        ys, xs = np.nonzero(group == g)
+        if xs.size:
+            groups.append((np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32), int(xs.size)))
+    return groups
+
+
+def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float, exclude: np.ndarray) -> list[tuple[float, float, float]]:
+    """RBC discs (cx, cy, radius) at working scale from distance-transform peaks of the pink mask."""
+    pink = ((lab[:, :, 1] >= RBC_A_MIN) & valid).astype(np.uint8)
+    pink = cv2.morphologyEx(pink, cv2.MORPH_CLOSE, _disk(round(RBC_CLOSE_FRAC * unit)))
+    pink[exclude] = 0
+    pink = cv2.morphologyEx(pink, cv2.MORPH_OPEN, _disk(2))
+    if not pink.any():
+        return []
+    # Pad with background so the distance counts the image border as an edge only where cells are cut.
+    dist = cv2.distanceTransform(pink, cv2.DIST_L2, 5)
+    min_radius = RBC_MIN_RADIUS_FRAC * unit
+    peak = (dist >= cv2.dilate(dist, _disk(max(2, round(min_radius))))) & (dist >= min_radius)
+    ys, xs = np.nonzero(peak)
+    if xs.size == 0:
+        return []
+    radii = dist[ys, xs]
+    order = np.lexsort((xs, ys, -radii))  # largest first, ties by position: deterministic
+    kept: list[tuple[float, float, float]] = []
+    for i in order:
+        x, y, r = float(xs[i]), float(ys[i]), float(radii[i])
+        if all((x - kx) ** 2 + (y - ky) ** 2 >= (RBC_PEAK_SEP * max(r, kr)) ** 2 for kx, ky, kr in kept):
+            kept.append((x, y, r))
+        if len(kept) >= MAX_CELLS:
+            break
+    return kept
+
+
+def localize(image_rgb: np.ndarray) -> Cells:
+    """Boxes for the WBCs, RBCs and platelets in an RGB uint8 image (full frame, 4-class image or crop)."""
+    image = _as_rgb_uint8(image_rgb)
+    if image is None or min(image.shape[:2]) < MIN_SIDE:
+        return Cells.empty()
+    h, w = image.shape[:2]
+    factor = min(1.0, WORK_SIDE / max(h, w))
+    small = image if factor == 1.0 else cv2.resize(
+        image, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape[:2]
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
+    valid = (lab[:, :, 0] > BLACK_L_MAX).astype(np.uint8)
+    valid = cv2.erode(valid, _disk(BLACK_ERODE), borderType=cv2.BORDER_REPLICATE) > 0
+    if not valid.any():
+        return Cells.empty()
+    area = float(sh * sw)
+    unit = float(np.sqrt(area))
+
+    boxes: list[np.ndarray] = []
+    kinds: list[int] = []
+    scores: list[float] = []
+    for box, px in _stain_groups(lab, valid, unit):
+        frac = px / area
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        if frac >= WBC_MIN_AREA_FRAC:
+            half_w = max(bw * WBC_BOX_SCALE[0], WBC_BOX_MIN_FRAC * unit) / 2
+            half_h = max(bh * WBC_BOX_SCALE[1], WBC_BOX_MIN_FRAC * unit) / 2
+            kinds.append(WBC)
+            scores.append(min(1.0, 0.5 + 0.5 * frac / (WBC_SCORE_AREA * WBC_MIN_AREA_FRAC)))
+        elif frac >= PLT_MIN_AREA_FRAC:
+            half_w, half_h = bw * PLT_BOX_SCALE / 2, bh * PLT_BOX_SCALE / 2
+            kinds.append(PLATELET)
+            scores.append(min(1.0, 0.5 + 0.5 * frac / WBC_MIN_AREA_FRAC))
+        else:
+            continue
+        boxes.append(np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32))
+
+    exclude = np.zeros((sh, sw), bool)
+    for box, kind in zip(boxes, kinds):
+        if kind == WBC:
+            x1, y1, x2, y2 = np.round(box).astype(int)
+            exclude[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = True
+    for x, y, r in _rbc_discs(lab, valid, unit, exclude):
+        half = r * RBC_BOX_SCALE
+        boxes.append(np.array([x - half, y - half, x + half, y + half], np.float32))
+        kinds.append(RBC)
+        scores.append(min(1.0, r / (2 * RBC_MIN_RADIUS_FRAC * unit)))
+
+    if not boxes:
+        return Cells.empty()
+    out = np.stack(boxes) / np.float32(factor)
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, w)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, h)
+    kind_arr = np.asarray(kinds, np.int64)
+    score_arr = np.clip(np.asarray(scores, np.float32), 0, 1)
+    keep = (out[:, 2] - out[:, 0] >= 1) & (out[:, 3] - out[:, 1] >= 1)
+    out, kind_arr, score_arr = out[keep], kind_arr[keep], score_arr[keep]
+    # Most confident first (WBCs win ties), capped, then ordered: kind (WBC first), top-to-bottom, left-to-right.
+    top = np.lexsort((out[:, 0], out[:, 1], kind_arr, -score_arr))[:MAX_CELLS]
+    out, kind_arr, score_arr = out[top], kind_arr[top], score_arr[top]
+    order = np.lexsort((out[:, 0], out[:, 1], kind_arr))
+    return Cells(np.ascontiguousarray(out[order]), kind_arr[order], score_arr[order])
