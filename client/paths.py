@@ -18,5 +18,7 @@ def data_root(cli_value: str | os.PathLike | None = None) -> Path:
     return (REPO_ROOT.parent / "shared" / "datasets").resolve()
 
 
-WEIGHTS_DIR = REPO_ROOT / "training" / "weights"
+# Committed release weights; LEUKOGRAPH_WEIGHTS points elsewhere (e.g. a fresh training run).
+WEIGHTS_DIR = Path(os.environ.get("LEUKOGRAPH_WEIGHTS") or REPO_ROOT / "training" / "weights").resolve()
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+CACHE_DIR = Path(os.environ.get("LEUKOGRAPH_CACHE") or REPO_ROOT / ".cache").resolve()
