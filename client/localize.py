@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS
 
 WBC, RBC, PLATELET = (CELL_KINDS.index(k) for k in ("wbc", "rbc", "platelet"))
@@ -31,20 +32,21 @@ WORK_SIDE = 320  # longer side of the working copy (images are never upscaled be
 MIN_SIDE = 8  # smaller images return no cells
 BLACK_L_MAX = 40  # Lab L at or below this is augmentation fill / no data
 BLACK_ERODE = 2  # px (working scale) to erode the valid area, so JPEG fringes at the fill edge don't count
-NUC_B_MAX = 114  # Lab b* (uint8, neutral 128) at or below this is nucleus/platelet stain
+NUC_B_MAX = 112  # Lab b* (uint8, neutral 128) at or below this is nucleus/platelet stain
 NUC_L_MAX = 215  # ...and not brighter than this (guards against bright blue-ish glare)
 NUC_OPEN = 3  # px opening of the stain mask (speckle removal)
-LOBE_MERGE_FRAC = 0.025  # dilation radius merging nucleus lobes, as a fraction of sqrt(image area)
+LOBE_MERGE_FRAC = 0.015  # dilation radius merging nucleus lobes, as a fraction of sqrt(image area)
+LOBE_MIN_REL = 0.15  # in a group, a blob below this fraction of the largest blob is no lobe (platelet, debris)
 WBC_MIN_AREA_FRAC = 0.012  # a stain group with at least this fraction of the image area is a WBC nucleus
-PLT_MIN_AREA_FRAC = 0.00012  # smaller groups down to this fraction are platelets; below: noise
-WBC_BOX_SCALE = (1.13, 1.09)  # WBC box width/height = nucleus box width/height * this ...
-WBC_BOX_MIN_FRAC = 0.0  # ... and at least this fraction of sqrt(image area)
-PLT_BOX_SCALE = 1.5  # platelet box = stain box * this
+PLT_MIN_AREA_FRAC = 0.0005  # smaller groups down to this fraction are platelets when stained deeply enough
+PLT_B_MAX = 102  # ... i.e. their darkest Lab b* is at or below this (faint blue specks on RBCs are not)
+WBC_BOX_SCALE = (1.25, 1.2)  # WBC box width/height = stain-group box width/height * this (adds the cytoplasm)
+PLT_BOX_SCALE = 1.8  # platelet box = stain box * this
 RBC_A_MIN = 134  # Lab a* (uint8, neutral 128) at or above this is RBC pink
-RBC_CLOSE_FRAC = 0.02  # closing radius (fraction of sqrt(image area)) filling RBC pallor holes
-RBC_MIN_RADIUS_FRAC = 0.03  # distance-transform peak below this fraction of sqrt(image area) is no RBC
-RBC_PEAK_SEP = 0.9  # two RBC peaks closer than this times the larger radius are one cell
-RBC_BOX_SCALE = 1.15  # RBC box half-side = peak distance * this
+RBC_CLOSE_FRAC = 0.03  # closing radius (fraction of sqrt(image area)) filling RBC pallor holes
+RBC_MIN_RADIUS_FRAC = 0.05  # distance-transform peak below this fraction of sqrt(image area) is no RBC
+RBC_PEAK_SEP = 1.1  # two RBC peaks closer than this times the larger radius are one cell
+RBC_BOX_SCALE = 1.3  # RBC box half-side = peak distance * this
 WBC_SCORE_AREA = 2.0  # WBC score saturates at this multiple of WBC_MIN_AREA_FRAC
 
 
@@ -82,24 +84,41 @@ def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple[np.ndarray, int]]:
-    """Blue/purple stain groups as (x1, y1, x2, y2) working-scale boxes (exclusive ends) with pixel areas."""
+def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple[np.ndarray, int, bool]]:
+    """Blue/purple stain groups as (x1, y1, x2, y2) working-scale box (exclusive ends), pixel area, and whether
+    the group is a major one (a nucleus candidate made of its large lobes) or a minor blob left beside one."""
     stain = ((lab[:, :, 2] <= NUC_B_MAX) & (lab[:, :, 0] <= NUC_L_MAX) & valid).astype(np.uint8)
     stain = cv2.morphologyEx(stain, cv2.MORPH_OPEN, _disk(NUC_OPEN // 2))
-    if not stain.any():
+    n_comp, comp, stats, _ = cv2.connectedComponentsWithStats(stain, connectivity=8)
+    if n_comp <= 1:
         return []
+    # Lobes closer than the merge radius form one group (one cell).
     merged = cv2.dilate(stain, _disk(round(LOBE_MERGE_FRAC * unit)))
-    n, group = cv2.connectedComponents(merged, connectivity=8)
-    group = np.where(stain > 0, group, 0)
-    groups = []
-    for g in range(1, n):
-        ys, xs = np.nonzero(group == g)
-        if xs.size:
-            groups.append((np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32), int(xs.size)))
-    return groups
+    _, group = cv2.connectedComponents(merged, connectivity=8)
+    comp_group = np.zeros(n_comp, np.int64)
+    on = stain > 0
+    comp_group[comp[on]] = group[on]
+    areas = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    x1, y1 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    x2, y2 = x1 + stats[:, cv2.CC_STAT_WIDTH], y1 + stats[:, cv2.CC_STAT_HEIGHT]
+    out = []
+    for g in np.unique(comp_group[1:]):
+        members = np.nonzero(comp_group == g)[0]
+        members = members[members > 0]
+        major = areas[members] >= LOBE_MIN_REL * areas[members].max()
+        for sel, is_major in ((members[major], True), *((np.array([m]), False) for m in members[~major])):
+            box = np.array([x1[sel].min(), y1[sel].min(), x2[sel].max(), y2[sel].max()], np.float32)
+            out.append((box, int(areas[sel].sum()), is_major))
+    return out
 
 
-def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float, exclude: np.ndarray) -> list[tuple[float, float, float]]:
+def _darkest_b(lab: np.ndarray, box: np.ndarray) -> int:
+    x1, y1, x2, y2 = box.astype(int)
+    return int(lab[y1:y2, x1:x2, 2].min())
+
+
+def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float,
+               exclude: np.ndarray) -> list[tuple[float, float, float]]:
     """RBC discs (cx, cy, radius) at working scale from distance-transform peaks of the pink mask."""
     pink = ((lab[:, :, 1] >= RBC_A_MIN) & valid).astype(np.uint8)
     pink = cv2.morphologyEx(pink, cv2.MORPH_CLOSE, _disk(round(RBC_CLOSE_FRAC * unit)))
@@ -107,7 +126,6 @@ def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float, exclude: np.ndar
     pink = cv2.morphologyEx(pink, cv2.MORPH_OPEN, _disk(2))
     if not pink.any():
         return []
-    # Pad with background so the distance counts the image border as an edge only where cells are cut.
     dist = cv2.distanceTransform(pink, cv2.DIST_L2, 5)
     min_radius = RBC_MIN_RADIUS_FRAC * unit
     peak = (dist >= cv2.dilate(dist, _disk(max(2, round(min_radius))))) & (dist >= min_radius)
@@ -147,22 +165,29 @@ def localize(image_rgb: np.ndarray) -> Cells:
     boxes: list[np.ndarray] = []
     kinds: list[int] = []
     scores: list[float] = []
-    for box, px in _stain_groups(lab, valid, unit):
+    for box, px, is_major in _stain_groups(lab, valid, unit):
         frac = px / area
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         bw, bh = box[2] - box[0], box[3] - box[1]
-        if frac >= WBC_MIN_AREA_FRAC:
-            half_w = max(bw * WBC_BOX_SCALE[0], WBC_BOX_MIN_FRAC * unit) / 2
-            half_h = max(bh * WBC_BOX_SCALE[1], WBC_BOX_MIN_FRAC * unit) / 2
+        if is_major and frac >= WBC_MIN_AREA_FRAC:
+            half_w, half_h = bw * WBC_BOX_SCALE[0] / 2, bh * WBC_BOX_SCALE[1] / 2
             kinds.append(WBC)
             scores.append(min(1.0, 0.5 + 0.5 * frac / (WBC_SCORE_AREA * WBC_MIN_AREA_FRAC)))
-        elif frac >= PLT_MIN_AREA_FRAC:
+        elif frac >= PLT_MIN_AREA_FRAC and _darkest_b(lab, box) <= PLT_B_MAX:
             half_w, half_h = bw * PLT_BOX_SCALE / 2, bh * PLT_BOX_SCALE / 2
             kinds.append(PLATELET)
             scores.append(min(1.0, 0.5 + 0.5 * frac / WBC_MIN_AREA_FRAC))
         else:
             continue
         boxes.append(np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32))
+
+    # A stain blob centred inside a WBC box is WBC debris or granules, not a platelet.
+    wbc_boxes = [b for b, k in zip(boxes, kinds) if k == WBC]
+    inside = [k == PLATELET and any(w[0] <= (b[0] + b[2]) / 2 <= w[2] and w[1] <= (b[1] + b[3]) / 2 <= w[3]
+                                    for w in wbc_boxes) for b, k in zip(boxes, kinds)]
+    boxes = [b for b, drop in zip(boxes, inside) if not drop]
+    scores = [s for s, drop in zip(scores, inside) if not drop]
+    kinds = [k for k, drop in zip(kinds, inside) if not drop]
 
     exclude = np.zeros((sh, sw), bool)
     for box, kind in zip(boxes, kinds):

@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from leukograph.client.contract import CELL_KINDS, CROP_MARGIN
 from leukograph.client.errors import UserError
 from leukograph.client.localize import WBC, Cells, localize
@@ -149,7 +150,8 @@ def select_frames(which: str, root: str | None = None) -> list[Any]:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure the cell localiser against BCCD boxes", add_help=add_help)
-    parser.add_argument("--data-root", default=None, help="datasets folder (default $LEUKOGRAPH_DATA or ../shared/datasets)")
+    parser.add_argument("--data-root", default=None,
+                        help="datasets folder (default $LEUKOGRAPH_DATA or ../shared/datasets)")
     parser.add_argument("--frames", default="held-out", choices=FRAME_SETS,
                         help="BCCD frames to measure on: held-out (4-class TEST sources), train (the others), all")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU for a detection to match a GT box")
