@@ -1,0 +1,78 @@
+"""`leukograph report SAMPLE (--csv OUT | --json OUT)`: a sample's recorded results for the lab system.
+
+CSV: one row per recorded cell (every observation, with `counted` marking those that made the differential),
+per-class probabilities as p_<class> columns. JSON: sample metadata, the differential summary with 95% Wilson
+intervals, the review list (cells counted as unidentified) and the cells. OUT `-` writes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from leukograph.client.contract import CLASSES
+from leukograph.client.errors import UserError
+from leukograph.client.records import CELL_COLUMNS, DEFAULT_DB, ResultStore
+
+CSV_COLUMNS: tuple[str, ...] = tuple(c for c in CELL_COLUMNS if c != "probs") + tuple(f"p_{c}" for c in CLASSES)
+
+
+def build_report(store: ResultStore, sample_id: str) -> dict[str, Any]:
+    diff = store.differential(sample_id)
+    return {
+        "sample": store.sample(sample_id),
+        "differential": diff.summary().to_dict(),
+        "review": store.review(sample_id),
+        "cells": store.cells(sample_id),
+    }
+
+
+def csv_text(cells: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for cell in cells:
+        row = {k: v for k, v in cell.items() if k != "probs"}
+        row["counted"] = int(cell["counted"])
+        probs = cell["probs"] or {}
+        row.update({f"p_{c}": probs.get(c, "") for c in CLASSES})
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _write(text: str, out: str) -> None:
+    if out == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        Path(out).write_text(text)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export a sample's recorded results as CSV or JSON",
+                                     add_help=add_help)
+    parser.add_argument("sample", help="sample id")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"result database (default ./{DEFAULT_DB})")
+    fmt = parser.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--csv", metavar="OUT", help="one row per cell; - for stdout")
+    fmt.add_argument("--json", metavar="OUT", help="metadata, differential with CIs, review list, cells; - for stdout")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    with ResultStore(args.db, create=False) as store:
+        if args.sample not in store.samples():
+            raise UserError(f"unknown sample {args.sample!r} in {args.db}")
+        if args.csv is not None:
+            _write(csv_text(store.cells(args.sample)), args.csv)
+        else:
+            _write(json.dumps(build_report(store, args.sample), indent=2) + "\n", args.json)
+    return 0
