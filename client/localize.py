@@ -128,7 +128,8 @@ def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float,
         return []
     dist = cv2.distanceTransform(pink, cv2.DIST_L2, 5)
     min_radius = RBC_MIN_RADIUS_FRAC * unit
-    peak = (dist >= cv2.dilate(dist, _disk(max(2, round(min_radius))))) & (dist >= min_radius)
+    side = 2 * max(2, round(min_radius)) + 1  # square window: OpenCV dilates it separably (fast)
+    peak = (dist >= cv2.dilate(dist, cv2.getStructuringElement(cv2.MORPH_RECT, (side, side)))) & (dist >= min_radius)
     ys, xs = np.nonzero(peak)
     if xs.size == 0:
         return []
