@@ -1,0 +1,127 @@
+"""FP16 numerics on CPU (ONNX Runtime), and fp32 parity ONNX Runtime vs PyTorch, on real BCCD held-out frames.
+
+Boxes: the project's localiser when it imports, else the VOC annotations (see build_engines/verify.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from leukograph.build_engines import fp16, verify
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, STAGES
+from leukograph.client.paths import WEIGHTS_DIR
+
+WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
+PARITY_ATOL = 1e-4
+TYPICAL_CELLS = 16
+
+
+def _weights() -> Path:
+    return Path(os.environ.get(WEIGHTS_ENV) or WEIGHTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def fp32_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both stages exported from $LEUKOGRAPH_WEIGHTS, else training/weights/ (fails loudly when absent)."""
+    from leukograph.training.export import export_all
+
+    repository = tmp_path_factory.mktemp("fp16_repo")
+    export_all(_weights(), repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def fp16_paths(fp32_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("fp16_build")
+    return {s.name: fp16.convert_file(fp32_repository / s.name / "1" / "model.onnx", out) for s in STAGES}
+
+
+@pytest.fixture(scope="session")
+def samples() -> list[verify.Sample]:
+    found = verify.held_out_samples("auto")
+    assert len(found) >= 50, f"only {len(found)} held-out frames with cells"
+    return found
+
+
+def test_fp16_graphs_keep_fp32_io_and_uint8_frame(fp32_repository: Path, fp16_paths: dict[str, Path]) -> None:
+    for stage in STAGES:
+        ref = onnx.load(str(fp32_repository / stage.name / "1" / "model.onnx"))
+        half = onnx.load(str(fp16_paths[stage.name]))
+        io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in list(m.graph.input) + list(m.graph.output)]  # noqa: E731
+        assert io(half) == io(ref)
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in half.graph.initializer), "weights not fp16"
+        assert fp16_paths[stage.name].name.endswith(fp16.FP16_SUFFIX)
+    frame_type = dict(io(onnx.load(str(fp16_paths[CROP_EMBEDDER.name]))))["FRAME"]
+    assert frame_type == onnx.TensorProto.UINT8
+
+
+def test_fp16_matches_fp32_on_every_held_out_frame(fp32_repository: Path, fp16_paths: dict[str, Path],
+                                                    samples: list[verify.Sample]) -> None:
+    reference = verify.ort_pipeline(fp32_repository)
+    candidate = (verify.OrtStage(fp16_paths[CROP_EMBEDDER.name]), verify.OrtStage(fp16_paths[CELL_GRAPH.name]))
+    result = verify.compare(reference, candidate, samples)
+    print(f"\nFP16 ORT vs fp32 ORT: {result.line()}")
+    print(f"largest probability difference: {result.max_prob_diff:.6f} (frame {result.max_prob_diff_frame}); "
+          f"largest embedding difference {result.max_embedding_abs_diff:.6f}")
+    for line in result.disagreements[:10]:
+        print(f"  {line}")
+    assert result.frames == len(samples)
+    assert result.class_agreement >= verify.MIN_CLASS_AGREEMENT, result.line()
+    assert result.labelled_nodes > 0
+    assert result.accuracy_drop <= verify.MAX_ACCURACY_DROP, result.line()
+    assert result.frame_size_mismatches == 0
+
+
+# ---- fp32 parity: ONNX Runtime vs PyTorch ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def torch_stages():
+    from leukograph.training.checkpoints import load_models
+    from leukograph.training.models import CellGraphStage, CropEmbedderStage
+
+    embedder, gnn, _ = load_models(_weights())
+    return CropEmbedderStage(embedder).eval(), CellGraphStage(gnn).eval()
+
+
+def _boxes_for(sample: verify.Sample, n: int, seed: int = 0) -> np.ndarray:
+    """n boxes from the frame's real boxes: the first n, or tiled with a random sub-pixel-to-8px jitter up to n."""
+    boxes = sample.boxes
+    if n <= len(boxes):
+        return boxes[:n].copy()
+    rng = np.random.default_rng(seed)
+    h, w = sample.frame.shape[:2]
+    tiled = np.concatenate([boxes] * (n // len(boxes) + 1))[:n].copy()
+    tiled[len(boxes):] += rng.uniform(-8, 8, size=(n - len(boxes), 4)).astype(np.float32)
+    tiled[:, [0, 2]] = np.clip(tiled[:, [0, 2]], 0, w)
+    tiled[:, [1, 3]] = np.clip(tiled[:, [1, 3]], 0, h)
+    tiled[:, 2:] = np.maximum(tiled[:, 2:], tiled[:, :2] + 2.0)
+    tiled[:, [0, 2]] = np.clip(tiled[:, [0, 2]], 0, w)
+    tiled[:, [1, 3]] = np.clip(tiled[:, [1, 3]], 0, h)
+    return tiled.astype(np.float32)
+
+
+@pytest.mark.parametrize("cells", [1, 2, TYPICAL_CELLS, MAX_CELLS])
+def test_fp32_onnxruntime_matches_pytorch(fp32_repository: Path, torch_stages, samples: list[verify.Sample],
+                                          cells: int) -> None:
+    embedder_t, graph_t = torch_stages
+    embedder_o, graph_o = verify.ort_pipeline(fp32_repository)
+    worst = 0.0
+    for sample in samples[:3]:
+        boxes = _boxes_for(sample, cells)
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        ort_out = verify.run_pipeline(embedder_o, graph_o, sample.frame, boxes)
+        with torch.no_grad():
+            emb, size = embedder_t(torch.from_numpy(sample.frame), torch.from_numpy(boxes))
+            probs, labels = graph_t(emb, torch.from_numpy(boxes), size)
+        diff = float(np.abs(ort_out["PROBS"] - probs.numpy()).max())
+        worst = max(worst, diff)
+        assert ort_out["PROBS"].shape == (cells, probs.shape[1])
+        assert diff <= PARITY_ATOL, f"{sample.frame_id}, {cells} cells: max |p_ort - p_torch| = {diff:.2e}"
+        assert np.array_equal(ort_out["FRAME_SIZE"], size.numpy())
+        assert np.array_equal(ort_out["LABELS"], labels.numpy())
+    print(f"\n{cells} cells: max |p_ort - p_torch| = {worst:.2e} over 3 frames")
