@@ -1,0 +1,294 @@
+"""`leukograph serve`: the real Triton Inference Server on CPU, on the model repository (python-backend steps).
+
+The `tritonserver` binary, its python backend and the python-backend stubs come from the nvidia-pytriton wheel
+(docs: shared notes "platform.md"). They are copied once to a cache folder (`<repo>/.cache/tritonserver-<version>`,
+or $LEUKOGRAPH_CACHE), the stub for the running Python goes to `backends/python/`, and the server runs with
+LD_LIBRARY_PATH=<site-packages>/nvidia_pytriton.libs and this venv's bin first on PATH (the stub runs `python3`).
+
+On a GPU machine run NVIDIA's Triton container instead: README section "GPU deployment".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from types import FrameType
+
+from leukograph.client.contract import STAGES
+from leukograph.client.errors import UserError
+from leukograph.client.paths import MODEL_REPOSITORY, REPO_ROOT, WEIGHTS_DIR
+
+CACHE_ENV = "LEUKOGRAPH_CACHE"
+WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
+GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
+           "after `leukograph generate-repo --backend tensorrt` (README section \"GPU deployment\")."
+STOP_GRACE_S = 15.0
+
+
+def weights_dir() -> Path:
+    """$LEUKOGRAPH_WEIGHTS (e.g. untrained checkpoints during development), else the committed training/weights/."""
+    return Path(os.environ[WEIGHTS_ENV]).expanduser() if os.environ.get(WEIGHTS_ENV) else WEIGHTS_DIR
+
+
+def cache_root() -> Path:
+    return Path(os.environ[CACHE_ENV]).expanduser() if os.environ.get(CACHE_ENV) else REPO_ROOT / ".cache"
+
+
+def _pytriton_paths() -> tuple[Path, Path, str]:
+    """(bundled tritonserver folder, its shared-library folder, pytriton version)."""
+    try:
+        from importlib.metadata import version
+
+        import pytriton
+    except ImportError:
+        raise UserError("nvidia-pytriton is not installed: pip install 'leukograph[serve]'") from None
+    package = Path(pytriton.__file__).resolve().parent
+    bundled, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+    if not (bundled / "bin" / "tritonserver").exists():
+        raise UserError(f"no tritonserver binary in {bundled}; reinstall nvidia-pytriton")
+    return bundled, libs, version("nvidia-pytriton")
+
+
+def server_dir() -> Path:
+    """The server folder in the cache, made once per pytriton and Python version (atomic, safe to race)."""
+    bundled, _, pytriton_version = _pytriton_paths()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = cache_root() / f"tritonserver-{pytriton_version}-py{py}"
+    stub = "triton_python_backend_stub"
+    if (target / "backends" / "python" / stub).exists():
+        return target
+    stub_source = bundled / "python_backend_stubs" / py / stub
+    if not stub_source.exists():
+        raise UserError(f"nvidia-pytriton {pytriton_version} has no python-backend stub for Python {py}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        shutil.copytree(bundled, staging / "server", symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "python_backend_stubs"))
+        shutil.copy2(stub_source, staging / "server" / "backends" / "python" / stub)
+        (staging / "server" / "caches").mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):  # another process won the race: use its copy
+            (staging / "server").rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def onnx_stale(repository: Path, weights: Path) -> str | None:
+    """Why the repository's ONNX files need (re-)exporting, or None when they are up to date."""
+    checkpoints = sorted(weights.glob("*.pt")) if weights.is_dir() else []
+    newest = max((p.stat().st_mtime for p in checkpoints), default=None)
+    for stage in STAGES:
+        path = repository / stage.name / "1" / "model.onnx"
+        if not path.exists():
+            return f"{path} is missing"
+        if newest is not None and path.stat().st_mtime < newest:
+            return f"{path} is older than the weights in {weights}"
+    return None
+
+
+def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
+    """Export both stages when model.onnx is missing or older than the weights; True when it exported."""
+    from leukograph.deploy.model_repository import backend_of, write_version
+
+    if backend_of(repository) != "onnxruntime":
+        raise UserError(f"{repository} holds TensorRT configs; the CPU server needs "
+                        "`leukograph generate-repo --backend onnxruntime`. " + GPU_HINT)
+    weights = weights or weights_dir()
+    reason = onnx_stale(repository, weights)
+    if reason is not None:
+        print(f"exporting ONNX from {weights}: {reason}", flush=True)
+        from leukograph.training.export import export_all  # torch: only when needed
+
+        export_all(weights, repository)
+    write_version(repository)
+    return reason is not None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now (for tests; another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        with path.open(errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError:
+        return "(no log)"
+
+
+class TritonServer:
+    """One `tritonserver` process on a model repository. Use as a context manager or start()/stop()."""
+
+    def __init__(self, repository: Path = MODEL_REPOSITORY, http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, host: str = "127.0.0.1", log_path: Path | None = None,
+                 model_control_mode: str = "none", extra_args: tuple[str, ...] = ()) -> None:
+        self.repository = Path(repository).resolve()
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host
+        self.model_control_mode = model_control_mode
+        self.extra_args = tuple(extra_args)
+        self.log_path = Path(log_path) if log_path else cache_root() / "logs" / f"tritonserver-{http_port}.log"
+        self.process: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        root = server_dir()
+        _, libs, _ = _pytriton_paths()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+        cmd = [str(root / "bin" / "tritonserver"), f"--model-repository={self.repository}",
+               f"--backend-directory={root / 'backends'}", f"--cache-directory={root / 'caches'}",
+               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-port={self.metrics_port}", f"--model-control-mode={self.model_control_mode}",
+               "--allow-gpu-metrics=false", "--exit-timeout-secs=10", *self.extra_args]
+        return cmd, env
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1.0) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self, timeout: float = 60.0) -> TritonServer:
+        """Launch and wait until every model is ready; UserError (one line + log tail) otherwise."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if not self.repository.is_dir():
+            raise UserError(f"model repository {self.repository} does not exist")
+        cmd, env = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with self.log_path.open("w") as log:
+            # Own process group: stop() signals the server and its python-backend stubs together.
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        while time.monotonic() - started < timeout:
+            code = self.process.poll()
+            if code is not None:
+                self.process = None
+                raise UserError(f"tritonserver exited with code {code} before becoming ready "
+                                f"(log {self.log_path}):\n{_tail(self.log_path)}")
+            if self.is_ready():
+                self.startup_s = time.monotonic() - started
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise UserError(f"tritonserver not ready after {timeout:g} s (log {self.log_path}):\n{_tail(self.log_path)}")
+
+    def stop(self, grace: float = STOP_GRACE_S) -> int | None:
+        """SIGTERM the server's process group, wait, SIGKILL after `grace` s. Returns the server's exit code."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        with contextlib.suppress(ProcessLookupError):  # leftover stubs, if any
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.returncode
+
+    def restart(self, timeout: float = 60.0) -> TritonServer:
+        self.stop()
+        return self.start(timeout)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Start a real CPU Triton server", add_help=add_help)
+    parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
+    parser.add_argument("--weights", type=Path, default=None,
+                        help=f"checkpoints to export from when model.onnx is missing or stale "
+                             f"(default ${WEIGHTS_ENV} or training/weights)")
+    parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (0.0.0.0: all)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-file", type=Path, default=None, help="server log (default .cache/logs/)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    repository: Path = args.model_repository
+    if not repository.is_dir():
+        raise UserError(f"model repository {repository} does not exist (run `leukograph generate-repo`)")
+    ensure_exported(repository, args.weights)
+    server = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file,
+                          args.model_control_mode)
+    stop_requested: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop_requested.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start(args.timeout)
+        from leukograph.deploy.model_repository import model_version
+
+        print(f"ready in {server.startup_s:.1f} s: model {model_version(repository)}; "
+              f"gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}; "
+              f"log {server.log_path}", flush=True)
+        print(GPU_HINT, flush=True)
+        while not stop_requested:
+            if server.process is None or server.process.poll() is not None:
+                code = server.process.returncode if server.process else None
+                raise UserError(f"tritonserver exited with code {code} (log {server.log_path}):\n"
+                                f"{_tail(server.log_path)}")
+            time.sleep(0.2)
+        print("stopping tritonserver", flush=True)
+        code = server.stop()
+        if code not in (0, None, -signal.SIGTERM):
+            print(f"tritonserver exited with code {code} (log {server.log_path})", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
