@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from leukograph.client.errors import UserError
 from leukograph.training.models import CellGraphNet, CropEmbedder, SeedBaseline
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from leukograph.client.contract import CLASSES, WBC_CLASSES
+from leukograph.client.contract import CLASSES
 from leukograph.client.errors import UserError
 from leukograph.client.paths import DATA_ENV, data_root
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 import torch
+
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, StageSpec
 from leukograph.client.errors import UserError
 from leukograph.client.paths import MODEL_REPOSITORY, WEIGHTS_DIR

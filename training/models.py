@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import SAGEConv
+
 from leukograph.client.contract import (
     CROP_MARGIN,
     CROP_SIZE,
@@ -16,8 +19,6 @@ from leukograph.client.contract import (
     KNN_K,
     NUM_CLASSES,
 )
-from torch import Tensor, nn
-from torch_geometric.nn import SAGEConv
 
 # Pixel statistics of BCCD crops (RGB, 0..1); baked into the CNN so that every runtime feeds raw pixels.
 PIXEL_MEAN = (0.70, 0.62, 0.66)
@@ -41,8 +42,9 @@ def crop_cells(frame: Tensor, boxes: Tensor, size: int = CROP_SIZE, margin: floa
     Bilinear `grid_sample` with zero padding outside the frame (black, like the 4-class augmentation fill).
     Exports to ONNX GridSample, which TensorRT implements natively.
     """
+    frame = frame.to(torch.float32)  # first: TensorRT lets a uint8 input feed nothing but a Cast
     height, width = frame.shape[0], frame.shape[1]
-    image = frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32) * (1.0 / 255.0)  # 1,3,H,W
+    image = frame.permute(2, 0, 1).unsqueeze(0) * (1.0 / 255.0)  # 1,3,H,W
     regions = crop_regions(boxes.to(torch.float32), margin)
     steps = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) / size - 0.5  # S, in (-0.5, 0.5)
     xs = regions[:, 0:1] + steps.unsqueeze(0) * regions[:, 2:3]  # N,S pixel x of each sample
@@ -193,8 +195,9 @@ class CropEmbedderStage(nn.Module):
         self.embedder = embedder
 
     def forward(self, frame: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        embeddings, _ = self.embedder(crop_cells(frame, boxes))
-        frame_size = torch.stack([torch.as_tensor(frame.shape[0]), torch.as_tensor(frame.shape[1])])
+        image = frame.to(torch.float32)  # the uint8 input feeds only this Cast (TensorRT rule)
+        embeddings, _ = self.embedder(crop_cells(image, boxes))
+        frame_size = torch.stack([torch.as_tensor(image.shape[0]), torch.as_tensor(image.shape[1])])
         return embeddings, frame_size.to(torch.float32)
 
 

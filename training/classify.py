@@ -1,0 +1,110 @@
+"""`leukograph classify PATH... [--json]`: localise and classify every cell in image files, in-process (PyTorch).
+
+The same localiser and the same two stages (in-graph crop + CNN, dense GNN) that Triton serves.
+Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(path)` return the JSON objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukograph.client.contract import CELL_KINDS, CLASSES, NUM_CLASSES
+from leukograph.client.errors import UserError
+from leukograph.client.images import list_images, read_image
+from leukograph.client.localize import Cells, localize
+from leukograph.client.paths import WEIGHTS_DIR
+from leukograph.training.checkpoints import load_models
+from leukograph.training.models import CellGraphStage, CropEmbedderStage
+
+
+@dataclass
+class Prediction:
+    cells: Cells
+    probs: np.ndarray  # [N, C] CNN+GNN
+    cnn_probs: np.ndarray  # [N, C] CNN alone
+
+
+class Classifier:
+    """In-process CNN+GNN inference on RGB images, with the serving localiser."""
+
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        embedder, gnn, self.meta = load_models(weights_dir)
+        self.crop_stage = CropEmbedderStage(embedder).eval()
+        self.graph_stage = CellGraphStage(gnn).eval()
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, cells: Cells | None = None) -> Prediction:
+        cells = localize(image) if cells is None else cells
+        if len(cells) == 0:
+            empty = np.zeros((0, NUM_CLASSES), np.float32)
+            return Prediction(cells, empty, empty)
+        boxes = torch.from_numpy(cells.boxes.astype(np.float32))
+        crops_frame = torch.from_numpy(np.ascontiguousarray(image))
+        embeddings, frame_size = self.crop_stage(crops_frame, boxes)
+        probs, _ = self.graph_stage(embeddings, boxes, frame_size)
+        cnn_logits = self.crop_stage.embedder.classifier(embeddings)
+        return Prediction(cells, probs.numpy(), torch.softmax(cnn_logits, 1).numpy())
+
+    def classify_image(self, image: np.ndarray) -> list[dict]:
+        prediction = self.predict(image)
+        return cells_json(prediction.cells, prediction.probs)
+
+    def classify_path(self, path: str | Path) -> dict:
+        return {"path": str(path), "cells": self.classify_image(read_image(path))}
+
+
+def cells_json(cells: Cells, probs: np.ndarray) -> list[dict]:
+    """The documented per-cell JSON: box, localiser kind, label (argmax class) and all class probabilities."""
+    return [
+        {
+            "box": [round(float(v), 1) for v in box],
+            "kind": CELL_KINDS[int(kind)],
+            "label": CLASSES[int(np.argmax(p))],
+            "probs": {name: round(float(v), 5) for name, v in zip(CLASSES, p)},
+        }
+        for box, kind, p in zip(cells.boxes, cells.kinds, probs)
+    ]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Localise and classify every cell in images", add_help=add_help)
+    parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, BMP) or directories")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def _summary_line(result: dict) -> str:
+    wbc = [c for c in result["cells"] if c["kind"] == "wbc"]
+    labels = ", ".join(f"{c['label']} ({max(c['probs'].values()):.2f})" for c in wbc) or "no WBC"
+    return f"{result['path']}: {len(result['cells'])} cells; WBC: {labels}"
+
+
+def main(args: argparse.Namespace) -> int:
+    images, problems = list_images(args.paths)
+    if not images and not problems:
+        raise UserError("no images given")
+    classifier = Classifier(args.weights, args.threads) if images else None
+    for path in images:
+        try:
+            result = classifier.classify_path(path)
+        except UserError as exc:
+            problems.append((path, str(exc).removeprefix(f"{path}: ")))
+            continue
+        print(json.dumps(result) if args.json else _summary_line(result), flush=True)
+    for path, problem in problems:
+        print(f"leukograph classify: error: {path}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"leukograph classify: {len(problems)} of {len(images) + len(problems)} inputs failed", file=sys.stderr)
+        return 1
+    return 0
