@@ -1,0 +1,414 @@
+"""`TritonPipelineClient`: the client side of the `leukocyte_pipeline` ensemble (gRPC or HTTP, optional system shm).
+
+Used by `leukograph stream` and reused by the benchmark. Torch-free. Names, dtypes and limits come from
+`contract`; nothing is restated here.
+
+    client = TritonPipelineClient("127.0.0.1:8001")           # protocol="grpc" (default) or "http"
+    client.wait_ready(timeout=60)                               # server live + ensemble ready, with backoff
+    client.model_version                                        # from the server (see `fetch_model_version`)
+    probs, labels = client.infer(frame, boxes)                  # blocking, one frame
+    client.submit(frame, boxes, callback)                       # async: callback(InferOutcome) on another thread
+    client.reconnect(timeout)                                   # after a failure: fresh channel, ready, shm again
+    client.close()                                              # unregisters and frees shm regions
+
+Errors come back classified (`classify_error`):
+* `ServerUnavailable`: the server is down, restarting, or the ensemble is not (yet) loaded: retry later;
+* `RequestRejected`: the server answered that this request is bad (INVALID_ARG / HTTP 400): retrying won't help.
+
+Shared memory (`shm=True`, client and server on the same host): each in-flight request gets its own system shm
+slot (FRAME then BOXES at an aligned offset), created and registered lazily, grown when a bigger frame comes, and
+re-registered after `reconnect()` (a restarted server has forgotten every registration). Outputs stay on the wire
+(they are small: N x (C+1) numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from leukograph.client import contract
+from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PIPELINE_NAME, PROBS
+
+PROTOCOLS = ("grpc", "http")
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+VERSION_PARAMETER_KEYS = ("model_version", "version")  # ensemble config parameters naming the served models
+SHM_ALIGN = 64
+
+
+class PipelineError(Exception):
+    """A request that did not produce results."""
+
+
+class ServerUnavailable(PipelineError):
+    """Server down, restarting or model not loaded: the same request may succeed later."""
+
+
+class RequestRejected(PipelineError):
+    """The server says the request itself is bad: retrying it won't help."""
+
+
+@dataclass
+class InferOutcome:
+    """What an async request produced: probs/labels, or an error (classified)."""
+
+    probs: np.ndarray | None
+    labels: np.ndarray | None
+    error: PipelineError | None
+    latency_s: float  # submit -> callback
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def classify_error(exc: BaseException) -> PipelineError:
+    """Map a tritonclient / transport exception to ServerUnavailable or RequestRejected."""
+    if isinstance(exc, PipelineError):
+        return exc
+    status = ""
+    message = str(exc)
+    if hasattr(exc, "status") and callable(exc.status):
+        status = str(exc.status() or "")
+    if hasattr(exc, "message") and callable(exc.message):
+        message = str(exc.message() or message)
+    text = f"{status} {message}".strip().replace("\n", " ")
+    lowered = message.lower()
+    # A restarted server has forgotten shm registrations; a loading one does not know the model yet.
+    transient_words = ("shared memory", "unknown model", "not found", "not ready", "unavailable")
+    rejected = ("INVALID_ARG" in status or status == "400") and not any(w in lowered for w in transient_words)
+    return RequestRejected(text) if rejected else ServerUnavailable(text)
+
+
+class _ShmSlot:
+    """One system shared-memory region holding FRAME then BOXES of one in-flight request."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = f"leukograph_{os.getpid()}_{uuid.uuid4().hex[:8]}_{index}"
+        self.key = "/" + self.name
+        self.handle: Any = None
+        self.byte_size = 0
+        self.registered = False
+
+    def ensure_capacity(self, byte_size: int) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        if self.handle is not None and self.byte_size >= byte_size:
+            return
+        self.destroy()
+        self.byte_size = max(byte_size, 1 << 20)
+        self.handle = shm.create_shared_memory_region(self.name, self.key, self.byte_size)
+        self.registered = False
+
+    def destroy(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        if self.handle is not None:
+            with contextlib.suppress(shm.SharedMemoryException):
+                shm.destroy_shared_memory_region(self.handle)
+        self.handle = None
+        self.byte_size = 0
+        self.registered = False
+
+
+def _aligned(n: int) -> int:
+    return (n + SHM_ALIGN - 1) // SHM_ALIGN * SHM_ALIGN
+
+
+class TritonPipelineClient:
+    """The `leukocyte_pipeline` ensemble over gRPC (async_infer with callbacks) or HTTP, optionally via system shm.
+
+    Thread-safety: `submit` and `infer` may be called from one producer thread while callbacks run on the
+    transport's threads. At most `max_in_flight` async requests should be outstanding (shm slots are per request).
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, model_name: str = PIPELINE_NAME,
+                 shm: bool = False, max_in_flight: int = 2,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, verbose: bool = False) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.model_name = model_name
+        self.use_shm = shm
+        self.max_in_flight = max_in_flight
+        self.request_timeout_s = request_timeout_s
+        self.verbose = verbose
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        self._module = module
+        self._client: Any = None
+        self._executor: ThreadPoolExecutor | None = None  # HTTP async: blocking calls on worker threads
+        self._worker_clients: list[Any] = []  # HTTP: one client per worker thread (gevent is per thread)
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._slots = [_ShmSlot(i) for i in range(max_in_flight)] if shm else []
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for slot in self._slots:
+            self._free_slots.put(slot.index)
+        self._model_version: str | None = None
+        self._connect()
+
+    # ---- connection ----------------------------------------------------------------------------
+    def _connect(self) -> None:
+        """(Re)create the transport client. A fresh gRPC channel skips grpc's own reconnect backoff."""
+        with self._lock:
+            self._close_transport()
+            if self.protocol == "grpc":
+                self._client = self._module.InferenceServerClient(self.url, verbose=self.verbose)
+            else:
+                self._client = self._module.InferenceServerClient(
+                    self.url, verbose=self.verbose, concurrency=self.max_in_flight,
+                    connection_timeout=self.request_timeout_s, network_timeout=self.request_timeout_s)
+                self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="triton-http")
+            for slot in self._slots:
+                slot.registered = False
+
+    def _close_transport(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for client in self._worker_clients:
+            with contextlib.suppress(Exception):  # best effort
+                client.close()
+        self._worker_clients.clear()
+        self._local = threading.local()
+        if self._client is not None:
+            with contextlib.suppress(Exception):  # best effort
+                self._client.close()
+            self._client = None
+
+    def is_ready(self) -> bool:
+        """Server ready and the ensemble loaded (False on any transport error)."""
+        try:
+            return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model_name))
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    def wait_ready(self, timeout: float = 60.0, should_stop: Callable[[], bool] | None = None,
+                   on_wait: Callable[[float, str], None] | None = None) -> bool:
+        """Wait with exponential backoff (0.25 s doubling, at most 4 s) until `is_ready`; False on timeout/stop.
+
+        Each failed attempt opens a fresh connection (a restarted server is found at once)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.25
+        while True:
+            if self.is_ready():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or (should_stop and should_stop()):
+                return False
+            if on_wait:
+                on_wait(min(delay, left), f"{self.protocol}://{self.url} not ready")
+            end = time.monotonic() + min(delay, left)
+            while time.monotonic() < end:
+                if should_stop and should_stop():
+                    return False
+                time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+            delay = min(delay * 2, 4.0)
+            self._connect()
+
+    def reconnect(self, timeout: float = 60.0, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Fresh connection, wait until ready, re-register shm (a restarted server forgot it). True when ready."""
+        self._connect()
+        if not self.wait_ready(timeout, should_stop):
+            return False
+        try:
+            self._register_slots()
+        except PipelineError:
+            return False
+        return True
+
+    # ---- model version -------------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        if self._model_version is None:
+            self._model_version = self.fetch_model_version()
+        return self._model_version
+
+    def fetch_model_version(self) -> str:
+        """The served models' version, asked from the server.
+
+        The ensemble config's parameters `model_version` (or `version`) when the repository sets one; otherwise
+        `<ensemble>-<backend_variant parameter>-v<highest loaded version>` from the model's version list."""
+        try:
+            config = self._client.get_model_config(self.model_name, **self._json_kwargs())
+            metadata = self._client.get_model_metadata(self.model_name, **self._json_kwargs())
+        except Exception as exc:  # noqa: BLE001
+            raise classify_error(exc) from None
+        config = config.get("config", config)
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        for key in VERSION_PARAMETER_KEYS:
+            if params.get(key):
+                return params[key]
+        versions = sorted((str(v) for v in metadata.get("versions") or []), key=lambda v: (len(v), v))
+        parts = [self.model_name, params.get("backend_variant", ""), f"v{versions[-1]}" if versions else ""]
+        return "-".join(p for p in parts if p)
+
+    def _json_kwargs(self) -> dict[str, Any]:
+        return {"as_json": True} if self.protocol == "grpc" else {}
+
+    # ---- shared memory -------------------------------------------------------------------------
+    def _register_slots(self) -> None:
+        for slot in self._slots:
+            if slot.handle is not None and not slot.registered:
+                self._register(slot)
+
+    def _register(self, slot: _ShmSlot) -> None:
+        try:
+            with contextlib.suppress(Exception):  # best effort
+                self._client.unregister_system_shared_memory(slot.name)
+            self._client.register_system_shared_memory(slot.name, slot.key, slot.byte_size)
+        except Exception as exc:  # noqa: BLE001
+            raise classify_error(exc) from None
+        slot.registered = True
+
+    def _inputs(self, frame: np.ndarray, boxes: np.ndarray, slot: _ShmSlot | None) -> list[Any]:
+        frame = np.ascontiguousarray(frame)
+        boxes = np.ascontiguousarray(boxes)
+        frame_input = self._module.InferInput(FRAME.name, list(frame.shape), FRAME.client_dtype)
+        boxes_input = self._module.InferInput(BOXES.name, list(boxes.shape), BOXES.client_dtype)
+        if slot is None:
+            frame_input.set_data_from_numpy(frame)
+            boxes_input.set_data_from_numpy(boxes)
+            return [frame_input, boxes_input]
+        import tritonclient.utils.shared_memory as shm
+
+        offset = _aligned(frame.nbytes)
+        needed = offset + boxes.nbytes
+        if slot.handle is None or slot.byte_size < needed:
+            slot.ensure_capacity(needed)
+        if not slot.registered:
+            self._register(slot)
+        shm.set_shared_memory_region(slot.handle, [frame])
+        shm.set_shared_memory_region(slot.handle, [boxes], offset=offset)
+        frame_input.set_shared_memory(slot.name, frame.nbytes)
+        boxes_input.set_shared_memory(slot.name, boxes.nbytes, offset=offset)
+        return [frame_input, boxes_input]
+
+    # ---- inference -----------------------------------------------------------------------------
+    def _outputs(self) -> list[Any]:
+        return [self._module.InferRequestedOutput(name) for name in PIPELINE.output_names]
+
+    def _parse(self, result: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = result.as_numpy(PROBS.name)
+        labels = result.as_numpy(LABELS.name)
+        if probs is None or labels is None or probs.shape != (n, contract.NUM_CLASSES) or labels.shape != (n,):
+            got = None if probs is None else probs.shape
+            raise RequestRejected(f"malformed answer: PROBS {got} for {n} cells")
+        return probs.astype(PROBS.np_dtype, copy=False), labels.astype(LABELS.np_dtype, copy=False)
+
+    def infer(self, frame: np.ndarray, boxes: np.ndarray, validate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One blocking request: (PROBS [N,C] float32, LABELS [N] int32). Raises PipelineError (classified).
+
+        validate: check the request against the contract first (`contract.validate_request`); a bad one raises
+        RequestRejected ("not sent: ...") without reaching the server. validate=False sends it as it is."""
+        slot = self._take_slot() if self._slots else None
+        try:
+            try:
+                if validate:
+                    contract.validate_request(frame, boxes)
+                inputs = self._inputs(frame, boxes, slot)
+                result = self._client.infer(self.model_name, inputs, outputs=self._outputs(),
+                                            **self._timeout_kwargs())
+            except contract.ContractError as exc:
+                raise RequestRejected(f"not sent: {exc}") from None
+            except Exception as exc:  # noqa: BLE001
+                raise classify_error(exc) from None
+            return self._parse(result, len(boxes))
+        finally:
+            if slot is not None:
+                self._free_slots.put(slot.index)
+
+    def _timeout_kwargs(self) -> dict[str, Any]:
+        return {"client_timeout": self.request_timeout_s} if self.protocol == "grpc" else {}
+
+    def _take_slot(self) -> _ShmSlot:
+        try:
+            return self._slots[self._free_slots.get(timeout=self.request_timeout_s)]
+        except queue.Empty:
+            raise ServerUnavailable("no free shared-memory slot: too many requests in flight") from None
+
+    def submit(self, frame: np.ndarray, boxes: np.ndarray, callback: Callable[[InferOutcome], None],
+               validate: bool = True) -> None:
+        """Send one request without waiting; `callback(InferOutcome)` runs on a transport thread when it ends.
+
+        Never raises for request failures: they reach the callback (possibly before submit returns).
+        validate: as in `infer`."""
+        started = time.perf_counter()
+        n = len(boxes)
+        slot: _ShmSlot | None = None
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            if slot is not None:
+                self._free_slots.put(slot.index)
+            if error is None:
+                try:
+                    probs, labels = self._parse(result, n)
+                except PipelineError as exc:
+                    callback(InferOutcome(None, None, exc, time.perf_counter() - started))
+                    return
+                callback(InferOutcome(probs, labels, None, time.perf_counter() - started))
+            else:
+                callback(InferOutcome(None, None, classify_error(error), time.perf_counter() - started))
+
+        try:
+            if validate:
+                contract.validate_request(frame, boxes)
+        except contract.ContractError as exc:
+            finish(None, RequestRejected(f"not sent: {exc}"))
+            return
+        try:
+            slot = self._take_slot() if self._slots else None
+            inputs = self._inputs(frame, boxes, slot)
+            if self.protocol == "grpc":
+                self._client.async_infer(self.model_name, inputs, callback=finish, outputs=self._outputs(),
+                                         client_timeout=self.request_timeout_s)
+            else:
+                future = self._executor.submit(self._http_worker_infer, self._local, inputs)
+                future.add_done_callback(lambda f: finish(None if f.exception() else f.result(), f.exception()))
+        except Exception as exc:  # noqa: BLE001 - transport failures go to the callback
+            finish(None, exc)
+
+    def _http_worker_infer(self, local: threading.local, inputs: list[Any]) -> Any:
+        """Runs on an executor thread with that thread's own HTTP client (geventhttpclient can't share)."""
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = self._module.InferenceServerClient(
+                self.url, verbose=self.verbose, connection_timeout=self.request_timeout_s,
+                network_timeout=self.request_timeout_s)
+            with self._lock:
+                self._worker_clients.append(client)
+        return client.infer(self.model_name, inputs, outputs=self._outputs())
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unregister and free shm regions (best effort on a dead server), close the connection."""
+        with self._lock:
+            for slot in self._slots:
+                if slot.registered and self._client is not None:
+                    with contextlib.suppress(Exception):  # best effort
+                        self._client.unregister_system_shared_memory(slot.name)
+                slot.destroy()
+            self._close_transport()
+
+    def __enter__(self) -> TritonPipelineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
