@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_stream import LEUKOGRAPH, N_FRAMES, write_mjpg_avi, write_png_folder
 
@@ -218,3 +219,32 @@ def test_signal_finishes_in_flight_and_prints_summary(triton_server: TritonServe
         indices = [f["frame_index"] for f in store.frames("stopped")]
     assert indices == list(range(len(indices))) and 2 <= len(indices) < N_FRAMES
     assert summary["frames"]["recorded"] == len(indices) and summary["frames"]["unrecorded"] == 0
+
+
+def test_bad_files_and_frames_are_reported_and_skipped(triton_server: TritonServer, png_folder: Path,
+                                                       tmp_path: Path) -> None:
+    """A corrupt image is reported and skipped; a frame the contract refuses (wider than MAX_FRAME_SIDE) is logged,
+    nothing is recorded for it, and the stream goes on."""
+    import cv2
+
+    from leukograph.client.contract import MAX_FRAME_SIDE
+
+    good = sorted(png_folder.iterdir())
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "0_good.png").write_bytes(good[0].read_bytes())
+    (folder / "1_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bgr = cv2.imread(str(good[1]))
+    wide = np.tile(bgr, (1, MAX_FRAME_SIDE // bgr.shape[1] + 1, 1))
+    assert wide.shape[1] > MAX_FRAME_SIDE
+    assert cv2.imwrite(str(folder / "2_too_wide.png"), wide)
+    (folder / "3_good.png").write_bytes(good[2].read_bytes())
+    db, summary_path = tmp_path / "r.sqlite", tmp_path / "s.json"
+    code, out, err = finish(start_client(triton_server, folder, db, "mixed", summary_path))
+    assert code == 0, err
+    assert "skipped" in err and "1_corrupt.png" in err
+    assert "frame 2" in err and "nothing recorded" in err and "Traceback" not in err
+    summary = json.loads(summary_path.read_text())
+    assert summary["frames"]["recorded"] == 2 and summary["frames"]["failed"] == 1
+    with ResultStore(db, create=False) as store:
+        assert [f["frame_index"] for f in store.frames("mixed")] == [0, 3]
