@@ -218,7 +218,10 @@ class StreamSession:
 
     def _loop(self) -> None:
         while True:
-            self._drain_results(timeout=0.02 if self.in_flight >= self.args.max_in_flight else 0.0)
+            # Block on results only when no new frame may be taken (full, outage, stopping): no busy loop.
+            retrying = any(p.state == "retry" for p in self.pending.values())
+            blocked = retrying or self.stop_reason is not None or self.in_flight >= self.args.max_in_flight
+            self._drain_results(timeout=0.02 if blocked and self.in_flight else 0.0)
             self._record_ready()
             if any(p.state == "retry" for p in self.pending.values()):
                 if self.in_flight == 0 and not self._recover():
