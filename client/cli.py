@@ -13,6 +13,7 @@ import sys
 from leukograph.client.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("leukograph.deploy.demo", "main job: start the CPU Triton server, stream sample frames, count"),
     "train": ("leukograph.training.train", "train the CNN crop embedder and the cell-graph GNN"),
     "evaluate": ("leukograph.training.evaluate", "evaluate baseline, CNN-only and CNN+GNN on held-out data"),
     "export": ("leukograph.training.export", "export both stages to ONNX in the model repository"),

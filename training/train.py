@@ -193,7 +193,9 @@ def _resume_state(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[i
     if ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["metrics"].get("scheduler"):
-        scheduler.load_state_dict(ckpt["metrics"]["scheduler"])
+        # keep the step count; the schedule length follows this run's --*-epochs (it may extend the run)
+        state = {**ckpt["metrics"]["scheduler"], "total_steps": scheduler.total_steps}
+        scheduler.load_state_dict(state)
     print(f"resumed {path.name} at epoch {ckpt['epoch']}")
     return int(ckpt["epoch"]), ckpt["metrics"]
 

@@ -1,0 +1,109 @@
+"""`leukograph classify` on real images: frames, 4-class images, single-cell crops, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukograph.client.contract import CLASSES
+from leukograph.client.images import read_image
+from leukograph.training.datasets import load_bccd, load_four_class, split_frames
+
+CLI = [sys.executable, "-m", "leukograph.client.cli", "classify"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def held_out_frame() -> Path:
+    held = split_frames().held_out
+    return next(f.image_path for f in load_bccd() if f.frame_id in held)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory, held_out_frame: Path) -> Path:
+    folder = tmp_path_factory.mktemp("mixed")
+    image = read_image(held_out_frame)
+    cv2.imwrite(str(folder / "frame.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / "frame.bmp"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    test_image = load_four_class(split="TEST_SIMPLE")[0].path
+    (folder / "fourclass.jpeg").write_bytes(test_image.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "fake.jpg").write_text("this is text, not a JPEG")
+    cv2.imwrite(str(folder / "tiny.png"), np.zeros((10, 12, 3), np.uint8))
+    return folder
+
+
+def test_json_output_on_a_frame(held_out_frame: Path) -> None:
+    result = run_cli(str(held_out_frame), "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip())
+    assert record["path"] == str(held_out_frame)
+    kinds = {cell["kind"] for cell in record["cells"]}
+    assert "wbc" in kinds and "rbc" in kinds
+    for cell in record["cells"]:
+        x1, y1, x2, y2 = cell["box"]
+        assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480
+        assert cell["label"] in CLASSES
+        assert set(cell["probs"]) == set(CLASSES)
+        assert abs(sum(cell["probs"].values()) - 1) < 1e-3
+        assert cell["label"] == max(cell["probs"], key=cell["probs"].get)
+
+
+def test_python_api_matches_cli(held_out_frame: Path) -> None:
+    from leukograph.training.classify import Classifier
+
+    api = Classifier().classify_path(held_out_frame)
+    cli = json.loads(run_cli(str(held_out_frame), "--json").stdout)
+    assert api == cli
+
+
+def test_single_cell_crop(held_out_frame: Path, tmp_path: Path) -> None:
+    frame = next(f for f in load_bccd() if f.image_path == held_out_frame)
+    x1, y1, x2, y2 = (int(v) for v in next(b.box for b in frame.boxes if b.kind == "wbc"))
+    crop = read_image(held_out_frame)[max(0, y1 - 15):y2 + 15, max(0, x1 - 15):x2 + 15]
+    path = tmp_path / "crop.png"
+    cv2.imwrite(str(path), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    result = run_cli(str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    cells = json.loads(result.stdout)["cells"]
+    assert any(c["kind"] == "wbc" for c in cells)
+
+
+def test_directory_of_mixed_files(mixed_folder: Path) -> None:
+    result = run_cli(str(mixed_folder), "--json")
+    assert result.returncode == 1
+    good = [json.loads(line)["path"] for line in result.stdout.splitlines()]
+    assert sorted(Path(p).name for p in good) == ["fourclass.jpeg", "frame.bmp", "frame.png"]
+    errors = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+    for name in ("empty.jpg", "notes.txt", "fake.jpg", "tiny.png"):
+        assert sum(name in line for line in errors) == 1, result.stderr
+    assert errors[-1].endswith("4 of 7 inputs failed")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "text", "tiny", "huge"])
+def test_bad_single_input_is_one_line(case: str, tmp_path: Path) -> None:
+    path = tmp_path / f"{case}.png"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("hello")
+    elif case == "tiny":
+        cv2.imwrite(str(path), np.zeros((8, 40, 3), np.uint8))
+    elif case == "huge":
+        cv2.imwrite(str(path), np.zeros((10, 8200, 3), np.uint8))
+    result = run_cli(str(path))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("leukograph classify: error:"), result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,102 @@
+"""The export-friendly dense GNN equals the PyG model; the in-graph crop is the training crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from leukograph.client.contract import CROP_SIZE, KNN_K, MAX_CELLS
+from leukograph.client.images import read_image
+from leukograph.client.localize import localize
+from leukograph.client.paths import WEIGHTS_DIR
+from leukograph.training.checkpoints import load_models
+from leukograph.training.datasets import load_bccd, split_frames
+from leukograph.training.models import (
+    CellGraphStage,
+    CropEmbedderStage,
+    crop_cells,
+    dense_mean_adjacency,
+    knn_edge_index,
+    median_1d,
+    node_inputs,
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    embedder, gnn, _ = load_models(WEIGHTS_DIR)
+    return embedder, gnn
+
+
+@pytest.fixture(scope="module")
+def held_out_images() -> list[np.ndarray]:
+    held = split_frames().held_out
+    return [read_image(f.image_path) for f in load_bccd() if f.frame_id in held][:12]
+
+
+def _tiled(boxes: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """n boxes made by jittering real ones (for the 256-cell case)."""
+    rng = np.random.default_rng(seed)
+    picks = boxes[rng.integers(0, len(boxes), n)]
+    return np.clip(picks + rng.normal(0, 20, picks.shape), 0, 470).astype(np.float32) + \
+        np.array([0, 0, 8, 8], np.float32)
+
+
+@pytest.mark.parametrize("n_cells", [1, 2, None, MAX_CELLS])
+def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
+    embedder, gnn = models
+    stage = CropEmbedderStage(embedder).eval()
+    for image in held_out_images[:4]:
+        boxes = localize(image).boxes
+        if n_cells is not None:
+            boxes = boxes[:n_cells] if n_cells <= len(boxes) else _tiled(boxes, n_cells)
+        b = torch.from_numpy(boxes)
+        with torch.no_grad():
+            embeddings, frame_size = stage(torch.from_numpy(image), b)
+            x = node_inputs(embeddings, b, frame_size)
+            pyg = torch.softmax(gnn(x, knn_edge_index(b, frame_size)), 1)
+            dense = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)), 1)
+            served, labels = CellGraphStage(gnn)(embeddings, b, frame_size)
+        assert torch.allclose(pyg, dense, atol=1e-6), (pyg - dense).abs().max()
+        assert torch.equal(served, dense) and torch.equal(labels, dense.argmax(1).to(torch.int32))
+
+
+def test_knn_graph_shape_and_degree(held_out_images) -> None:
+    boxes = torch.from_numpy(localize(held_out_images[0]).boxes)
+    frame_size = torch.tensor([480.0, 640.0])
+    edges = knn_edge_index(boxes, frame_size)
+    n = len(boxes)
+    assert edges.shape == (2, n * min(KNN_K, n - 1))
+    assert not (edges[0] == edges[1]).any()  # no self loops
+    adjacency = dense_mean_adjacency(boxes, frame_size)
+    assert torch.allclose(adjacency.sum(1), torch.ones(n))
+    # a single cell has no neighbours, and its aggregation is zero rather than NaN
+    assert dense_mean_adjacency(boxes[:1], frame_size).sum() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 13, 256])
+def test_median_matches_torch(n: int) -> None:
+    values = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 300
+    assert median_1d(values) == torch.median(values)
+    assert median_1d(torch.full((n,), 7.0)) == 7.0
+
+
+def test_in_graph_crop_matches_opencv_resize(held_out_images) -> None:
+    """A box-aligned square crop equals OpenCV's bilinear resize of the same region (no antialias)."""
+    import cv2
+
+    image = held_out_images[0]
+    side = 128
+    box = torch.tensor([[100.0, 100.0, 100.0 + side, 100.0 + side]])
+    crop = crop_cells(torch.from_numpy(image), box, size=CROP_SIZE, margin=0.0)[0]
+    ours = (crop.permute(1, 2, 0).numpy() * 255)
+    region = image[100:100 + side, 100:100 + side]
+    reference = cv2.resize(region, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    assert np.abs(ours - reference).mean() < 1.0
+
+
+def test_crop_outside_frame_is_black(held_out_images) -> None:
+    image = held_out_images[0]
+    crop = crop_cells(torch.from_numpy(image), torch.tensor([[-200.0, -200.0, -100.0, -100.0]]))
+    assert crop.abs().max() == 0

@@ -1,0 +1,41 @@
+"""A short real training run on a handful of frames: checkpoints, resume, release."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+CLI = [sys.executable, "-m", "leukograph.client.cli", "train"]
+SMOKE = ["--max-images", "16", "--batch-size", "32", "--gnn-epochs", "1", "--baseline-epochs", "1", "--threads", "1",
+         "--workers", "0"]
+
+
+def test_smoke_training_and_resume(tmp_path: Path) -> None:
+    run, release = tmp_path / "run", tmp_path / "release"
+    first = subprocess.run([*CLI, *SMOKE, "--cnn-epochs", "1", "--output-dir", str(run), "--release-dir",
+                            str(release)], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for name in ("cnn", "gnn", "baseline"):
+        last = torch.load(run / f"{name}_last.pt", weights_only=True)
+        assert set(last) >= {"model", "optimizer", "epoch", "args", "metrics", "config"}
+        assert last["epoch"] == 1 and last["optimizer"] is not None
+        assert last["metrics"]["history"][0]["epoch"] == 1
+        released = torch.load(release / f"{name}.pt", weights_only=True)
+        assert released["optimizer"] is None and released["model"].keys() == last["model"].keys()
+    # resume the CNN for one more epoch: it continues from epoch 1, not from scratch
+    second = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "2", "--resume", "--output-dir",
+                             str(run), "--release-dir", str(release)], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed cnn_last.pt at epoch 1" in second.stdout
+    last = torch.load(run / "cnn_last.pt", weights_only=True)
+    assert last["epoch"] == 2 and [h["epoch"] for h in last["metrics"]["history"]] == [1, 2]
+
+
+def test_unknown_stage_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([*CLI, "--stages", "cnn,transformer", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "leukograph train: error: unknown stage(s) ['transformer']; use cnn, gnn, baseline"
