@@ -13,6 +13,10 @@ Backends:
   against the contract. This is what the committed ``model_repository/`` holds.
 * ``tensorrt`` (NVIDIA's Triton container, GPU): ``platform: "tensorrt_plan"``, ``1/model.plan`` built on the target
   by ``leukograph build-engines`` (its optimisation profiles carry MAX_CELLS and MAX_FRAME_SIDE).
+* ``pytorch`` (GPU machines with no TensorRT and no Triton container; used by ``deploy/bench_gpu.sh``):
+  ``backend: "python"`` steps running ``deploy/python_step_torch.py``, i.e. the stage modules in PyTorch on CUDA (or
+  CPU), traced to TorchScript beside it as ``1/model.pt`` (``write_torchscript``, on the serving machine, since the
+  trace records the device). Not in ``BACKENDS``: an extra variant.
 
 Batching: ``max_batch_size: 0`` - one request is one frame with its own number of cells N, so tensors keep their
 natural shapes (FRAME [H,W,3], BOXES [N,4]). Batching frames would need padding to a common N and H,W plus masks,
@@ -44,6 +48,8 @@ from leukograph.client.errors import UserError
 from leukograph.client.paths import MODEL_REPOSITORY
 
 BACKENDS = ("onnxruntime", "tensorrt")
+EXTRA_BACKENDS = ("pytorch",)  # python-backend steps in PyTorch (deploy/bench_gpu.sh); not for the committed repo
+PYTORCH_STEP_SOURCE = Path(__file__).with_name("python_step_torch.py")
 VERSION_DIR = "1"
 PYTHON_STEP_SOURCE = Path(__file__).with_name("python_step.py")
 VERSION_FILE = "version.json"
@@ -55,7 +61,7 @@ GITKEEP = ".gitkeep"
 
 
 def model_file(backend: str) -> str:
-    return {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}[backend]
+    return {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt"}[backend]
 
 
 def _dims(spec: TensorSpec) -> str:
@@ -85,7 +91,7 @@ def stage_config(stage: StageSpec, backend: str, ort_threads: int = DEFAULT_ORT_
            "do not edit.\n"
     head += "# max_batch_size 0: one request = one frame with N cells (see deploy/model_repository.py docstring).\n"
     lines = [head, f"name: \"{stage.name}\"\n"]
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "pytorch"):
         lines.append("backend: \"python\"\n")
     else:
         lines.append("platform: \"tensorrt_plan\"\n")
@@ -97,6 +103,12 @@ def stage_config(stage: StageSpec, backend: str, ort_threads: int = DEFAULT_ORT_
         lines.append("# One instance per step on a 2-core CPU: the two steps pipeline across frames.\n")
         lines.append("instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
         params = {"onnx_file": model_file(backend), "ort_intra_op_threads": ort_threads, **_limits()}
+    elif backend == "pytorch":
+        # KIND_CPU: the step moves tensors to CUDA itself (works with any python-backend build).
+        lines.append("# The step runs PyTorch on CUDA when present (torch_device auto), else on the CPU.\n")
+        lines.append("instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
+        params = {"checkpoint_file": model_file(backend), "torch_device": "auto", "torch_threads": ort_threads,
+                  **_limits()}
     else:
         count = GPU_INSTANCES[stage.name]
         lines.append(f"# {count} instance(s) on the GPU: see deploy/model_repository.py docstring.\n")
@@ -127,14 +139,17 @@ def ensemble_config(backend: str) -> str:
 
 def render(backend: str = "onnxruntime", ort_threads: int = DEFAULT_ORT_THREADS) -> dict[str, str]:
     """Every generated text file, by path relative to the repository (the no-drift test compares these)."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKENDS + EXTRA_BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + EXTRA_BACKENDS)}")
     files = {f"{s.name}/config.pbtxt": stage_config(s, backend, ort_threads) for s in STAGES}
     files[f"{PIPELINE.name}/config.pbtxt"] = ensemble_config(backend)
     files[f"{PIPELINE.name}/{VERSION_DIR}/{GITKEEP}"] = ""
     files[".gitignore"] = REPOSITORY_GITIGNORE
     if backend == "onnxruntime":
         step = PYTHON_STEP_SOURCE.read_text()
+        files.update({f"{s.name}/{VERSION_DIR}/model.py": step for s in STAGES})
+    elif backend == "pytorch":
+        step = PYTORCH_STEP_SOURCE.read_text()
         files.update({f"{s.name}/{VERSION_DIR}/model.py": step for s in STAGES})
     return files
 
@@ -162,7 +177,60 @@ def backend_of(repository: Path) -> str:
     config = repository / contract.CROP_EMBEDDER.name / "config.pbtxt"
     if not config.exists():
         raise UserError(f"{repository} is not a leukograph model repository (no {config.relative_to(repository)})")
-    return "tensorrt" if "tensorrt_plan" in config.read_text() else "onnxruntime"
+    text = config.read_text()
+    if "tensorrt_plan" in text:
+        return "tensorrt"
+    return "pytorch" if 'key: "torch_device"' in text else "onnxruntime"
+
+
+def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, device: str = "auto") -> dict[str, Path]:
+    """The `pytorch` variant's model files: each stage module traced to TorchScript on `device` (auto: CUDA if present).
+
+    Sets the configs' torch_device to the traced device. Traced with two different frame sizes and cell counts and
+    checked against eager, since a trace silently freezes anything that is not a tensor operation."""
+    import warnings
+
+    import torch  # heavy: only here
+
+    from leukograph.training.checkpoints import load_models
+    from leukograph.training.models import CellGraphStage, CropEmbedderStage
+
+    target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    embedder, gnn, _ = load_models(Path(weights_dir))
+    crop_stage = CropEmbedderStage(embedder).eval().to(target)
+    graph_stage = CellGraphStage(gnn).eval().to(target)
+    generator = torch.Generator().manual_seed(0)
+
+    def example(height: int, width: int, cells: int) -> tuple:
+        frame = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+        corner = torch.rand(cells, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+        size = 8 + torch.rand(cells, 2, generator=generator) * 40
+        boxes = torch.cat([corner, corner + size], 1).to(torch.float32)
+        return frame.to(target), boxes.to(target)
+
+    written = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: the second-size check below is what counts
+        frame, boxes = example(240, 320, 6)
+        traced_crop = torch.jit.trace(crop_stage, (frame, boxes), check_trace=False)
+        embeddings, frame_size = crop_stage(frame, boxes)
+        traced_graph = torch.jit.trace(graph_stage, (embeddings, boxes, frame_size), check_trace=False)
+        frame, boxes = example(300, 410, 17)  # other sizes: the trace must not have frozen them
+        want_e, want_s = crop_stage(frame, boxes)
+        got_e, got_s = traced_crop(frame, boxes)
+        want_p, _ = graph_stage(want_e, boxes, want_s)
+        got_p, _ = traced_graph(want_e, boxes, want_s)
+        if not (torch.allclose(want_e, got_e, atol=1e-4) and torch.equal(want_s, got_s)
+                and torch.allclose(want_p, got_p, atol=1e-5)):
+            raise UserError("TorchScript trace of the stages differs from eager on a second input size")
+    for stage, module in ((contract.CROP_EMBEDDER, traced_crop), (contract.CELL_GRAPH, traced_graph)):
+        path = repository / stage.name / VERSION_DIR / model_file("pytorch")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        module.save(str(path))
+        config = repository / stage.name / "config.pbtxt"
+        config.write_text(config.read_text().replace('string_value: "auto"', f'string_value: "{target.type}"'))
+        written[stage.name] = path
+    return written
 
 
 def _sha256(path: Path) -> str:
@@ -201,8 +269,9 @@ def write_version(repository: Path = MODEL_REPOSITORY) -> Path:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write the Triton model repository configs", add_help=add_help)
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="onnxruntime: python-backend steps on CPU (default); tensorrt: plans on GPU")
+    parser.add_argument("--backend", choices=BACKENDS + EXTRA_BACKENDS, default="onnxruntime",
+                        help="onnxruntime: python-backend steps on CPU (default); tensorrt: plans on GPU; "
+                             "pytorch: python-backend steps in PyTorch (CUDA if present; deploy/bench_gpu.sh)")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--ort-threads", type=int, default=DEFAULT_ORT_THREADS,
                         help="ONNX Runtime intra-op threads per python-backend instance")
@@ -215,6 +284,13 @@ def main(args: argparse.Namespace) -> int:
         print(path)
     if args.backend == "tensorrt":
         print("next: build the plans on the target GPU with `leukograph build-engines`")
+    elif args.backend == "pytorch":
+        from leukograph.client.paths import WEIGHTS_DIR
+
+        for path in write_torchscript(WEIGHTS_DIR, repository).values():
+            print(path)
+        print(f"model version: {model_version(repository)}")
+        write_version(repository)
     elif all((repository / s.name / VERSION_DIR / "model.onnx").exists() for s in STAGES):
         print(f"model version: {model_version(repository)}")
         write_version(repository)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# `leukograph bench` on a GPU machine that has no TensorRT and no Triton container (Python 3.12, torch CUDA,
+# onnxruntime, torch-geometric, numpy 2, grpcio; no registry): Triton from the nvidia-pytriton wheel carried along,
+# with python-backend steps running the stages in PyTorch on CUDA (`generate-repo --backend pytorch`:
+# deploy/python_step_torch.py, TorchScript traced on the GPU, tensors through the stub by DLPack - the stub's numpy
+# path returns empty or garbage inputs with numpy 2, measured on the CPU machine with numpy 2.4).
+#
+# Two steps:
+#   deploy/bench_gpu.sh pack   # on a dev machine (registry access): wheels -> .whl/, frames + weights -> .cache/bench-gpu/
+#   deploy/bench_gpu.sh run    # on the GPU machine, in the repository root, with .whl and .cache/bench-gpu carried
+#
+# What `pack` fetches (cp312, no deps; about 57 MB, under the ~60 MB such machines accept):
+#   nvidia-pytriton 0.7.0 (tritonserver 2.51.0 + python backend + stubs), tritonclient 2.73.0 (gRPC client; its
+#   generated code needs grpcio >= 1.81.1 and protobuf >= 6.30 on the GPU machine - `run` checks), python-rapidjson,
+#   protobuf 6. Not tritonclient.http's gevent stack (too large to carry): the HTTP rows are reported as not run.
+# `run` writes docs/bench/gpu/bench.json (+ PNGs, results.md) and copies them to $OUT when that is set.
+# Environment: PYTHON (default python3), WHEELS (.whl), SITE (/tmp/leukograph-site), BENCH_OUT (docs/bench/gpu),
+# BENCH_ARGS (extra `leukograph bench` arguments), LEUKOGRAPH_WEIGHTS (pack: which checkpoints to carry),
+# BENCH_DEVICE (cuda; `cpu` rehearses the whole script on a CPU machine, as done here before any GPU run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/leukograph-site}
+CARRY=.cache/bench-gpu
+BENCH_OUT=${BENCH_OUT:-docs/bench/gpu}
+BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+
+pack() {
+  local py=.venv/bin/python
+  [ -x "$py" ] || py=$PYTHON
+  mkdir -p "$WHEELS" "$CARRY/frames" "$CARRY/weights"
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$WHEELS" \
+    nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson==1.25 "protobuf>=6.30,<7"
+  # The BCCD held-out frames (the GPU machine has no ../shared) and the checkpoints to serve.
+  "$py" - "$CARRY/frames" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from leukograph.client.bench import held_out_paths
+for frame_id, path in held_out_paths():
+    shutil.copy2(path, Path(sys.argv[1]) / f"{frame_id}{path.suffix}")
+EOF
+  local weights=${LEUKOGRAPH_WEIGHTS:-training/weights}
+  cp "$weights/cnn.pt" "$weights/gnn.pt" "$CARRY/weights/"
+  du -ch "$WHEELS"/*.whl "$CARRY" | tail -1
+  echo "next, on the GPU machine: bash deploy/bench_gpu.sh run   (carry: $WHEELS $CARRY)"
+}
+
+run() {
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl
+  # leukograph without installing it: the four packages under one namespace folder (paths resolve to this repo).
+  mkdir -p "$SITE/leukograph"
+  for part in client:client training:training build_engines:build_engines deploy:deploy; do
+    ln -sfn "$PWD/${part#*:}" "$SITE/leukograph/${part%%:*}"
+  done
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  "$PYTHON" - "$BENCH_DEVICE" <<'EOF'
+import sys
+import grpc, google.protobuf, numpy, torch
+print(f"python ok: torch {torch.__version__} cuda={torch.cuda.is_available()}, numpy {numpy.__version__}, "
+      f"grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}")
+import tritonclient.grpc  # raises when grpcio/protobuf are older than its generated code needs
+assert sys.argv[1] != "cuda" or torch.cuda.is_available(), "no CUDA GPU visible to torch"
+EOF
+  # The python-backend stub links libpython3.X.so: make the interpreter's own library folder visible.
+  local libdir
+  libdir=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')")
+  export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  local py_version stub
+  py_version=$("$PYTHON" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+  stub="$SITE/pytriton/tritonserver/python_backend_stubs/$py_version/triton_python_backend_stub"
+  if ldd "$stub" | grep "not found"; then
+    echo "the python-backend stub for Python $py_version misses the libraries above" >&2
+    exit 1
+  fi
+  local card="no GPU (BENCH_DEVICE=$BENCH_DEVICE rehearsal)"
+  if [ "$BENCH_DEVICE" = cuda ]; then
+    card="GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 || echo unknown)"
+  fi
+  export LEUKOGRAPH_CACHE=${LEUKOGRAPH_CACHE:-/tmp/leukograph-cache}
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+  PYTHONUNBUFFERED=1 "$PYTHON" -m leukograph.client.cli bench --backend pytorch --torch-device "$BENCH_DEVICE" \
+    --frames-dir "$CARRY/frames" --weights "$CARRY/weights" \
+    --out-dir "$BENCH_OUT" --label "$card (python-backend PyTorch steps, no TensorRT)" ${BENCH_ARGS:-}
+  if [ -n "${OUT:-}" ]; then
+    cp "$BENCH_OUT"/* "$OUT"/
+  fi
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  run) run ;;
+  *) echo "usage: deploy/bench_gpu.sh pack|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,167 @@
+"""`leukograph bench`: the --quick run against a real CPU Triton server, its JSON schema, the README section, and the
+`pytorch` repository variant (deploy/bench_gpu.sh) served by the real server on the CPU. Not a timed test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukograph.client import bench, contract
+from leukograph.deploy.server import TritonServer, free_port, weights_dir
+
+LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
+
+NUMBER = (int, float)
+LATENCY = {"p50": NUMBER, "p95": NUMBER, "p99": NUMBER, "mean": NUMBER, "max": NUMBER}
+RUN = {"name": str, "kind": str, "concurrency": int, "frames": int, "wall_s": NUMBER, "fps": NUMBER,
+       "latency_ms": LATENCY, "cells": {"mean": NUMBER, "min": int, "max": int}, "stages_ms": dict,
+       "latencies_ms": list, "capture": str, "boxes": str, "load_avg_1m": NUMBER}
+SERVER_SPLIT = {"requests": NUMBER, "success_ms": NUMBER, "queue_ms": NUMBER, "compute_input_ms": NUMBER,
+                "compute_infer_ms": NUMBER, "compute_output_ms": NUMBER}
+TOP = {"schema": str, "created_utc": str, "command": str, "mode": str,
+       "machine": {"cpu_model": str, "cores": int, "available_cores": int, "gpu": str, "tritonserver": str,
+                   "versions": {"torch": str, "onnxruntime": str, "tritonclient": str, "numpy": str, "opencv": str}},
+       "load_avg_start": list, "load_avg_end": list,
+       "frames": {"source": str, "count": int, "ids": list, "cells_per_frame": dict},
+       "runs": list, "cell_sweep": list, "not_run": list, "checks": dict,
+       "analysis": {"targets": list, "notes": list}, "files": list}
+
+
+def schema_errors(value: object, schema: object, where: str = "$") -> list[str]:
+    """Required keys and types, recursively: a dict schema lists required keys, a type (tuple) the allowed types."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object, got {type(value).__name__}"]
+        errors = []
+        for key, sub in schema.items():
+            if key not in value:
+                errors.append(f"{where}.{key}: missing")
+            else:
+                errors += schema_errors(value[key], sub, f"{where}.{key}")
+        return errors
+    ok = isinstance(value, schema) and not (isinstance(value, bool) and bool not in (
+        schema if isinstance(schema, tuple) else (schema,)))
+    return [] if ok else [f"{where}: expected {schema}, got {type(value).__name__}"]
+
+
+def check_result(result: dict) -> list[str]:
+    errors = schema_errors(result, TOP)
+    if result.get("schema") != bench.SCHEMA:
+        errors.append(f"$.schema: {result.get('schema')!r} != {bench.SCHEMA!r}")
+    for i, run in enumerate(result.get("runs", []) + result.get("cell_sweep", [])):
+        errors += schema_errors(run, RUN, f"$.runs[{i}]")
+        if run.get("kind") == "triton":
+            errors += schema_errors(run, {"transport": str, "breakdown_ms": dict}, f"$.runs[{i}]")
+            for model in bench.STAT_MODELS:
+                errors += schema_errors(run.get("server_ms", {}).get(model), SERVER_SPLIT,
+                                        f"$.runs[{i}].server_ms.{model}")
+        if len(run.get("latencies_ms", [])) != run.get("frames"):
+            errors.append(f"$.runs[{i}]: {len(run.get('latencies_ms', []))} latencies for {run.get('frames')} frames")
+    for i, row in enumerate(result.get("not_run", [])):
+        errors += schema_errors(row, {"name": str, "reason": str}, f"$.not_run[{i}]")
+    for i, target in enumerate(result.get("analysis", {}).get("targets", [])):
+        errors += schema_errors(target, {"name": str, "value": str, "met": bool}, f"$.analysis.targets[{i}]")
+    return errors
+
+
+@pytest.fixture(scope="module")
+def quick(triton_server: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    """One `leukograph bench --quick` against the session's real server (all four transports, baselines)."""
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([*LEUKOGRAPH, "bench", "--quick", "--grpc-url", triton_server.grpc_url,
+                           "--http-url", triton_server.http_url, "--model-repository", str(triton_server.repository),
+                           "--weights", str(weights_dir()), "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), out, done.stdout
+
+
+@pytest.mark.server
+def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str]) -> None:
+    result, out, stdout = quick
+    assert check_result(result) == []
+    assert result["mode"] == "quick" and result["command"].startswith("leukograph bench --quick")
+    triton = [r for r in result["runs"] if r["kind"] == "triton"]
+    assert {r["transport"] for r in triton} == set(bench.TRANSPORTS)
+    for run in triton:
+        assert run["frames"] == 4 and run["fps"] > 0
+        assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
+        # every request went through both steps, and the server split is no larger than the client's call
+        assert run["server_ms"][contract.PIPELINE_NAME]["requests"] == run["frames"]
+        assert run["server_ms"][contract.PIPELINE_NAME]["success_ms"] <= run["stages_ms"]["infer"] + 0.5
+    # Triton's outputs equal in-process ONNX Runtime's on a real frame, over every transport
+    assert all(check["ok"] and check["labels_equal"] for check in result["checks"].values())
+    kinds = {r["kind"] for r in result["runs"]}
+    assert {"triton", "ort", "torch"} <= kinds
+    assert any("seed style" in r["name"] for r in result["runs"])
+    assert {s["cells_requested"] for s in result["cell_sweep"]} == {1, 8}
+    assert all(s["cells"]["min"] == s["cells"]["max"] == s["cells_requested"] for s in result["cell_sweep"])
+    # no GPU here: the TensorRT rows say exactly why, with no numbers
+    reasons = {row["name"]: row["reason"] for row in result["not_run"]}
+    assert "tensorrt" in reasons["tensorrt engine runner (standalone)"]
+    assert "triton with tensorrt plans" in reasons
+    for name in ("bench.json", "results.md", "latency_cdf.png", "throughput.png", "cells.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| triton grpc-shm | 1 |" in stdout and "### Targets" in stdout
+
+
+def test_readme_section_renders_from_json(quick: tuple[dict, Path, str], tmp_path: Path) -> None:
+    result, out, _ = quick
+    table = bench.readme_table(result)
+    assert "| configuration | conc. | p50 ms |" in table and result["command"] in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nintro\n\n{bench.README_START}\nold numbers\n{bench.README_END}\n\n## After\nkept\n")
+    done = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(out / "bench.json"), "--readme", str(readme)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith("\n\n## After\nkept\n")
+    assert "old numbers" not in text and table.strip() in text
+    assert not bench.update_readme(readme, table)  # idempotent
+    fresh = tmp_path / "new" / "README.md"
+    fresh.parent.mkdir()
+    assert bench.update_readme(fresh, table)
+    assert bench.README_START in fresh.read_text() and bench.README_END in fresh.read_text()
+    bad = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(tmp_path / "missing.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_tiled_boxes_stay_in_the_frame() -> None:
+    frames = bench.load_frames(limit=1)
+    image = frames.images[0]
+    real = bench.localise_boxes(image)
+    for cells in (1, 8, 128):
+        boxes = bench.tiled_boxes(image, real, cells)
+        assert boxes.shape == (cells, 4) and boxes.dtype == np.float32
+        contract.validate_request(image, boxes)
+    assert np.array_equal(bench.tiled_boxes(image, real, 32), bench.tiled_boxes(image, real, 32))
+
+
+@pytest.mark.server
+def test_pytorch_variant_serves_the_same_outputs(served_repository: Path, tmp_path: Path) -> None:
+    """The GPU script's repository variant (TorchScript steps, DLPack through the stub), on the real CPU server."""
+    from leukograph.deploy.model_repository import backend_of, generate, write_torchscript
+
+    repository = tmp_path / "repository"
+    generate(repository, "pytorch", 1)
+    write_torchscript(weights_dir(), repository, device="cpu")
+    assert backend_of(repository) == "pytorch"
+    frames = bench.load_frames(limit=1)
+    image, boxes = frames.images[0], bench.localise_boxes(frames.images[0])
+    reference = bench.OrtEngine(served_repository, 1).infer(image, boxes)
+    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_path=tmp_path / "tritonserver.log")
+    with server:
+        engine = bench.TritonEngine(server.grpc_url, "grpc", True, "test", image.nbytes)
+        try:
+            probs, labels, _ = engine.infer(image, boxes)
+        finally:
+            engine.close()
+    assert np.abs(probs - reference[0]).max() < 1e-4
+    assert np.array_equal(labels, reference[1])
