@@ -91,9 +91,11 @@ def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str])
     for run in triton:
         assert run["frames"] == 4 and run["fps"] > 0
         assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
-        # every request went through both steps, and the server split is no larger than the client's call
-        assert run["server_ms"][contract.PIPELINE_NAME]["requests"] == run["frames"]
-        assert run["server_ms"][contract.PIPELINE_NAME]["success_ms"] <= run["stages_ms"]["infer"] + 0.5
+        # every request went through both steps; the server's time is about the client's call (Triton's ensemble
+        # timestamps end after the response is released, so they can exceed the client's call by a little)
+        for model in bench.STAT_MODELS:
+            assert run["server_ms"][model]["requests"] == run["frames"]
+        assert run["server_ms"][contract.PIPELINE_NAME]["success_ms"] <= 1.2 * run["stages_ms"]["infer"] + 2.0
     # Triton's outputs equal in-process ONNX Runtime's on a real frame, over every transport
     assert all(check["ok"] and check["labels_equal"] for check in result["checks"].values())
     kinds = {r["kind"] for r in result["runs"]}
