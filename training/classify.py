@@ -95,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     if not images and not problems:
         raise UserError("no images given")
     classifier = Classifier(args.weights, args.threads) if images else None
+    total = len(images) + len(problems)
     for path in images:
         try:
             result = classifier.classify_path(path)
@@ -105,6 +106,6 @@ def main(args: argparse.Namespace) -> int:
     for path, problem in problems:
         print(f"leukograph classify: error: {path}: {problem}", file=sys.stderr)
     if problems:
-        print(f"leukograph classify: {len(problems)} of {len(images) + len(problems)} inputs failed", file=sys.stderr)
+        print(f"leukograph classify: {len(problems)} of {total} inputs failed", file=sys.stderr)
         return 1
     return 0
