@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -57,12 +59,14 @@ def start_client(server: TritonServer, source: Path, db: Path, sample: str, summ
 
 
 def recorded_frames(db: Path, sample: str) -> int:
+    """Frames recorded so far, read-only with plain sqlite3 (opening a ResultStore here could race the client's
+    schema creation on a fresh file)."""
     if not db.exists():
         return 0
     try:
-        with ResultStore(db, create=False) as store:
-            return len(store.frames(sample)) if sample in store.samples() else 0
-    except Exception:  # noqa: BLE001 - the client may be creating the schema right now
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            return conn.execute("SELECT count(*) FROM frames WHERE sample_id = ?", (sample,)).fetchone()[0]
+    except sqlite3.OperationalError:  # no schema yet
         return 0
 
 
