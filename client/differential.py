@@ -41,8 +41,9 @@ def label_cell(probs: np.ndarray | Sequence[float], threshold: float = DEFAULT_T
     probs: NUM_CLASSES probabilities in `contract.CLASSES` order. kind: what the localiser says the box is
     (`contract.CELL_KINDS`); None means "trust the classifier" (kind = WBC when the argmax is a WBC class).
     A WBC-kind cell goes to review (UNIDENTIFIED) when its top probability is below `threshold`, or when the
-    classifier's argmax is not a WBC class (localiser and classifier disagree: a technologist decides).
-    Non-WBC cells (rbc, platelet) always get their argmax class. This is the only place the rule lives.
+    classifier's argmax is not a WBC class. A cell the localiser calls RBC or platelet but the classifier calls a
+    WBC class also goes to review: when localiser and classifier disagree, a technologist decides, and the cell is
+    never counted as a WBC unseen. Other non-WBC cells get their argmax class. This is the only place the rule lives.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.shape != (NUM_CLASSES,):
@@ -55,6 +56,8 @@ def label_cell(probs: np.ndarray | Sequence[float], threshold: float = DEFAULT_T
     label = CLASSES[best]
     wbc_kind = kind == "wbc" if kind is not None else label in WBC_CLASSES
     if wbc_kind and (label not in WBC_CLASSES or p[best] < threshold):
+        return UNIDENTIFIED
+    if not wbc_kind and label in WBC_CLASSES:
         return UNIDENTIFIED
     return label
 

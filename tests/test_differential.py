@@ -121,3 +121,15 @@ def test_markdown_table_is_readable() -> None:
     assert "Platelets: 10 (9.8 per 100 WBC" in text
     assert "complete" in text
     assert "incomplete: 100 more" in Differential().to_markdown()
+
+
+def test_localiser_and_classifier_disagreement_goes_to_review() -> None:
+    lymphocyte = np.zeros(len(CLASSES))
+    lymphocyte[CLASSES.index("lymphocyte")] = 0.95
+    lymphocyte[CLASSES.index("rbc")] = 0.05
+    assert label_cell(lymphocyte, 0.6, kind="wbc") == "lymphocyte"
+    assert label_cell(lymphocyte, 0.6, kind="rbc") == UNIDENTIFIED  # an RBC box is never counted as a WBC unseen
+    rbc = np.zeros(len(CLASSES))
+    rbc[CLASSES.index("rbc")] = 1.0
+    assert label_cell(rbc, 0.6, kind="rbc") == "rbc"
+    assert label_cell(rbc, 0.6, kind="wbc") == UNIDENTIFIED
