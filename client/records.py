@@ -147,16 +147,18 @@ class ResultStore:
         self._versions: dict[str, str] = {}  # model version this client session records with, per sample
 
     def _init_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
+        if self._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            raise UserError(f"{self.path} has schema version {version}, newer than this leukograph "
-                            f"({SCHEMA_VERSION}); upgrade leukograph")
-        tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-        if version == 0 and tables:
-            raise UserError(f"{self.path} is an SQLite file but not a leukograph result database")
-        with self._transaction():
+        with self._transaction():  # checked again under the write lock: another process may be creating it
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                return
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{self.path} has schema version {version}, newer than this leukograph "
+                                f"({SCHEMA_VERSION}); upgrade leukograph")
+            tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            if version == 0 and tables:
+                raise UserError(f"{self.path} is an SQLite file but not a leukograph result database")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)

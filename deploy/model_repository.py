@@ -45,7 +45,7 @@ from pathlib import Path
 from leukograph.client import contract
 from leukograph.client.contract import PIPELINE, STAGES, StageSpec, TensorSpec
 from leukograph.client.errors import UserError
-from leukograph.client.paths import MODEL_REPOSITORY
+from leukograph.client.paths import MODEL_REPOSITORY, WEIGHTS_DIR
 
 BACKENDS = ("onnxruntime", "tensorrt")
 EXTRA_BACKENDS = ("pytorch",)  # python-backend steps in PyTorch (deploy/bench_gpu.sh); not for the committed repo
@@ -133,8 +133,22 @@ def ensemble_config(backend: str) -> str:
                           for n in stage.output_names)
         steps.append(f"    {{\n      model_name: \"{stage.name}\"\n      model_version: -1\n{inputs}{outputs}    }}")
     lines.append("ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
-    lines.append(_parameters({"backend_variant": backend, **_limits()}))
+    lines.append(_parameters({"backend_variant": backend, "model_version": weights_version(), **_limits()}))
     return "".join(lines)
+
+
+def weights_version(weights_dir: Path | None = None) -> str:
+    """`weights-<sha256[:12]>` of the CNN and GNN checkpoints the repository is exported from. It goes into the
+    ensemble config, so a remote client records which trained models labelled each cell; `generate-repo` after new
+    weights updates it, and the no-drift test catches a config left behind."""
+    directory = weights_dir or WEIGHTS_DIR
+    digest = hashlib.sha256()
+    for name in ("cnn.pt", "gnn.pt"):
+        path = directory / name
+        if not path.exists():
+            return "weights-unknown"
+        digest.update(path.read_bytes())
+    return f"weights-{digest.hexdigest()[:12]}"
 
 
 def render(backend: str = "onnxruntime", ort_threads: int = DEFAULT_ORT_THREADS) -> dict[str, str]:

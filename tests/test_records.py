@@ -166,3 +166,13 @@ def test_sigkill_mid_stream_loses_nothing_committed_and_resumes(tmp_path: Path) 
         frames = [f["frame_index"] for f in store.frames("S1")]
         assert frames == list(range(len(frames)))
         assert store.differential("S1").counts["neutrophil"] == len(frames)
+
+
+def test_concurrent_creation_of_a_new_database(tmp_path: Path) -> None:
+    """Several processes opening the same new database at once: one creates the schema, none fails."""
+    path = tmp_path / "race.sqlite"
+    code = "import sys; from leukograph.client.records import ResultStore; ResultStore(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
