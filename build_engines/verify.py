@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_GRAPH, CLASSES, CROP_EMBEDDER, MAX_CELLS
 
 StageRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -57,18 +58,6 @@ class OrtStage:
         return dict(zip(self.output_names, values))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def _localizer() -> Callable | None:
     try:
         from leukograph.client.localize import localize
@@ -101,7 +90,7 @@ def held_out_samples(box_source: str = "auto", frame_size: tuple[int, int] | Non
             labels: list[int | None] = [None] * len(boxes)
             labelled = [i for i, lab in enumerate(voc_labels) if lab is not None]
             if len(boxes) and labelled:
-                iou = _iou(boxes, voc[labelled])
+                iou = box_iou(boxes, voc[labelled])
                 for j, i_voc in enumerate(labelled):  # each labelled VOC WBC claims its best localised box
                     best = int(np.argmax(iou[:, j]))
                     if iou[best, j] >= MATCH_IOU and labels[best] is None:

@@ -17,24 +17,12 @@ from typing import Any
 import cv2
 import numpy as np
 
+from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_KINDS, CROP_MARGIN
 from leukograph.client.errors import UserError
 from leukograph.client.localize import WBC, Cells, localize
 
 FRAME_SETS = ("held-out", "train", "all")
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of [N,4] and [M,4] x1,y1,x2,y2 boxes -> [N,M]."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ix * iy
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
 def greedy_match(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float) -> int:

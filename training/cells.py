@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from leukograph.client import localize as localize_module
+from leukograph.client.boxes import box_iou, greedy_pairs
 from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
@@ -48,36 +49,6 @@ class FrameCells:
     crops: np.ndarray  # uint8 [N,S,S,3]
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes."""
-    a = a.reshape(-1, 4).astype(np.float64)
-    b = b.reshape(-1, 4).astype(np.float64)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
-def greedy_match(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """Pairs (row, col) matched greedily by decreasing IoU, each row and column at most once."""
-    pairs = []
-    used_rows: set[int] = set()
-    used_cols: set[int] = set()
-    for flat in np.argsort(-iou, axis=None):
-        row, col = np.unravel_index(flat, iou.shape)
-        if iou[row, col] < threshold:
-            break
-        if row not in used_rows and col not in used_cols:
-            pairs.append((int(row), int(col)))
-            used_rows.add(int(row))
-            used_cols.add(int(col))
-    return pairs
-
-
 def crops_for(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """uint8 [N,S,S,3] crops exactly as the served crop_embedder cuts them."""
     if len(boxes) == 0:
@@ -98,7 +69,7 @@ def bccd_cells(frame: BccdFrame) -> FrameCells:
     gt_boxes = np.array([b.box for b in frame.boxes], np.float32).reshape(-1, 4)
     gt_labels = [CLASSES.index(b.label) if b.label in CLASSES else IGNORE for b in frame.boxes]
     labels[found.kinds == CELL_KINDS.index("wbc")] = IGNORE  # unless matched to a labelled VOC box below
-    for det, gt in greedy_match(box_iou(found.boxes, gt_boxes), MATCH_IOU):
+    for det, gt in greedy_pairs(box_iou(found.boxes, gt_boxes), MATCH_IOU):
         labels[det] = gt_labels[gt]
     label = frame.frame_label
     return FrameCells(frame.frame_id, frame.frame_id, CLASSES.index(label) if label else IGNORE,

@@ -32,10 +32,11 @@ from sklearn.metrics import (  # noqa: E402
     precision_recall_fscore_support,
 )
 
+from leukograph.client.boxes import box_iou, greedy_pairs  # noqa: E402
 from leukograph.client.contract import CLASSES, WBC_CLASSES  # noqa: E402
 from leukograph.client.paths import REPO_ROOT, WEIGHTS_DIR  # noqa: E402
 from leukograph.client.readme import replace_section  # noqa: E402
-from leukograph.training.cells import FrameCells, box_iou, build_cells, greedy_match  # noqa: E402
+from leukograph.training.cells import FrameCells, build_cells  # noqa: E402
 from leukograph.training.checkpoints import load_baseline, load_models  # noqa: E402
 from leukograph.training.datasets import load_bccd, load_four_class, split_frames  # noqa: E402
 from leukograph.training.models import CellGraphStage  # noqa: E402
@@ -137,7 +138,7 @@ def evaluate_bccd(models: Models, data_root: str | None) -> dict:
     preds: dict[str, dict[str, list[int]]] = {m: {"wbc": [], "context": []} for m in ("CNN only", "CNN+GNN")}
     for meta, frame, cnn_p, gnn_p in zip(frames_meta, frames, cnn, gnn):
         gt_boxes = np.array([b.box for b in meta.boxes], np.float32).reshape(-1, 4)
-        for det, gt in greedy_match(box_iou(frame.boxes, gt_boxes), 0.5):
+        for det, gt in greedy_pairs(box_iou(frame.boxes, gt_boxes), 0.5):
             label = meta.boxes[gt].label
             if label not in CLASSES:
                 continue
