@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,9 @@ def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str])
 
 def test_readme_section_renders_from_json(quick: tuple[dict, Path, str], tmp_path: Path) -> None:
     result, out, _ = quick
-    table = bench.readme_table(result)
-    assert "| configuration | conc. | p50 ms |" in table and result["command"] in table
     readme = tmp_path / "README.md"
+    table = bench.readme_table(result, os.path.relpath(out / "results.md", tmp_path))
+    assert "| configuration | conc. | p50 ms |" in table and result["command"] in table
     readme.write_text(f"# Title\n\nintro\n\n{bench.README_START}\nold numbers\n{bench.README_END}\n\n## After\nkept\n")
     done = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(out / "bench.json"), "--readme", str(readme)],
                           capture_output=True, text=True, timeout=120)
