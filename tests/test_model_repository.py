@@ -62,9 +62,10 @@ def test_generated_configs_parse(tmp_path: Path, backend: str) -> None:
         step_file = tmp_path / stage.name / "1" / "model.py"
         if backend == "onnxruntime":
             assert config.backend == "python" and not config.platform
-            assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_CPU" and group.count == 1
+            assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_CPU"
+            assert group.count == repo.CPU_INSTANCES[stage.name]
             assert int(params["ort_intra_op_threads"]) >= 1
-            assert step_file.read_text() == repo.PYTHON_STEP_SOURCE.read_text()
+            assert step_file.read_text() == repo.step_shim("onnxruntime")
         else:
             assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
             assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU"
