@@ -140,7 +140,7 @@ def ensemble_config(backend: str) -> str:
 
 
 def weights_version(weights_dir: Path | None = None) -> str:
-    """`weights-<sha256[:12]>` of the CNN and GNN checkpoints the repository is exported from. It goes into the
+    """`leukocyte_pipeline-weights-<sha256[:12]>` of the CNN and GNN checkpoints the repository is exported from. It goes into the
     ensemble config, so a remote client records which trained models labelled each cell; `generate-repo` after new
     weights updates it, and the no-drift test catches a config left behind."""
     directory = weights_dir or WEIGHTS_DIR
@@ -148,9 +148,9 @@ def weights_version(weights_dir: Path | None = None) -> str:
     for name in ("cnn.pt", "gnn.pt"):
         path = directory / name
         if not path.exists():
-            return "weights-unknown"
+            return f"{PIPELINE.name}-weights-unknown"
         digest.update(path.read_bytes())
-    return f"weights-{digest.hexdigest()[:12]}"
+    return f"{PIPELINE.name}-weights-{digest.hexdigest()[:12]}"
 
 
 def render(backend: str = "onnxruntime", ort_threads: int = DEFAULT_ORT_THREADS) -> dict[str, str]:
