@@ -64,12 +64,13 @@ from leukograph.client import contract
 from leukograph.client.contract import BOXES, CELL_GRAPH, CLASSES, CROP_EMBEDDER, FRAME, LABELS, PIPELINE_NAME, PROBS
 from leukograph.client.errors import UserError
 from leukograph.client.paths import REPO_ROOT
+from leukograph.client.readme import replace_section
 
 SCHEMA = "leukograph-bench/1"
 DEFAULT_OUT = REPO_ROOT / "docs" / "bench"
 QUICK_OUT = REPO_ROOT / ".cache" / "bench-quick"
 README = REPO_ROOT / "README.md"
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+README_SECTION = "bench"  # README text between <!-- bench:start --> and <!-- bench:end -->
 CONCURRENCIES = (1, 2, 4, 8)
 CELL_COUNTS = (1, 8, 32, 128)
 TRANSPORTS = ("grpc", "grpc-shm", "http", "http-shm")
@@ -1255,30 +1256,6 @@ def readme_table(result: dict, details: str = "docs/bench/results.md") -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, section: str) -> bool:
-    """Replace the text between the bench markers (re-reading the file just before writing); create if absent.
-
-    Returns True when the file changed."""
-    block = f"{README_START}\n{section.rstrip()}\n{README_END}"
-    text = readme.read_text() if readme.exists() else ""
-    if README_START in text and README_END in text:
-        head, _, rest = text.partition(README_START)
-        _, _, tail = rest.partition(README_END)
-        new = head + block + tail
-    else:
-        new = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + \
-            "## Benchmark\n\n" + block + "\n"
-    if new == text:
-        return False
-    current = readme.read_text() if readme.exists() else ""
-    if current != text:  # someone wrote in between: start again from their version
-        return update_readme(readme, section)
-    tmp = readme.with_name(f".{readme.name}.bench-tmp")
-    tmp.write_text(new)
-    tmp.replace(readme)
-    return True
-
-
 def plot(result: dict, out_dir: Path) -> list[Path]:
     """latency_cdf.png, throughput.png, cells.png (matplotlib, Agg)."""
     import matplotlib
@@ -1442,7 +1419,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"{args.readme_from} is not a {SCHEMA} file")
         details = os.path.relpath(Path(args.readme_from).resolve().parent / "results.md",
                                   Path(args.readme).resolve().parent)
-        changed = update_readme(Path(args.readme), readme_table(result, details))
+        changed = replace_section(README_SECTION, readme_table(result, details), Path(args.readme))
         print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
         return 0
     if args.http_url and not args.grpc_url:

@@ -140,9 +140,9 @@ def ensemble_config(backend: str) -> str:
 
 
 def weights_version(weights_dir: Path | None = None) -> str:
-    """`leukocyte_pipeline-weights-<sha256[:12]>` of the CNN and GNN checkpoints the repository is exported from. It goes into the
-    ensemble config, so a remote client records which trained models labelled each cell; `generate-repo` after new
-    weights updates it, and the no-drift test catches a config left behind."""
+    """`leukocyte_pipeline-weights-<sha256[:12]>` of the CNN and GNN checkpoints the repository is exported from.
+    It goes into the ensemble config, so a remote client records which trained models labelled each cell;
+    `generate-repo` after new weights updates it, and the no-drift test catches a config left behind."""
     directory = weights_dir or WEIGHTS_DIR
     digest = hashlib.sha256()
     for name in ("cnn.pt", "gnn.pt"):

@@ -60,7 +60,11 @@ def _error(message: str, code: str) -> pb_utils.TritonError:
     return pb_utils.TritonError(message) if status is None else pb_utils.TritonError(message, status)
 
 
-class TritonPythonModel:
+class StepModel:
+    """What every python-backend step shares: its stage from the model name, the contract's limits checked against
+    the config, the inputs read by contract name, and one clear error per bad request (the model never goes down).
+    Subclasses load their runtime in `load` and compute outputs in `run`."""
+
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         name = args["model_name"]
@@ -74,36 +78,30 @@ class TritonPythonModel:
             if key in params and int(params[key]) != value:
                 raise ValueError(f"config parameter {key}={params[key]} differs from the contract ({value}): "
                                  "run `leukograph generate-repo`")
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        onnx_path = version_dir / params.get("onnx_file", "model.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("ort_intra_op_threads", "1"))
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        got = [i.name for i in self.session.get_inputs()]
-        if got != self.stage.input_names:
-            raise ValueError(f"{onnx_path} has inputs {got}, the contract says {self.stage.input_names}")
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"{name}: loaded {onnx_path} ({options.intra_op_num_threads} ORT thread(s))")
+        self.load(params, Path(args["model_repository"]) / args["model_version"])
 
-    def _run(self, request) -> pb_utils.InferenceResponse:
-        inputs = {}
+    def load(self, params: dict[str, str], version_dir: Path) -> None:
+        raise NotImplementedError
+
+    def run(self, request) -> pb_utils.InferenceResponse:
+        raise NotImplementedError
+
+    def input_tensors(self, request) -> dict:
+        """The request's Triton tensors by contract input name; a missing one is the client's fault."""
+        tensors = {}
         for name in self.stage.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise contract.ContractError(f"input {name} is missing")
-            inputs[name] = tensor.as_numpy()
-        validate(self.stage, inputs)
-        outputs = self.session.run(self.stage.output_names, inputs)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(spec.name, np.ascontiguousarray(value, dtype=spec.np_dtype))
-            for spec, value in zip(self.stage.outputs, outputs)])
+            tensors[name] = tensor
+        return tensors
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             try:
-                responses.append(self._run(request))
+                responses.append(self.run(request))
             except contract.ContractError as exc:  # the client's fault: INVALID_ARG (HTTP 400)
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=_error(f"{self.stage.name}: bad request: {exc}", "INVALID_ARG")))
@@ -113,6 +111,29 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=_error(f"{self.stage.name}: internal error: {message}", "INTERNAL")))
         return responses
+
+
+class TritonPythonModel(StepModel):
+    """ONNX Runtime step (CPU): runs the stage's model.onnx."""
+
+    def load(self, params: dict[str, str], version_dir: Path) -> None:
+        onnx_path = version_dir / params.get("onnx_file", "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("ort_intra_op_threads", "1"))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        got = [i.name for i in self.session.get_inputs()]
+        if got != self.stage.input_names:
+            raise ValueError(f"{onnx_path} has inputs {got}, the contract says {self.stage.input_names}")
+        self.logger.log_info(f"{self.stage.name}: loaded {onnx_path} ({options.intra_op_num_threads} ORT thread(s))")
+
+    def run(self, request) -> pb_utils.InferenceResponse:
+        inputs = {name: tensor.as_numpy() for name, tensor in self.input_tensors(request).items()}
+        validate(self.stage, inputs)
+        outputs = self.session.run(self.stage.output_names, inputs)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(spec.name, np.ascontiguousarray(value, dtype=spec.np_dtype))
+            for spec, value in zip(self.stage.outputs, outputs)])
 
     def finalize(self) -> None:
         self.session = None

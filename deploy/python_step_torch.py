@@ -17,7 +17,6 @@ any build of the python backend (GPU tensors through the stub need its CUDA supp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from leukograph.client import contract
-from leukograph.deploy.python_step import _error, validate
+from leukograph.deploy.python_step import StepModel, validate
 
 
 def _device(wanted: str) -> torch.device:
@@ -35,36 +33,21 @@ def _device(wanted: str) -> torch.device:
     return torch.device(wanted)
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        name = args["model_name"]
-        stages = {s.name: s for s in contract.STAGES}
-        if name not in stages:
-            raise ValueError(f"model {name!r} is not a contract stage ({', '.join(stages)})")
-        self.stage = stages[name]
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        for key, value in (("max_cells", contract.MAX_CELLS), ("max_frame_side", contract.MAX_FRAME_SIDE)):
-            if key in params and int(params[key]) != value:
-                raise ValueError(f"config parameter {key}={params[key]} differs from the contract ({value}): "
-                                 "run `leukograph generate-repo`")
+class TritonPythonModel(StepModel):
+    """PyTorch step (CUDA when present): runs the stage's TorchScript module, tensors passed through DLPack."""
+
+    def load(self, params: dict[str, str], version_dir: Path) -> None:
         threads = int(params.get("torch_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = _device(params.get("torch_device", "auto"))  # the device the module was traced on
-        checkpoint = Path(args["model_repository"]) / args["model_version"] / params.get("checkpoint_file", "model.pt")
+        checkpoint = version_dir / params.get("checkpoint_file", "model.pt")
         self.module = torch.jit.load(str(checkpoint), map_location=self.device).eval()
-        self.logger = pb_utils.Logger
-        self.logger.log_info(f"{name}: loaded {checkpoint} on {self.device}")
+        self.logger.log_info(f"{self.stage.name}: loaded {checkpoint} on {self.device}")
 
     @torch.no_grad()
-    def _run(self, request) -> pb_utils.InferenceResponse:
-        inputs = {}
-        for spec in self.stage.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
-            if tensor is None:
-                raise contract.ContractError(f"input {spec.name} is missing")
-            inputs[spec.name] = from_dlpack(tensor.to_dlpack())
+    def run(self, request) -> pb_utils.InferenceResponse:
+        inputs = {name: from_dlpack(t.to_dlpack()) for name, t in self.input_tensors(request).items()}
         # Validation reads small tensors (boxes, sizes) on the CPU; FRAME only needs its shape and dtype.
         validate(self.stage, {k: v.numpy() if k != "FRAME" else _shape_proxy(v) for k, v in inputs.items()})
         feeds = [inputs[name].to(self.device, non_blocking=True) for name in self.stage.input_names]
@@ -73,21 +56,6 @@ class TritonPythonModel:
             pb_utils.Tensor.from_dlpack(spec.name, to_dlpack(value.to("cpu", getattr(torch, spec.dtype))
                                                              .contiguous()))
             for spec, value in zip(self.stage.outputs, outputs)])
-
-    def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._run(request))
-            except contract.ContractError as exc:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=_error(f"{self.stage.name}: bad request: {exc}", "INVALID_ARG")))
-            except Exception as exc:  # never let one request take the model down
-                message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-                self.logger.log_error(f"{self.stage.name}: {message}")
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=_error(f"{self.stage.name}: internal error: {message}", "INTERNAL")))
-        return responses
 
     def finalize(self) -> None:
         self.module = None

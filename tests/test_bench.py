@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from leukograph.client import bench, contract
+from leukograph.client.readme import markers, replace_section
 from leukograph.deploy.server import TritonServer, free_port, weights_dir
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
@@ -118,18 +119,19 @@ def test_readme_section_renders_from_json(quick: tuple[dict, Path, str], tmp_pat
     readme = tmp_path / "README.md"
     table = bench.readme_table(result, os.path.relpath(out / "results.md", tmp_path))
     assert "| configuration | conc. | p50 ms |" in table and result["command"] in table
-    readme.write_text(f"# Title\n\nintro\n\n{bench.README_START}\nold numbers\n{bench.README_END}\n\n## After\nkept\n")
+    start, end = markers(bench.README_SECTION)
+    readme.write_text(f"# Title\n\nintro\n\n{start}\nold numbers\n{end}\n\n## After\nkept\n")
     done = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(out / "bench.json"), "--readme", str(readme)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = readme.read_text()
     assert text.startswith("# Title\n\nintro\n\n") and text.endswith("\n\n## After\nkept\n")
     assert "old numbers" not in text and table.strip() in text
-    assert not bench.update_readme(readme, table)  # idempotent
+    assert not replace_section(bench.README_SECTION, table, readme)  # idempotent
     fresh = tmp_path / "new" / "README.md"
     fresh.parent.mkdir()
-    assert bench.update_readme(fresh, table)
-    assert bench.README_START in fresh.read_text() and bench.README_END in fresh.read_text()
+    assert replace_section(bench.README_SECTION, table, fresh)
+    assert start in fresh.read_text() and end in fresh.read_text()
     bad = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(tmp_path / "missing.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
