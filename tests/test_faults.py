@@ -40,15 +40,23 @@ def png_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+SHM = Path("/dev/shm")
+STUB_REGION = "triton_python_backend_shm_region_*"
+
+
 @pytest.fixture()
 def own_server(served_repository: Path, tmp_path: Path) -> Iterator[TritonServer]:
-    """A server of this test only (not started): free ports, its own log."""
+    """A server of this test only (not started): free ports, its own log. A SIGKILLed server cannot remove its
+    python-backend stubs' shared-memory regions, so the ones it leaves behind are removed here."""
+    before = set(SHM.glob(STUB_REGION))
     server = TritonServer(served_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_path=tmp_path / "tritonserver.log")
     try:
         yield server
     finally:
         server.stop()
+        for region in set(SHM.glob(STUB_REGION)) - before:
+            region.unlink(missing_ok=True)
 
 
 def start_client(server: TritonServer, source: Path, db: Path, sample: str, summary: Path,
