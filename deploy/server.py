@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -117,6 +118,15 @@ def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
     return reason is not None
 
 
+def _terminate_with_parent() -> None:
+    """In the server's child process: ask Linux to SIGTERM it when the thread that started it dies, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG), so a killed `leukograph serve` leaves no tritonserver behind. Start servers from a
+    thread that outlives them (the main thread, as every caller here does)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free right now (for tests; another process may still take it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -196,7 +206,8 @@ class TritonServer:
         with self.log_path.open("w") as log:
             # Own process group: stop() signals the server and its python-backend stubs together.
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_terminate_with_parent)
         while time.monotonic() - started < timeout:
             code = self.process.poll()
             if code is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -227,6 +228,26 @@ def test_serve_cli_starts_answers_and_stops_on_sigterm(served_repository: Path, 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def test_killed_serve_cli_leaves_no_server_behind(served_repository: Path, tmp_path: Path) -> None:
+    """SIGKILL on `leukograph serve` (no chance to clean up): its tritonserver still goes away (PR_SET_PDEATHSIG)."""
+    grpc_port = free_port()
+    command = [*LEUKOGRAPH, "serve", "--model-repository", str(served_repository), "--http-port", str(free_port()),
+               "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()),
+               "--log-file", str(tmp_path / "serve.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _read_until(process, "GPU deployment", timeout=120)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", grpc_port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"tritonserver still listens on {grpc_port} 30 s after `leukograph serve` was killed")
 
 
 def test_serve_cli_bad_repository_is_one_line_error(tmp_path: Path) -> None:
