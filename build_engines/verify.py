@@ -19,6 +19,7 @@ import numpy as np
 
 from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_GRAPH, CLASSES, CROP_EMBEDDER, MAX_CELLS
+from leukograph.client.images import read_image
 
 StageRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -82,7 +83,7 @@ def held_out_samples(box_source: str = "auto", frame_size: tuple[int, int] | Non
     for item in load_bccd(root):
         if item.frame_id not in held:
             continue
-        frame = cv2.cvtColor(cv2.imread(str(item.image_path)), cv2.COLOR_BGR2RGB)
+        frame = read_image(item.image_path)
         voc = np.array([b.box for b in item.boxes], np.float32).reshape(-1, 4)
         voc_labels = [CLASSES.index(b.label) if b.kind == "wbc" and b.label in CLASSES else None for b in item.boxes]
         if localize is not None:

@@ -63,12 +63,13 @@ import numpy as np
 from leukograph.client import contract
 from leukograph.client.contract import BOXES, CELL_GRAPH, CLASSES, CROP_EMBEDDER, FRAME, LABELS, PIPELINE_NAME, PROBS
 from leukograph.client.errors import UserError
-from leukograph.client.paths import REPO_ROOT
+from leukograph.client.images import read_image
+from leukograph.client.paths import CACHE_DIR, REPO_ROOT, WEIGHTS_DIR
 from leukograph.client.readme import replace_section
 
 SCHEMA = "leukograph-bench/1"
 DEFAULT_OUT = REPO_ROOT / "docs" / "bench"
-QUICK_OUT = REPO_ROOT / ".cache" / "bench-quick"
+QUICK_OUT = CACHE_DIR / "bench-quick"
 README = REPO_ROOT / "README.md"
 README_SECTION = "bench"  # README text between <!-- bench:start --> and <!-- bench:end -->
 CONCURRENCIES = (1, 2, 4, 8)
@@ -99,7 +100,6 @@ def held_out_paths() -> list[tuple[str, Path]]:
 
 def load_frames(limit: int | None = None, folder: Path | None = None) -> Frames:
     """The held-out frames decoded once (or every image in `folder`, e.g. a copy carried to a GPU machine)."""
-    import cv2
 
     if folder is not None:
         paths = [(p.stem, p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
@@ -109,12 +109,7 @@ def load_frames(limit: int | None = None, folder: Path | None = None) -> Frames:
     if not paths:
         raise UserError(f"no frames found in {folder}" if folder else
                         "no BCCD held-out frames found (check LEUKOGRAPH_DATA)")
-    images = []
-    for _, path in paths:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UserError(f"cannot decode {path}")
-        images.append(np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+    images = [read_image(path) for _, path in paths]
     return Frames([frame_id for frame_id, _ in paths], images)
 
 
@@ -842,9 +837,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             server_proc = None
             result["server"] = {"external": True, "grpc_url": grpc_url, "http_url": http_url}
         else:
-            from leukograph.deploy.server import TritonServer, free_port, weights_dir
+            from leukograph.deploy.server import TritonServer, free_port
 
-            weights = weights or weights_dir()
+            weights = weights or WEIGHTS_DIR
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="leukograph-bench-")))
             instances = dict(args.instances or {})
             _log(f"bench: exporting a {args.backend} repository from {weights}")

@@ -20,6 +20,7 @@ import numpy as np
 from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_KINDS, CROP_MARGIN
 from leukograph.client.errors import UserError
+from leukograph.client.images import read_image
 from leukograph.client.localize import WBC, Cells, localize
 
 FRAME_SETS = ("held-out", "train", "all")
@@ -41,13 +42,6 @@ def greedy_match(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: floa
     return tp
 
 
-def read_rgb(path: Path | str) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"cannot decode image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def _timed_localize(images: Sequence[np.ndarray]) -> tuple[list[Cells], float]:
     """Localise every image on ONE OpenCV thread; returns the results and frames/s (wall time)."""
     threads = cv2.getNumThreads()
@@ -67,7 +61,7 @@ def evaluate_localizer(frames: Sequence[Any], iou: float = 0.5,
 
     `images` (decoded RGB frames, same order) skips decoding when the caller has them already."""
     if images is None:
-        images = [read_rgb(frame.image_path) for frame in frames]
+        images = [read_image(frame.image_path) for frame in frames]
     cells, fps = _timed_localize(images)
     per_kind: dict[str, dict[str, float]] = {}
     for k, kind in enumerate(CELL_KINDS):
@@ -170,13 +164,13 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < args.iou <= 1:
         raise UserError(f"--iou must be in (0, 1], got {args.iou}")
     frames = select_frames(args.frames, args.data_root)
-    images = [read_rgb(frame.image_path) for frame in frames]
+    images = [read_image(frame.image_path) for frame in frames]
     result = evaluate_localizer(frames, args.iou, images)
     result.pop("cells")
     test = load_four_class(args.data_root, "TEST")
     if args.four_class > 0:
         test = test[:: max(1, len(test) // args.four_class)][: args.four_class]
-    result["four_class_test"] = wbc_found_rates([read_rgb(img.path) for img in test])
+    result["four_class_test"] = wbc_found_rates([read_image(img.path) for img in test])
     result["crops"] = crop_recall(wbc_crops(frames, images), args.iou)
 
     table = markdown_table(result, args.frames, args.iou)

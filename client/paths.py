@@ -7,6 +7,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "LEUKOGRAPH_DATA"
+WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
+CACHE_ENV = "LEUKOGRAPH_CACHE"
 
 
 def data_root(cli_value: str | os.PathLike | None = None) -> Path:
@@ -19,6 +21,6 @@ def data_root(cli_value: str | os.PathLike | None = None) -> Path:
 
 
 # Committed release weights; LEUKOGRAPH_WEIGHTS points elsewhere (e.g. a fresh training run).
-WEIGHTS_DIR = Path(os.environ.get("LEUKOGRAPH_WEIGHTS") or REPO_ROOT / "training" / "weights").resolve()
+WEIGHTS_DIR = Path(os.environ.get(WEIGHTS_ENV) or REPO_ROOT / "training" / "weights").expanduser().resolve()
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-CACHE_DIR = Path(os.environ.get("LEUKOGRAPH_CACHE") or REPO_ROOT / ".cache").resolve()
+CACHE_DIR = Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache").expanduser().resolve()

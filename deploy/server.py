@@ -29,22 +29,11 @@ from types import FrameType
 
 from leukograph.client.contract import STAGES
 from leukograph.client.errors import UserError
-from leukograph.client.paths import MODEL_REPOSITORY, REPO_ROOT, WEIGHTS_DIR
+from leukograph.client.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 
-CACHE_ENV = "LEUKOGRAPH_CACHE"
-WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
 GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
            "after `leukograph generate-repo --backend tensorrt` (README section \"GPU deployment\")."
 STOP_GRACE_S = 15.0
-
-
-def weights_dir() -> Path:
-    """$LEUKOGRAPH_WEIGHTS (e.g. untrained checkpoints during development), else the committed training/weights/."""
-    return Path(os.environ[WEIGHTS_ENV]).expanduser() if os.environ.get(WEIGHTS_ENV) else WEIGHTS_DIR
-
-
-def cache_root() -> Path:
-    return Path(os.environ[CACHE_ENV]).expanduser() if os.environ.get(CACHE_ENV) else REPO_ROOT / ".cache"
 
 
 def _pytriton_paths() -> tuple[Path, Path, str]:
@@ -66,7 +55,7 @@ def server_dir() -> Path:
     """The server folder in the cache, made once per pytriton and Python version (atomic, safe to race)."""
     bundled, _, pytriton_version = _pytriton_paths()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    target = cache_root() / f"tritonserver-{pytriton_version}-py{py}"
+    target = CACHE_DIR / f"tritonserver-{pytriton_version}-py{py}"
     stub = "triton_python_backend_stub"
     if (target / "backends" / "python" / stub).exists():
         return target
@@ -107,7 +96,7 @@ def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
     if backend_of(repository) != "onnxruntime":
         raise UserError(f"{repository} holds TensorRT configs; the CPU server needs "
                         "`leukograph generate-repo --backend onnxruntime`. " + GPU_HINT)
-    weights = weights or weights_dir()
+    weights = weights or WEIGHTS_DIR
     reason = onnx_stale(repository, weights)
     if reason is not None:
         print(f"exporting ONNX from {weights}: {reason}", flush=True)
@@ -153,7 +142,7 @@ class TritonServer:
         self.host = host
         self.model_control_mode = model_control_mode
         self.extra_args = tuple(extra_args)
-        self.log_path = Path(log_path) if log_path else cache_root() / "logs" / f"tritonserver-{http_port}.log"
+        self.log_path = Path(log_path) if log_path else CACHE_DIR / "logs" / f"tritonserver-{http_port}.log"
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
 

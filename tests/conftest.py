@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from leukograph.client.paths import MODEL_REPOSITORY, WEIGHTS_DIR
-from leukograph.deploy.server import WEIGHTS_ENV, TritonServer, ensure_exported, free_port, weights_dir
+from leukograph.client.paths import MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
+from leukograph.deploy.server import TritonServer, ensure_exported, free_port
 
 SERVER_START_TIMEOUT_S = 120.0  # ready in ~3 s here; generous for a loaded 2-core CI machine
 
@@ -32,7 +32,7 @@ def served_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     repository = tmp_path_factory.mktemp("model_repository")
     generate(repository, "onnxruntime")
-    export_all(weights_dir(), repository)  # UserError "checkpoint ... not found" when there are no weights
+    export_all(WEIGHTS_DIR, repository)  # UserError "checkpoint ... not found" when there are no weights
     write_version(repository)
     return repository
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from leukograph.client import bench, contract
+from leukograph.client.paths import WEIGHTS_DIR
 from leukograph.client.readme import markers, replace_section
-from leukograph.deploy.server import TritonServer, free_port, weights_dir
+from leukograph.deploy.server import TritonServer, free_port
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
 
@@ -77,7 +78,7 @@ def quick(triton_server: TritonServer, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run([*LEUKOGRAPH, "bench", "--quick", "--grpc-url", triton_server.grpc_url,
                            "--http-url", triton_server.http_url, "--model-repository", str(triton_server.repository),
-                           "--weights", str(weights_dir()), "--out-dir", str(out)],
+                           "--weights", str(WEIGHTS_DIR), "--out-dir", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "bench.json").read_text()), out, done.stdout
@@ -155,7 +156,7 @@ def test_pytorch_variant_serves_the_same_outputs(served_repository: Path, tmp_pa
 
     repository = tmp_path / "repository"
     generate(repository, "pytorch", 1)
-    write_torchscript(weights_dir(), repository, device="cpu")
+    write_torchscript(WEIGHTS_DIR, repository, device="cpu")
     assert backend_of(repository) == "pytorch"
     frames = bench.load_frames(limit=1)
     image, boxes = frames.images[0], bench.localise_boxes(frames.images[0])

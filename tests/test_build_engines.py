@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,8 +25,6 @@ from leukograph.client.contract import (
 )
 from leukograph.client.errors import UserError
 from leukograph.client.paths import WEIGHTS_DIR
-
-WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
 
 
 def _tensorrt_missing() -> str | None:
@@ -104,7 +101,7 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from leukograph.training.export import export_all
 
     repository = tmp_path_factory.mktemp("build_engines_repo")
-    export_all(Path(os.environ.get(WEIGHTS_ENV) or WEIGHTS_DIR), repository)
+    export_all(WEIGHTS_DIR, repository)
     return repository
 
 

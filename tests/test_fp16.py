@@ -5,7 +5,6 @@ Boxes: the project's localiser when it imports, else the VOC annotations (see bu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,12 @@ from leukograph.build_engines import fp16, verify
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, STAGES
 from leukograph.client.paths import WEIGHTS_DIR
 
-WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
 PARITY_ATOL = 1e-4
 TYPICAL_CELLS = 16
 
 
 def _weights() -> Path:
-    return Path(os.environ.get(WEIGHTS_ENV) or WEIGHTS_DIR)
+    return WEIGHTS_DIR
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS
+from leukograph.client.images import read_image
 from leukograph.client.localize import WBC, Cells, localize
 from leukograph.client.localize_eval import (
     box_iou,
     crop_recall,
     evaluate_localizer,
-    read_rgb,
     select_frames,
     wbc_crops,
     wbc_found_rates,
@@ -30,7 +30,7 @@ FOUR_CLASS_SAMPLE = 200
 @pytest.fixture(scope="module")
 def held_out() -> tuple[list, list[np.ndarray], dict]:
     frames = select_frames("held-out")
-    images = [read_rgb(frame.image_path) for frame in frames]
+    images = [read_image(frame.image_path) for frame in frames]
     return frames, images, evaluate_localizer(frames, 0.5, images)
 
 
@@ -80,7 +80,7 @@ def test_four_class_test_images_have_a_wbc() -> None:
 
     test = load_four_class(split="TEST")
     sample = test[:: len(test) // FOUR_CLASS_SAMPLE][:FOUR_CLASS_SAMPLE]
-    images = [read_rgb(img.path) for img in sample]
+    images = [read_image(img.path) for img in sample]
     rates = wbc_found_rates(images)
     assert rates["at_least_one_wbc"] >= 0.97, rates
     assert rates["exactly_one_wbc"] >= 0.9, rates

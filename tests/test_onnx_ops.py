@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,13 @@ from leukograph.build_engines.onnx_ops import TOPK_MAX_K, check_trt_compat, supp
 from leukograph.client.contract import STAGES
 from leukograph.client.paths import WEIGHTS_DIR
 
-WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
-
 
 @pytest.fixture(scope="session")
 def exported_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Both stages exported from $LEUKOGRAPH_WEIGHTS, else the project's training/weights/ (fails when absent)."""
     from leukograph.training.export import export_all
 
-    weights = Path(os.environ.get(WEIGHTS_ENV) or WEIGHTS_DIR)
+    weights = WEIGHTS_DIR
     return export_all(weights, tmp_path_factory.mktemp("onnx_ops_repo"))
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from leukograph.client.contract import CLASSES, WBC_CLASSES
 from leukograph.client.errors import UserError
+from leukograph.client.images import read_image
 from leukograph.client.paths import WEIGHTS_DIR
 from leukograph.training.cells import IGNORE, FrameCells, build_cells
 from leukograph.training.checkpoints import (
@@ -312,8 +313,6 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
 # ---- seed baseline --------------------------------------------------------------------------------------------
 def baseline_images(paths: list[Path], size: int = 64) -> torch.Tensor:
     """The seed paper's input: the whole image resized to size x size, RGB in 0..1."""
-    from leukograph.client.images import read_image
-
     images = np.stack([cv2.resize(read_image(p), (size, size), interpolation=cv2.INTER_AREA) for p in paths])
     return to_tensor(images)
 
