@@ -1,7 +1,7 @@
 """`leukograph build-engines`: FP16 TensorRT engines for both served stages, verified against ONNX Runtime fp32.
 
 Needs TensorRT >= 10 (Python package `tensorrt`) and, for verification, pycuda and a CUDA GPU: NVIDIA's Triton
-container or JetPack. Neither installs from a public registry (platform notes), so on other machines this command
+container or JetPack. Neither installs from PyPI, so on other machines this command
 prints one line naming what is missing and exits non-zero. `--check-only` runs the CPU-side checks (TensorRT ONNX
 operator table) without TensorRT.
 
@@ -33,12 +33,12 @@ from pathlib import Path
 from leukograph.build_engines import verify
 from leukograph.build_engines.onnx_ops import check_trt_compat, tensorrt_table_version
 from leukograph.build_engines.profiles import Profiles, add_profile_arguments, profiles_from_args
-from leukograph.client.contract import STAGES, StageSpec
+from leukograph.client.contract import MODEL_FILES, STAGES, StageSpec, stage_path
 from leukograph.client.errors import UserError
 from leukograph.client.paths import MODEL_REPOSITORY, REPO_ROOT
 
 MIN_TENSORRT_MAJOR = 10
-PLAN_FILE, REPORT_FILE, REJECTED_SUFFIX = "model.plan", "build_report.json", ".failed-verification"
+PLAN_FILE, REPORT_FILE, REJECTED_SUFFIX = MODEL_FILES["tensorrt"], "build_report.json", ".failed-verification"
 DEFAULT_TIMING_CACHE = REPO_ROOT / "build" / "tensorrt" / "timing.cache"
 DEFAULT_WORKSPACE_MIB = 2048
 VERIFY_EXIT_CODE = 3
@@ -100,7 +100,7 @@ def sha256(path: Path) -> str:
 
 
 def stage_dir(repository: Path, stage: StageSpec) -> Path:
-    return repository / stage.name / "1"
+    return stage_path(repository, stage)
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -204,14 +204,15 @@ def verification_samples(profiles: Profiles, box_source: str, data_root: str | N
 def verify_engines(repository: Path, built: dict[str, Path], profiles: Profiles, args: argparse.Namespace) -> dict:
     """Engines vs ONNX Runtime fp32 on every held-out frame; stages not built this run use their existing plan if
     one exists, else ORT (so a single stage can be verified alone)."""
-    from leukograph.build_engines.runner import EngineRunner, EngineRunnerError
+    from leukograph.build_engines.runner import EngineRunnerError
+    from leukograph.runners import TrtRunner
 
     reference = verify.ort_pipeline(repository)
     candidate = []
     for stage, ort_stage in zip(STAGES, reference):
         plan = built.get(stage.name) or stage_dir(repository, stage) / PLAN_FILE
         try:
-            candidate.append(EngineRunner(plan) if plan.exists() else ort_stage)
+            candidate.append(TrtRunner(plan, stage) if plan.exists() else ort_stage)
         except EngineRunnerError as exc:
             raise UserError(f"plans built but not verified: {exc}; install pycuda or rerun with --no-verify",
                             exit_code=VERIFY_EXIT_CODE) from None
@@ -260,7 +261,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _onnx_paths(repository: Path, stages: list[StageSpec]) -> dict[str, Path]:
     paths = {}
     for stage in stages:
-        path = stage_dir(repository, stage) / "model.onnx"
+        path = stage_dir(repository, stage) / MODEL_FILES["onnxruntime"]
         if not path.exists():
             raise UserError(f"{path} not found: run `leukograph export --model-repository {repository}` first")
         paths[stage.name] = path

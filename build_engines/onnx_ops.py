@@ -2,7 +2,7 @@
 
 The table (`trt_onnx_supported_ops.json`) is transcribed from onnx-tensorrt `docs/operators.md` for TensorRT 10.15
 (source and version recorded in the file). Beyond "is the op in the table", we check the restrictions that have bitten
-GNN exports (platform notes, measured):
+GNN exports (measured):
 
 * ScatterND with a reduction: unsupported ("`reduction` other than `none` is not supported").
 * ScatterElements with a reduction: handled by a TensorRT plugin we do not ship; TensorRT 8.6 silently ignored scatter

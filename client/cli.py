@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-engines": ("leukograph.build_engines.build", "compile FP16 TensorRT engines (needs TensorRT)"),
     "stream": ("leukograph.client.stream", "stream a camera/video/folder through Triton, count cells"),
     "report": ("leukograph.client.report", "export a sample's recorded results as CSV or JSON"),
-    "bench": ("leukograph.client.bench", "latency benchmark: Triton end to end against alternatives"),
+    "bench": ("leukograph.deploy.bench.cli", "latency benchmark: Triton end to end against alternatives"),
 }
 
 

@@ -7,7 +7,10 @@ import them. This module is deliberately free of torch so the edge client can us
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -111,32 +114,123 @@ PIPELINE = StageSpec(
 )
 STAGES: tuple[StageSpec, ...] = (CROP_EMBEDDER, CELL_GRAPH)
 
+# ---- model repository layout ---------------------------------------------------------------------
+VERSION_DIR = "1"  # every step serves one version
+CONFIG_FILE = "config.pbtxt"
+MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt"}  # by backend
+
+
+def stage_path(repository: Path, stage: StageSpec | str, filename: str = "") -> Path:
+    """`<repository>/<stage>/1/<filename>`: a step's version folder, or a file in it (e.g. MODEL_FILES[backend])."""
+    name = stage if isinstance(stage, str) else stage.name
+    folder = Path(repository) / name / VERSION_DIR
+    return folder / filename if filename else folder
+
+
+# ---- version identifiers, named apart -----------------------------------------------------------
+# weights_id: which trained weights the served models were exported from (sha256 of the checkpoints). Set as an
+#   ensemble config parameter, so any client reads it from the server and records it with each result.
+# repository_digest: which model files a repository serves (sha256 of each ONNX file / plan / TorchScript file),
+#   stored beside the ensemble in VERSION_FILE. Triton's own "model version" is only the folder VERSION_DIR.
+WEIGHTS_ID_KEY = "weights_id"
+REPOSITORY_DIGEST_KEY = "repository_digest"
+VERSION_FILE = "version.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_id(checkpoints: Sequence[Path]) -> str:
+    """`leukocyte_pipeline-weights-<sha256[:12]>` of the checkpoint files; `...-weights-unknown` when one is missing."""
+    digest = hashlib.sha256()
+    for path in checkpoints:
+        if not Path(path).exists():
+            return f"{PIPELINE_NAME}-weights-unknown"
+        digest.update(Path(path).read_bytes())
+    return f"{PIPELINE_NAME}-weights-{digest.hexdigest()[:12]}"
+
+
+def repository_digest(backend: str, file_digests: Sequence[str]) -> str:
+    """`leukocyte_pipeline-<backend>-<sha256[:12]>` over the sha256 of each served model file, in stage order."""
+    combined = hashlib.sha256("".join(file_digests).encode()).hexdigest()
+    return f"{PIPELINE_NAME}-{backend}-{combined[:12]}"
+
 
 class ContractError(ValueError):
     """A request that breaks the contract (shape, dtype, limits, values)."""
 
 
-def validate_request(frame: np.ndarray, boxes: np.ndarray) -> None:
-    """Check one (frame, boxes) request against the contract; raise ContractError with one clear line."""
-    if frame.dtype != np.uint8:
-        raise ContractError(f"FRAME must be uint8, got {frame.dtype}")
-    if frame.ndim != 3 or frame.shape[2] != 3:
-        raise ContractError(f"FRAME must be HxWx3, got shape {tuple(frame.shape)}")
-    h, w = frame.shape[:2]
-    if min(h, w) < MIN_FRAME_SIDE or max(h, w) > MAX_FRAME_SIDE:
-        raise ContractError(f"FRAME side must be in [{MIN_FRAME_SIDE}, {MAX_FRAME_SIDE}], got {h}x{w}")
-    if boxes.dtype != np.float32:
-        raise ContractError(f"BOXES must be float32, got {boxes.dtype}")
+def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
+    """dtype, rank and fixed dimensions of one tensor."""
+    if array.dtype != spec.np_dtype:
+        raise ContractError(f"{spec.name} must be {spec.dtype}, got {array.dtype}")
+    if array.ndim != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, array.shape)):
+        shape = "x".join("N" if d == -1 else str(d) for d in spec.shape)
+        raise ContractError(f"{spec.name} must have shape {shape}, got {tuple(array.shape)}")
+
+
+def _check_frame_side(height: float, width: float, what: str) -> None:
+    if min(height, width) < MIN_FRAME_SIDE or max(height, width) > MAX_FRAME_SIDE:
+        raise ContractError(f"{what} must be in [{MIN_FRAME_SIDE}, {MAX_FRAME_SIDE}], got {height:g}x{width:g}")
+
+
+def _check_boxes(boxes: np.ndarray, height: float, width: float) -> None:
+    """BOXES of a frame of that size: dtype, shape, 1..MAX_CELLS cells, finite, ordered corners, inside the frame."""
+    if boxes.dtype != BOXES.np_dtype:
+        raise ContractError(f"{BOXES.name} must be {BOXES.dtype}, got {boxes.dtype}")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ContractError(f"BOXES must be Nx4, got shape {tuple(boxes.shape)}")
+        raise ContractError(f"{BOXES.name} must be Nx4, got shape {tuple(boxes.shape)}")
     n = boxes.shape[0]
     if n == 0:
-        raise ContractError("BOXES is empty: send no request for a frame without cells")
+        raise ContractError(f"{BOXES.name} is empty: send no request for a frame without cells")
     if n > MAX_CELLS:
-        raise ContractError(f"BOXES has {n} cells, more than MAX_CELLS={MAX_CELLS}")
+        raise ContractError(f"{BOXES.name} has {n} cells, more than MAX_CELLS={MAX_CELLS}")
     if not np.isfinite(boxes).all():
-        raise ContractError("BOXES contains NaN or infinity")
+        raise ContractError(f"{BOXES.name} contains NaN or infinity")
     if (boxes[:, 2] <= boxes[:, 0]).any() or (boxes[:, 3] <= boxes[:, 1]).any():
-        raise ContractError("BOXES must have x2 > x1 and y2 > y1")
-    if (boxes[:, :2] < -0.5).any() or (boxes[:, 2] > w + 0.5).any() or (boxes[:, 3] > h + 0.5).any():
-        raise ContractError(f"BOXES reach outside the {w}x{h} frame")
+        raise ContractError(f"{BOXES.name} must have x2 > x1 and y2 > y1")
+    if (boxes[:, :2] < -0.5).any() or (boxes[:, 2] > width + 0.5).any() or (boxes[:, 3] > height + 0.5).any():
+        raise ContractError(f"{BOXES.name} reach outside the {width:g}x{height:g} frame")
+
+
+def validate_request(frame: np.ndarray, boxes: np.ndarray) -> None:
+    """Check one (frame, boxes) request, i.e. crop_embedder's inputs; raise ContractError with one clear line."""
+    if frame.dtype != FRAME.np_dtype:
+        raise ContractError(f"{FRAME.name} must be {FRAME.dtype}, got {frame.dtype}")
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ContractError(f"{FRAME.name} must be HxWx3, got shape {tuple(frame.shape)}")
+    height, width = frame.shape[:2]
+    _check_frame_side(height, width, f"{FRAME.name} side")
+    _check_boxes(boxes, height, width)
+
+
+def validate_cell_graph(embeddings: np.ndarray, boxes: np.ndarray, frame_size: np.ndarray) -> None:
+    """cell_graph's inputs: the crop_embedder's outputs plus the request's boxes."""
+    for spec, array in zip(CELL_GRAPH.inputs, (embeddings, boxes, frame_size)):
+        _check_tensor(spec, array)
+    for spec, array in ((EMBEDDINGS, embeddings), (FRAME_SIZE, frame_size)):
+        if not np.isfinite(array).all():
+            raise ContractError(f"{spec.name} contains NaN or infinity")
+    height, width = (float(v) for v in frame_size)
+    _check_frame_side(height, width, FRAME_SIZE.name)
+    _check_boxes(boxes, height, width)
+    if embeddings.shape[0] != boxes.shape[0]:
+        raise ContractError(f"{EMBEDDINGS.name} has {embeddings.shape[0]} rows for {boxes.shape[0]} {BOXES.name}")
+
+
+def validate_stage(stage: StageSpec, inputs: dict[str, np.ndarray]) -> None:
+    """Check one stage's inputs (by contract name) against the contract; ContractError names the first problem."""
+    missing = [name for name in stage.input_names if name not in inputs]
+    if missing:
+        raise ContractError(f"input {missing[0]} is missing")
+    if stage.name == CROP_EMBEDDER.name:
+        validate_request(inputs[FRAME.name], inputs[BOXES.name])
+    elif stage.name == CELL_GRAPH.name:
+        validate_cell_graph(inputs[EMBEDDINGS.name], inputs[BOXES.name], inputs[FRAME_SIZE.name])
+    else:
+        raise ValueError(f"{stage.name} is not a stage with inputs to validate")

@@ -45,6 +45,7 @@ import numpy as np
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS, NUM_CLASSES
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
+from leukograph.client.latency import percentiles
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
 from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
@@ -65,15 +66,6 @@ RECOVERY_BACKOFF_S = (0.25, 4.0)  # first and largest delay between reconnect at
 
 def log(message: str) -> None:
     print(f"leukograph stream: {message}", file=sys.stderr, flush=True)
-
-
-def _percentiles(values_ms: list[float]) -> dict[str, float | int | None]:
-    if not values_ms:
-        return {"n": 0, "p50": None, "p95": None, "p99": None, "mean": None, "max": None}
-    arr = np.asarray(values_ms, np.float64)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"n": int(arr.size), "p50": round(float(p50), 2), "p95": round(float(p95), 2),
-            "p99": round(float(p99), 2), "mean": round(float(arr.mean()), 2), "max": round(float(arr.max()), 2)}
 
 
 def _warm_up_localizer() -> None:
@@ -129,7 +121,7 @@ class StreamSession:
         self.store = store
         self.state = state
         self.sample = state.sample_id
-        self.model_version = client.model_version
+        self.model_version = client.weights_id
         self.counters = Counters()
         self.results: queue.Queue[tuple[int, InferOutcome]] = queue.Queue()
         self.pending: OrderedDict[int, Pending] = OrderedDict()
@@ -328,7 +320,7 @@ class StreamSession:
         if not self.client.reconnect(timeout=min(2.0, max(left, 0.1)), should_stop=stopping_now):
             return True
         try:
-            version = self.client.fetch_model_version()
+            version = self.client.fetch_weights_id()
         except Exception:  # noqa: BLE001 - not ready after all: next round
             return True
         if version != self.model_version:
@@ -410,8 +402,8 @@ class StreamSession:
             "cells_recorded": c.cells,
             "queue": {"capacity": self.buffer.capacity, "max_depth": self.buffer.max_depth,
                       "drop_oldest": self.buffer.drop_oldest, "max_in_flight": self.args.max_in_flight},
-            "latency_ms": _percentiles(c.latency_ms),
-            "request_ms": _percentiles(c.infer_ms),
+            "latency_ms": percentiles(c.latency_ms),
+            "request_ms": percentiles(c.infer_ms),
             "wall_s": round(self.wall_s, 3),
             "frames_per_s": round(c.recorded / self.wall_s, 3) if self.wall_s > 0 else None,
             "differential": diff.summary().to_dict(),
@@ -539,7 +531,7 @@ def main(args: argparse.Namespace) -> int:
                     raise UserError(f"cannot set up the connection to {client.url}")
                 with ResultStore(args.db) as store:
                     settings = {"threshold": args.threshold, "source": source.uri, "protocol": args.protocol}
-                    state = store.start_sample(sample, args.target, client.model_version, settings)
+                    state = store.start_sample(sample, args.target, client.weights_id, settings)
                     if state.resumed:
                         log(f"resuming sample {sample}: {state.n_frames} frames recorded, "
                             f"{state.differential.n_wbc}/{state.target} WBC identified")

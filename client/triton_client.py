@@ -1,11 +1,11 @@
 """`TritonPipelineClient`: the client side of the `leukocyte_pipeline` ensemble (gRPC or HTTP, optional system shm).
 
-Used by `leukograph stream` and reused by the benchmark. Torch-free. Names, dtypes and limits come from
-`contract`; nothing is restated here.
+Used by `leukograph stream`, and by the benchmark through `leukograph.runners.TritonRunner` (its timing hook).
+Torch-free. Names, dtypes and limits come from `contract`; nothing is restated here.
 
     client = TritonPipelineClient("127.0.0.1:8001")           # protocol="grpc" (default) or "http"
     client.wait_ready(timeout=60)                               # server live + ensemble ready, with backoff
-    client.model_version                                        # from the server (see `fetch_model_version`)
+    client.weights_id                                           # from the server (see `fetch_weights_id`)
     probs, labels = client.infer(frame, boxes)                  # blocking, one frame
     client.submit(frame, boxes, callback)                       # async: callback(InferOutcome) on another thread
     client.reconnect(timeout)                                   # after a failure: fresh channel, ready, shm again
@@ -42,7 +42,6 @@ from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PIPELINE_
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
-VERSION_PARAMETER_KEYS = ("model_version", "version")  # ensemble config parameters naming the served models
 SHM_ALIGN = 64
 
 
@@ -135,7 +134,8 @@ class TritonPipelineClient:
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, model_name: str = PIPELINE_NAME,
                  shm: bool = False, max_in_flight: int = 2,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, verbose: bool = False) -> None:
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, verbose: bool = False,
+                 timing_hook: Callable[[dict[str, float]], None] | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if max_in_flight < 1:
@@ -147,6 +147,7 @@ class TritonPipelineClient:
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
         self.verbose = verbose
+        self.timing_hook = timing_hook  # called after each blocking `infer` with its encode/infer/decode seconds
         if protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -161,7 +162,7 @@ class TritonPipelineClient:
         self._free_slots: queue.Queue[int] = queue.Queue()
         for slot in self._slots:
             self._free_slots.put(slot.index)
-        self._model_version: str | None = None
+        self._weights_id: str | None = None
         self._connect()
 
     # ---- connection ----------------------------------------------------------------------------
@@ -234,17 +235,18 @@ class TritonPipelineClient:
             return False
         return True
 
-    # ---- model version -------------------------------------------------------------------------
+    # ---- weights id ----------------------------------------------------------------------------
     @property
-    def model_version(self) -> str:
-        if self._model_version is None:
-            self._model_version = self.fetch_model_version()
-        return self._model_version
+    def weights_id(self) -> str:
+        """Which trained weights the served models come from (`fetch_weights_id`, asked once)."""
+        if self._weights_id is None:
+            self._weights_id = self.fetch_weights_id()
+        return self._weights_id
 
-    def fetch_model_version(self) -> str:
-        """The served models' version, asked from the server.
+    def fetch_weights_id(self) -> str:
+        """The served weights' identifier, asked from the server.
 
-        The ensemble config's parameters `model_version` (or `version`) when the repository sets one; otherwise
+        The ensemble config's parameter `contract.WEIGHTS_ID_KEY` when the repository sets one; otherwise
         `<ensemble>-<backend_variant parameter>-v<highest loaded version>` from the model's version list."""
         try:
             config = self._client.get_model_config(self.model_name, **self._json_kwargs())
@@ -253,9 +255,8 @@ class TritonPipelineClient:
             raise classify_error(exc) from None
         config = config.get("config", config)
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-        for key in VERSION_PARAMETER_KEYS:
-            if params.get(key):
-                return params[key]
+        if params.get(contract.WEIGHTS_ID_KEY):
+            return params[contract.WEIGHTS_ID_KEY]
         versions = sorted((str(v) for v in metadata.get("versions") or []), key=lambda v: (len(v), v))
         parts = [self.model_name, params.get("backend_variant", ""), f"v{versions[-1]}" if versions else ""]
         return "-".join(p for p in parts if p)
@@ -321,16 +322,23 @@ class TritonPipelineClient:
         slot = self._take_slot() if self._slots else None
         try:
             try:
+                started = time.perf_counter()
                 if validate:
                     contract.validate_request(frame, boxes)
                 inputs = self._inputs(frame, boxes, slot)
+                encoded = time.perf_counter()
                 result = self._client.infer(self.model_name, inputs, outputs=self._outputs(),
                                             **self._timeout_kwargs())
+                answered = time.perf_counter()
             except contract.ContractError as exc:
                 raise RequestRejected(f"not sent: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 raise classify_error(exc) from None
-            return self._parse(result, len(boxes))
+            outputs = self._parse(result, len(boxes))
+            if self.timing_hook is not None:
+                self.timing_hook({"encode": encoded - started, "infer": answered - encoded,
+                                  "decode": time.perf_counter() - answered})
+            return outputs
         finally:
             if slot is not None:
                 self._free_slots.put(slot.index)

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # `leukograph bench` on a GPU machine that has no TensorRT and no Triton container (Python 3.12, torch CUDA,
-# onnxruntime, torch-geometric, numpy 2, grpcio; no registry): Triton from the nvidia-pytriton wheel carried along,
+# onnxruntime, torch-geometric, numpy 2, grpcio; no package index reachable): Triton from the nvidia-pytriton wheel
+# brought along,
 # with python-backend steps running the stages in PyTorch on CUDA (`generate-repo --backend pytorch`:
 # deploy/python_step_torch.py, TorchScript traced on the GPU, tensors through the stub by DLPack - the stub's numpy
 # path returns empty or garbage inputs with numpy 2, measured on the CPU machine with numpy 2.4).
 #
 # Two steps:
 #   deploy/bench_gpu.sh pack   # on a dev machine (registry access): wheels -> .whl/, frames + weights -> .cache/bench-gpu/
-#   deploy/bench_gpu.sh run    # on the GPU machine, in the repository root, with .whl and .cache/bench-gpu carried
+#   deploy/bench_gpu.sh run    # on the GPU machine, in the repository root, with .whl and .cache/bench-gpu copied there
 #
 # What `pack` fetches (cp312, no deps; about 57 MB, under the ~60 MB such machines accept):
 #   nvidia-pytriton 0.7.0 (tritonserver 2.51.0 + python backend + stubs), tritonclient 2.73.0 (gRPC client; its
 #   generated code needs grpcio >= 1.81.1 and protobuf >= 6.30 on the GPU machine - `run` checks), python-rapidjson,
 #   protobuf 6. Not tritonclient.http's gevent stack (too large to carry): the HTTP rows are reported as not run.
-# `run` writes docs/bench/gpu/bench.json (+ PNGs, results.md) and copies them to $OUT when that is set.
+# `run` writes docs/bench/gpu/bench.json (+ PNGs, results.md) and copies them to $RESULTS_COPY_DIR when that is set.
 # Environment: PYTHON (default python3), WHEELS (.whl), SITE (/tmp/leukograph-site), BENCH_OUT (docs/bench/gpu),
 # BENCH_ARGS (extra `leukograph bench` arguments), LEUKOGRAPH_WEIGHTS (pack: which checkpoints to carry),
 # BENCH_DEVICE (cuda; `cpu` rehearses the whole script on a CPU machine, as done here before any GPU run).
@@ -38,7 +39,7 @@ pack() {
   "$py" - "$CARRY/frames" <<'EOF'
 import shutil, sys
 from pathlib import Path
-from leukograph.client.bench import held_out_paths
+from leukograph.deploy.bench.frames import held_out_paths
 for frame_id, path in held_out_paths():
     shutil.copy2(path, Path(sys.argv[1]) / f"{frame_id}{path.suffix}")
 EOF
@@ -86,8 +87,8 @@ EOF
   PYTHONUNBUFFERED=1 "$PYTHON" -m leukograph.client.cli bench --backend pytorch --torch-device "$BENCH_DEVICE" \
     --frames-dir "$CARRY/frames" --weights "$CARRY/weights" \
     --out-dir "$BENCH_OUT" --label "$card (python-backend PyTorch steps, no TensorRT)" ${BENCH_ARGS:-}
-  if [ -n "${OUT:-}" ]; then
-    cp "$BENCH_OUT"/* "$OUT"/
+  if [ -n "${RESULTS_COPY_DIR:-}" ]; then
+    cp "$BENCH_OUT"/* "$RESULTS_COPY_DIR"/
   fi
 }
 

@@ -12,46 +12,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from leukograph.client import contract
-
-
-def _check_tensor(spec: contract.TensorSpec, array: np.ndarray) -> None:
-    """dtype, rank and fixed dimensions of one tensor."""
-    if array.dtype != spec.np_dtype:
-        raise contract.ContractError(f"{spec.name} must be {spec.dtype}, got {array.dtype}")
-    if array.ndim != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, array.shape)):
-        shape = "x".join("N" if d == -1 else str(d) for d in spec.shape)
-        raise contract.ContractError(f"{spec.name} must have shape {shape}, got {tuple(array.shape)}")
-
-
-def validate_cell_graph(embeddings: np.ndarray, boxes: np.ndarray, frame_size: np.ndarray) -> None:
-    """cell_graph's inputs: the crop_embedder's outputs plus the request's boxes."""
-    for spec, array in zip(contract.CELL_GRAPH.inputs, (embeddings, boxes, frame_size)):
-        _check_tensor(spec, array)
-    n = boxes.shape[0]
-    if not 1 <= n <= contract.MAX_CELLS:
-        raise contract.ContractError(f"BOXES has {n} cells; must be 1..MAX_CELLS={contract.MAX_CELLS}")
-    if embeddings.shape[0] != n:
-        raise contract.ContractError(f"EMBEDDINGS has {embeddings.shape[0]} rows for {n} BOXES")
-    for spec, array in zip(contract.CELL_GRAPH.inputs, (embeddings, boxes, frame_size)):
-        if not np.isfinite(array).all():
-            raise contract.ContractError(f"{spec.name} contains NaN or infinity")
-    h, w = (float(v) for v in frame_size)
-    if min(h, w) < contract.MIN_FRAME_SIDE or max(h, w) > contract.MAX_FRAME_SIDE:
-        raise contract.ContractError(
-            f"FRAME_SIZE must be in [{contract.MIN_FRAME_SIDE}, {contract.MAX_FRAME_SIDE}], got {h:g}x{w:g}")
-    # Same box rules as the crop_embedder's, checked by the contract against a frame of that size.
-    contract.validate_request(np.empty((int(h), int(w), 3), np.uint8), boxes)
-
-
-def validate(stage: contract.StageSpec, inputs: dict[str, np.ndarray]) -> None:
-    if stage is contract.CROP_EMBEDDER:
-        contract.validate_request(inputs["FRAME"], inputs["BOXES"])
-    else:
-        validate_cell_graph(inputs["EMBEDDINGS"], inputs["BOXES"], inputs["FRAME_SIZE"])
+from leukograph.runners import OrtRunner
 
 
 def _error(message: str, code: str) -> pb_utils.TritonError:
@@ -117,23 +81,17 @@ class TritonPythonModel(StepModel):
     """ONNX Runtime step (CPU): runs the stage's model.onnx."""
 
     def load(self, params: dict[str, str], version_dir: Path) -> None:
-        onnx_path = version_dir / params.get("onnx_file", "model.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("ort_intra_op_threads", "1"))
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        got = [i.name for i in self.session.get_inputs()]
-        if got != self.stage.input_names:
-            raise ValueError(f"{onnx_path} has inputs {got}, the contract says {self.stage.input_names}")
-        self.logger.log_info(f"{self.stage.name}: loaded {onnx_path} ({options.intra_op_num_threads} ORT thread(s))")
+        onnx_path = version_dir / params.get("onnx_file", contract.MODEL_FILES["onnxruntime"])
+        self.runner = OrtRunner(onnx_path, self.stage, int(params.get("ort_intra_op_threads", "1")))
+        self.logger.log_info(f"{self.stage.name}: loaded {onnx_path} ({self.runner.threads} ORT thread(s))")
 
     def run(self, request) -> pb_utils.InferenceResponse:
         inputs = {name: tensor.as_numpy() for name, tensor in self.input_tensors(request).items()}
-        validate(self.stage, inputs)
-        outputs = self.session.run(self.stage.output_names, inputs)
+        contract.validate_stage(self.stage, inputs)
+        outputs = self.runner.infer(inputs)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(spec.name, np.ascontiguousarray(value, dtype=spec.np_dtype))
-            for spec, value in zip(self.stage.outputs, outputs)])
+            pb_utils.Tensor(spec.name, np.ascontiguousarray(outputs[spec.name], dtype=spec.np_dtype))
+            for spec in self.stage.outputs])
 
     def finalize(self) -> None:
-        self.session = None
+        self.runner = None

@@ -10,7 +10,7 @@ venv's stdlib is pyenv's 3.11.7 (`_ssl` fails with "undefined symbol: _PyModule_
 Requests are validated against the contract exactly as in `python_step.py`.
 
 Tensors cross the stub through DLPack (`to_dlpack` / `Tensor.from_dlpack`), not numpy: with numpy 2 in the stub's
-Python the numpy path returned empty outputs (shared notes, platform.md), and DLPack avoids a copy.
+Python the numpy path returned empty outputs (measured with numpy 2.4), and DLPack avoids a copy.
 The instance group is KIND_CPU on purpose: the step itself moves inputs to the GPU and results back, which works with
 any build of the python backend (GPU tensors through the stub need its CUDA support).
 """
@@ -24,7 +24,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from leukograph.deploy.python_step import StepModel, validate
+from leukograph.client import contract
+from leukograph.deploy.python_step import StepModel
 
 
 def _device(wanted: str) -> torch.device:
@@ -41,7 +42,7 @@ class TritonPythonModel(StepModel):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = _device(params.get("torch_device", "auto"))  # the device the module was traced on
-        checkpoint = version_dir / params.get("checkpoint_file", "model.pt")
+        checkpoint = version_dir / params.get("checkpoint_file", contract.MODEL_FILES["pytorch"])
         self.module = torch.jit.load(str(checkpoint), map_location=self.device).eval()
         self.logger.log_info(f"{self.stage.name}: loaded {checkpoint} on {self.device}")
 
@@ -49,7 +50,8 @@ class TritonPythonModel(StepModel):
     def run(self, request) -> pb_utils.InferenceResponse:
         inputs = {name: from_dlpack(t.to_dlpack()) for name, t in self.input_tensors(request).items()}
         # Validation reads small tensors (boxes, sizes) on the CPU; FRAME only needs its shape and dtype.
-        validate(self.stage, {k: v.numpy() if k != "FRAME" else _shape_proxy(v) for k, v in inputs.items()})
+        contract.validate_stage(self.stage, {k: v.numpy() if k != contract.FRAME.name else _shape_proxy(v)
+                                             for k, v in inputs.items()})
         feeds = [inputs[name].to(self.device, non_blocking=True) for name in self.stage.input_names]
         outputs = self.module(*feeds)
         return pb_utils.InferenceResponse(output_tensors=[

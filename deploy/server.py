@@ -1,7 +1,7 @@
 """`leukograph serve`: the real Triton Inference Server on CPU, on the model repository (python-backend steps).
 
 The `tritonserver` binary, its python backend and the python-backend stubs come from the nvidia-pytriton wheel
-(docs: shared notes "platform.md"). They are copied once to a cache folder (`<repo>/.cache/tritonserver-<version>`,
+(`nvidia-pytriton` on PyPI). They are copied once to a cache folder (`<repo>/.cache/tritonserver-<version>`,
 or $LEUKOGRAPH_CACHE), the stub for the running Python goes to `backends/python/`, and the server runs with
 LD_LIBRARY_PATH=<site-packages>/nvidia_pytriton.libs and this venv's bin first on PATH (the stub runs `python3`).
 
@@ -27,7 +27,7 @@ from collections import deque
 from pathlib import Path
 from types import FrameType
 
-from leukograph.client.contract import STAGES
+from leukograph.client.contract import MODEL_FILES, STAGES, stage_path
 from leukograph.client.errors import UserError
 from leukograph.client.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 
@@ -81,7 +81,7 @@ def onnx_stale(repository: Path, weights: Path) -> str | None:
     checkpoints = sorted(weights.glob("*.pt")) if weights.is_dir() else []
     newest = max((p.stat().st_mtime for p in checkpoints), default=None)
     for stage in STAGES:
-        path = repository / stage.name / "1" / "model.onnx"
+        path = stage_path(repository, stage, MODEL_FILES["onnxruntime"])
         if not path.exists():
             return f"{path} is missing"
         if newest is not None and path.stat().st_mtime < newest:
@@ -91,7 +91,7 @@ def onnx_stale(repository: Path, weights: Path) -> str | None:
 
 def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
     """Export both stages when model.onnx is missing or older than the weights; True when it exported."""
-    from leukograph.deploy.model_repository import backend_of, write_version
+    from leukograph.deploy.model_repository import backend_of, write_digest
 
     if backend_of(repository) != "onnxruntime":
         raise UserError(f"{repository} holds TensorRT configs; the CPU server needs "
@@ -103,7 +103,7 @@ def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
         from leukograph.training.export import export_all  # torch: only when needed
 
         export_all(weights, repository)
-    write_version(repository)
+    write_digest(repository)
     return reason is not None
 
 
@@ -270,9 +270,9 @@ def main(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start(args.timeout)
-        from leukograph.deploy.model_repository import model_version
+        from leukograph.deploy.model_repository import repository_digest
 
-        print(f"ready in {server.startup_s:.1f} s: model {model_version(repository)}; "
+        print(f"ready in {server.startup_s:.1f} s: model {repository_digest(repository)}; "
               f"gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}; "
               f"log {server.log_path}", flush=True)
         print(GPU_HINT, flush=True)

@@ -27,13 +27,13 @@ def served_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not os.environ.get(WEIGHTS_ENV) and (WEIGHTS_DIR / "cnn.pt").exists():
         ensure_exported(MODEL_REPOSITORY, WEIGHTS_DIR)
         return MODEL_REPOSITORY
-    from leukograph.deploy.model_repository import generate, write_version
+    from leukograph.deploy.model_repository import generate, write_digest
     from leukograph.training.export import export_all
 
     repository = tmp_path_factory.mktemp("model_repository")
     generate(repository, "onnxruntime")
     export_all(WEIGHTS_DIR, repository)  # UserError "checkpoint ... not found" when there are no weights
-    write_version(repository)
+    write_digest(repository)
     return repository
 
 

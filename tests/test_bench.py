@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leukograph.client import bench, contract
+from leukograph.client import contract
 from leukograph.client.paths import WEIGHTS_DIR
 from leukograph.client.readme import markers, replace_section
+from leukograph.deploy.bench import constants, engines, frames, report
 from leukograph.deploy.server import TritonServer, free_port
+from leukograph.runners import TritonRunner, run_pipeline
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
 
@@ -54,13 +56,13 @@ def schema_errors(value: object, schema: object, where: str = "$") -> list[str]:
 
 def check_result(result: dict) -> list[str]:
     errors = schema_errors(result, TOP)
-    if result.get("schema") != bench.SCHEMA:
-        errors.append(f"$.schema: {result.get('schema')!r} != {bench.SCHEMA!r}")
+    if result.get("schema") != constants.SCHEMA:
+        errors.append(f"$.schema: {result.get('schema')!r} != {constants.SCHEMA!r}")
     for i, run in enumerate(result.get("runs", []) + result.get("cell_sweep", [])):
         errors += schema_errors(run, RUN, f"$.runs[{i}]")
         if run.get("kind") == "triton":
             errors += schema_errors(run, {"transport": str, "breakdown_ms": dict}, f"$.runs[{i}]")
-            for model in bench.STAT_MODELS:
+            for model in constants.STAT_MODELS:
                 errors += schema_errors(run.get("server_ms", {}).get(model), SERVER_SPLIT,
                                         f"$.runs[{i}].server_ms.{model}")
         if len(run.get("latencies_ms", [])) != run.get("frames"):
@@ -90,13 +92,13 @@ def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str])
     assert check_result(result) == []
     assert result["mode"] == "quick" and result["command"].startswith("leukograph bench --quick")
     triton = [r for r in result["runs"] if r["kind"] == "triton"]
-    assert {r["transport"] for r in triton} == set(bench.TRANSPORTS)
+    assert {r["transport"] for r in triton} == set(constants.TRANSPORTS)
     for run in triton:
         assert run["frames"] == 4 and run["fps"] > 0
         assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
         # every request went through both steps; the server's time is about the client's call (Triton's ensemble
         # timestamps end after the response is released, so they can exceed the client's call by a little)
-        for model in bench.STAT_MODELS:
+        for model in constants.STAT_MODELS:
             assert run["server_ms"][model]["requests"] == run["frames"]
         assert run["server_ms"][contract.PIPELINE_NAME]["success_ms"] <= 1.2 * run["stages_ms"]["infer"] + 2.0
     # Triton's outputs equal in-process ONNX Runtime's on a real frame, over every transport
@@ -118,9 +120,9 @@ def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str])
 def test_readme_section_renders_from_json(quick: tuple[dict, Path, str], tmp_path: Path) -> None:
     result, out, _ = quick
     readme = tmp_path / "README.md"
-    table = bench.readme_table(result, os.path.relpath(out / "results.md", tmp_path))
+    table = report.readme_table(result, os.path.relpath(out / "results.md", tmp_path))
     assert "| configuration | conc. | p50 ms |" in table and result["command"] in table
-    start, end = markers(bench.README_SECTION)
+    start, end = markers(constants.README_SECTION)
     readme.write_text(f"# Title\n\nintro\n\n{start}\nold numbers\n{end}\n\n## After\nkept\n")
     done = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(out / "bench.json"), "--readme", str(readme)],
                           capture_output=True, text=True, timeout=120)
@@ -128,10 +130,10 @@ def test_readme_section_renders_from_json(quick: tuple[dict, Path, str], tmp_pat
     text = readme.read_text()
     assert text.startswith("# Title\n\nintro\n\n") and text.endswith("\n\n## After\nkept\n")
     assert "old numbers" not in text and table.strip() in text
-    assert not replace_section(bench.README_SECTION, table, readme)  # idempotent
+    assert not replace_section(constants.README_SECTION, table, readme)  # idempotent
     fresh = tmp_path / "new" / "README.md"
     fresh.parent.mkdir()
-    assert replace_section(bench.README_SECTION, table, fresh)
+    assert replace_section(constants.README_SECTION, table, fresh)
     assert start in fresh.read_text() and end in fresh.read_text()
     bad = subprocess.run([*LEUKOGRAPH, "bench", "--readme-from", str(tmp_path / "missing.json")],
                          capture_output=True, text=True, timeout=120)
@@ -139,14 +141,14 @@ def test_readme_section_renders_from_json(quick: tuple[dict, Path, str], tmp_pat
 
 
 def test_tiled_boxes_stay_in_the_frame() -> None:
-    frames = bench.load_frames(limit=1)
-    image = frames.images[0]
-    real = bench.localise_boxes(image)
+    loaded = frames.load_frames(limit=1)
+    image = loaded.images[0]
+    real = frames.localise_boxes(image)
     for cells in (1, 8, 128):
-        boxes = bench.tiled_boxes(image, real, cells)
+        boxes = frames.tiled_boxes(image, real, cells)
         assert boxes.shape == (cells, 4) and boxes.dtype == np.float32
         contract.validate_request(image, boxes)
-    assert np.array_equal(bench.tiled_boxes(image, real, 32), bench.tiled_boxes(image, real, 32))
+    assert np.array_equal(frames.tiled_boxes(image, real, 32), frames.tiled_boxes(image, real, 32))
 
 
 @pytest.mark.server
@@ -158,16 +160,26 @@ def test_pytorch_variant_serves_the_same_outputs(served_repository: Path, tmp_pa
     generate(repository, "pytorch", 1)
     write_torchscript(WEIGHTS_DIR, repository, device="cpu")
     assert backend_of(repository) == "pytorch"
-    frames = bench.load_frames(limit=1)
-    image, boxes = frames.images[0], bench.localise_boxes(frames.images[0])
-    reference = bench.OrtEngine(served_repository, 1).infer(image, boxes)
+    loaded = frames.load_frames(limit=1)
+    image, boxes = loaded.images[0], frames.localise_boxes(loaded.images[0])
+    reference = run_pipeline(engines.ort_runners(served_repository, 1), image, boxes)
     server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_path=tmp_path / "tritonserver.log")
-    with server:
-        engine = bench.TritonEngine(server.grpc_url, "grpc", True, "test", image.nbytes)
-        try:
-            probs, labels, _ = engine.infer(image, boxes)
-        finally:
-            engine.close()
-    assert np.abs(probs - reference[0]).max() < 1e-4
-    assert np.array_equal(labels, reference[1])
+    with server, TritonRunner(server.grpc_url, "grpc", shm=True) as triton:
+        served = run_pipeline([triton], image, boxes)
+    assert np.abs(served[contract.PROBS.name] - reference[contract.PROBS.name]).max() < 1e-4
+    assert np.array_equal(served[contract.LABELS.name], reference[contract.LABELS.name])
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_instances_setting_is_served_and_recorded(tmp_path: Path) -> None:
+    """`--instances crop_embedder=3`: the benchmark's own server runs 3 instances, and bench.json says 3."""
+    out = tmp_path / "bench"
+    done = subprocess.run([*LEUKOGRAPH, "bench", "--quick", "--instances", f"{contract.CROP_EMBEDDER.name}=3",
+                           "--transports", "grpc", "--no-baselines", "--cells", "1", "--weights", str(WEIGHTS_DIR),
+                           "--out-dir", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["server"]["instances"] == {contract.CROP_EMBEDDER.name: 3, contract.CELL_GRAPH.name: 1}
+    assert [r["transport"] for r in result["runs"]] == ["grpc"]

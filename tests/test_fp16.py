@@ -15,6 +15,7 @@ import torch
 from leukograph.build_engines import fp16, verify
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, STAGES
 from leukograph.client.paths import WEIGHTS_DIR
+from leukograph.runners import OrtRunner, run_pipeline
 
 PARITY_ATOL = 1e-4
 TYPICAL_CELLS = 16
@@ -62,7 +63,7 @@ def test_fp16_graphs_keep_fp32_io_and_uint8_frame(fp32_repository: Path, fp16_pa
 def test_fp16_matches_fp32_on_every_held_out_frame(fp32_repository: Path, fp16_paths: dict[str, Path],
                                                     samples: list[verify.Sample]) -> None:
     reference = verify.ort_pipeline(fp32_repository)
-    candidate = (verify.OrtStage(fp16_paths[CROP_EMBEDDER.name]), verify.OrtStage(fp16_paths[CELL_GRAPH.name]))
+    candidate = [OrtRunner(fp16_paths[stage.name], stage) for stage in (CROP_EMBEDDER, CELL_GRAPH)]
     result = verify.compare(reference, candidate, samples)
     print(f"\nFP16 ORT vs fp32 ORT: {result.line()}")
     print(f"largest probability difference: {result.max_prob_diff:.6f} (frame {result.max_prob_diff_frame}); "
@@ -112,7 +113,7 @@ def test_fp32_onnxruntime_matches_pytorch(fp32_repository: Path, torch_stages, s
     for sample in samples[:3]:
         boxes = _boxes_for(sample, cells)
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
-        ort_out = verify.run_pipeline(embedder_o, graph_o, sample.frame, boxes)
+        ort_out = run_pipeline([embedder_o, graph_o], sample.frame, boxes)
         with torch.no_grad():
             emb, size = embedder_t(torch.from_numpy(sample.frame), torch.from_numpy(boxes))
             probs, labels = graph_t(emb, torch.from_numpy(boxes), size)

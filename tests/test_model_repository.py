@@ -63,7 +63,7 @@ def test_generated_configs_parse(tmp_path: Path, backend: str) -> None:
         if backend == "onnxruntime":
             assert config.backend == "python" and not config.platform
             assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_CPU"
-            assert group.count == repo.CPU_INSTANCES[stage.name]
+            assert group.count == repo.INSTANCES[stage.name]
             assert int(params["ort_intra_op_threads"]) >= 1
             assert step_file.read_text() == repo.step_shim("onnxruntime")
         else:
@@ -105,17 +105,17 @@ def test_generate_repo_cli(tmp_path: Path) -> None:
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
-def test_model_version_names_the_onnx_files(served_repository: Path, tmp_path: Path) -> None:
-    version = repo.model_version(served_repository)
+def test_repository_digest_names_the_onnx_files(served_repository: Path, tmp_path: Path) -> None:
+    version = repo.repository_digest(served_repository)
     assert version.startswith(f"{contract.PIPELINE.name}-onnxruntime-")
     stored = json.loads((served_repository / contract.PIPELINE.name / "1" / repo.VERSION_FILE).read_text())
-    assert stored["version"] == version
+    assert stored[contract.REPOSITORY_DIGEST_KEY] == version
     assert set(stored["models"]) == {s.name for s in contract.STAGES}
     # A different model file gives a different version.
     repo.generate(tmp_path, "onnxruntime")
     for stage in contract.STAGES:
         path = tmp_path / stage.name / "1" / "model.onnx"
         path.write_bytes((served_repository / stage.name / "1" / "model.onnx").read_bytes())
-    assert repo.model_version(tmp_path) == version
+    assert repo.repository_digest(tmp_path) == version
     path.write_bytes(path.read_bytes() + b"\0")
-    assert repo.model_version(tmp_path) != version
+    assert repo.repository_digest(tmp_path) != version

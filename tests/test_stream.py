@@ -249,7 +249,7 @@ def test_pipeline_client_infer_submit_shm_agree(triton_server: TritonServer, png
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
     with TritonPipelineClient(url, protocol) as plain, TritonPipelineClient(url, protocol, shm=True) as shm:
         assert plain.wait_ready(10) and shm.reconnect(10)
-        assert plain.model_version == shm.model_version and plain.model_version.startswith(contract.PIPELINE_NAME)
+        assert plain.weights_id == shm.weights_id and plain.weights_id.startswith(contract.PIPELINE_NAME)
         probs, labels = plain.infer(frame, boxes)
         assert probs.shape == (len(boxes), contract.NUM_CLASSES) and labels.dtype == np.int32
         np.testing.assert_array_equal(labels, probs.argmax(1))

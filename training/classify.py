@@ -1,6 +1,7 @@
 """`leukograph classify PATH... [--json]`: localise and classify every cell in image files, in-process (PyTorch).
 
-The same localiser and the same two stages (in-graph crop + CNN, dense GNN) that Triton serves.
+The same localiser and the same two stages (in-graph crop + CNN, dense GNN) that Triton serves, chained by
+`leukograph.runners.run_pipeline` over two `TorchRunner`s.
 Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(path)` return the JSON objects.
 """
 
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukograph.client.contract import CELL_KINDS, CLASSES, NUM_CLASSES
+from leukograph.client.contract import CELL_GRAPH, CELL_KINDS, CLASSES, CROP_EMBEDDER, EMBEDDINGS, NUM_CLASSES, PROBS
 from leukograph.client.errors import UserError
 from leukograph.client.images import list_images, read_image
 from leukograph.client.localize import Cells, localize
 from leukograph.client.paths import WEIGHTS_DIR
+from leukograph.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
@@ -40,6 +42,7 @@ class Classifier:
         embedder, gnn, self.meta = load_models(weights_dir)
         self.crop_stage = CropEmbedderStage(embedder).eval()
         self.graph_stage = CellGraphStage(gnn).eval()
+        self.runners = [TorchRunner(self.crop_stage, CROP_EMBEDDER), TorchRunner(self.graph_stage, CELL_GRAPH)]
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, cells: Cells | None = None) -> Prediction:
@@ -47,12 +50,9 @@ class Classifier:
         if len(cells) == 0:
             empty = np.zeros((0, NUM_CLASSES), np.float32)
             return Prediction(cells, empty, empty)
-        boxes = torch.from_numpy(cells.boxes.astype(np.float32))
-        crops_frame = torch.from_numpy(np.ascontiguousarray(image))
-        embeddings, frame_size = self.crop_stage(crops_frame, boxes)
-        probs, _ = self.graph_stage(embeddings, boxes, frame_size)
-        cnn_logits = self.crop_stage.embedder.classifier(embeddings)
-        return Prediction(cells, probs.numpy(), torch.softmax(cnn_logits, 1).numpy())
+        outputs = run_pipeline(self.runners, np.ascontiguousarray(image), cells.boxes.astype(np.float32))
+        cnn_logits = self.crop_stage.embedder.classifier(torch.from_numpy(outputs[EMBEDDINGS.name]))
+        return Prediction(cells, outputs[PROBS.name], torch.softmax(cnn_logits, 1).numpy())
 
     def classify_image(self, image: np.ndarray) -> list[dict]:
         prediction = self.predict(image)

@@ -13,18 +13,17 @@ from pathlib import Path
 import onnx
 import torch
 
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, StageSpec
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, MODEL_FILES, StageSpec, stage_path
 from leukograph.client.errors import UserError
 from leukograph.client.paths import MODEL_REPOSITORY, WEIGHTS_DIR
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
 OPSET = 17
-MODEL_VERSION_DIR = "1"
 
 
 def onnx_path(stage: StageSpec, repository: Path = MODEL_REPOSITORY) -> Path:
-    return repository / stage.name / MODEL_VERSION_DIR / "model.onnx"
+    return stage_path(repository, stage, MODEL_FILES["onnxruntime"])
 
 
 def _example_inputs(stage: StageSpec) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,13 @@
+"""Runners: one protocol, `infer(feed) -> outputs` by contract tensor name, as Polygraphy's `BaseRunner`.
+
+`OrtRunner`, `TorchRunner` and `TrtRunner` run one stage; `TritonRunner` runs the served pipeline through the
+client's `TritonPipelineClient`. `run_pipeline(runners, frame, boxes)` chains them; `compare` checks one chain
+against another with a `Tolerance` per compute dtype. Used by `classify`, engine verification and the benchmark.
+"""
+
+from leukograph.runners.backends import OrtRunner, TorchRunner, TritonRunner, TrtRunner
+from leukograph.runners.base import BaseRunner, Tensors, run_pipeline
+from leukograph.runners.compare import TOLERANCES, Comparison, Sample, Tolerance, compare
+
+__all__ = ["TOLERANCES", "BaseRunner", "Comparison", "OrtRunner", "Sample", "Tensors", "Tolerance", "TorchRunner",
+           "TritonRunner", "TrtRunner", "compare", "run_pipeline"]

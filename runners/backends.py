@@ -1,0 +1,103 @@
+"""The runners: ONNX Runtime, PyTorch, TensorRT (one stage each) and Triton (the whole served pipeline).
+
+Each backend's library is imported when its runner is made, so importing this module needs none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PROBS, StageSpec
+from leukograph.client.errors import UserError
+from leukograph.runners.base import BaseRunner, Tensors
+
+
+class OrtRunner(BaseRunner):
+    """One stage's ONNX file in ONNX Runtime on the CPU (fp32, fp16 or QDQ int8 graphs: same inputs and outputs)."""
+
+    def __init__(self, path: Path, stage: StageSpec, threads: int = 1, name: str | None = None) -> None:
+        super().__init__(stage, name)
+        import onnxruntime as ort
+
+        if not Path(path).exists():
+            raise UserError(f"{path} is missing: run `leukograph export`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        got = [i.name for i in self.session.get_inputs()]
+        if got != stage.input_names:
+            raise ValueError(f"{path} has inputs {got}, the contract says {stage.input_names}")
+
+    def infer_impl(self, feed: Tensors) -> Tensors:
+        values = self.session.run(self.stage.output_names, feed)
+        return dict(zip(self.stage.output_names, values))
+
+
+class TorchRunner(BaseRunner):
+    """One stage module (`training.models.CropEmbedderStage` / `CellGraphStage`) in PyTorch eager, on `device`."""
+
+    def __init__(self, module: Any, stage: StageSpec, device: str = "cpu", name: str | None = None) -> None:
+        super().__init__(stage, name)
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.module = module.eval().to(self.device)
+
+    def infer_impl(self, feed: Tensors) -> Tensors:
+        torch = self.torch
+        with torch.no_grad():
+            inputs = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
+            outputs = self.module(*inputs)
+            return {spec.name: value.cpu().numpy().astype(spec.np_dtype, copy=False)
+                    for spec, value in zip(self.stage.outputs, outputs)}
+
+
+class TrtRunner(BaseRunner):
+    """One stage's TensorRT plan (`build_engines.runner.EngineRunner`: TensorRT and pycuda, imported here)."""
+
+    def __init__(self, plan: Path, stage: StageSpec, name: str | None = None) -> None:
+        super().__init__(stage, name)
+        from leukograph.build_engines.runner import EngineRunner
+
+        self.plan = Path(plan)
+        self.engine = EngineRunner(self.plan)
+
+    def infer_impl(self, feed: Tensors) -> Tensors:
+        outputs = self.engine(feed)
+        return {spec.name: outputs[spec.name] for spec in self.stage.outputs}
+
+
+class TritonRunner(BaseRunner):
+    """The served `leukocyte_pipeline` through the client's own `TritonPipelineClient` (gRPC or HTTP, optional
+    system shared memory), one blocking request per call. Its timing hook splits each call into encode (request
+    built, shared memory written), infer (the blocking call) and decode (outputs read)."""
+
+    def __init__(self, url: str, protocol: str = "grpc", shm: bool = False, name: str | None = None,
+                 **client_options: Any) -> None:
+        super().__init__(PIPELINE, name)
+        from leukograph.client.triton_client import TritonPipelineClient
+
+        self._timings: dict[str, float] = {}
+        self.client = TritonPipelineClient(url, protocol, shm=shm, max_in_flight=1, timing_hook=self._record,
+                                           **client_options)
+
+    def _record(self, timings: dict[str, float]) -> None:
+        self._timings = timings
+
+    def infer_impl(self, feed: Tensors) -> Tensors:
+        probs, labels = self.client.infer(feed[FRAME.name], feed[BOXES.name])
+        return {PROBS.name: probs, LABELS.name: labels}
+
+    def stage_timings(self) -> dict[str, float]:
+        return dict(self._timings) or super().stage_timings()
+
+    def close(self) -> None:
+        self.client.close()
+
