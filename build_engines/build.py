@@ -33,9 +33,10 @@ from pathlib import Path
 from leukograph.build_engines import verify
 from leukograph.build_engines.onnx_ops import check_trt_compat, tensorrt_table_version
 from leukograph.build_engines.profiles import Profiles, add_profile_arguments, profiles_from_args
+from leukograph.build_engines.runner import TensorRtUnavailable
 from leukograph.client.contract import MODEL_FILES, STAGES, StageSpec, stage_path
 from leukograph.client.errors import UserError
-from leukograph.client.paths import MODEL_REPOSITORY, REPO_ROOT
+from leukograph.project.paths import MODEL_REPOSITORY, REPO_ROOT
 
 MIN_TENSORRT_MAJOR = 10
 PLAN_FILE, REPORT_FILE, REJECTED_SUFFIX = MODEL_FILES["tensorrt"], "build_report.json", ".failed-verification"
@@ -46,17 +47,18 @@ VERIFY_EXIT_CODE = 3
 
 # ---- environment ----------------------------------------------------------------------------------------------
 def import_tensorrt():
-    """The tensorrt module (>= 10), or UserError with one line naming what is missing."""
+    """The tensorrt module (>= 10), or TensorRtUnavailable with one line naming what is missing."""
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or OSError when libnvinfer / libnvonnxparser.so is missing
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise UserError(f"TensorRT Python package not importable: {detail}; run inside NVIDIA's Triton container "
-                        f"(nvcr.io/nvidia/tritonserver:<ver>-py3) or JetPack, where TensorRT "
-                        f">= {MIN_TENSORRT_MAJOR} ships") from None
+        raise TensorRtUnavailable(f"TensorRT Python package not importable: {detail}; run inside NVIDIA's Triton "
+                                  f"container (nvcr.io/nvidia/tritonserver:<ver>-py3) or JetPack, where TensorRT "
+                                  f">= {MIN_TENSORRT_MAJOR} ships") from None
     major = int(str(trt.__version__).split(".")[0])
     if major < MIN_TENSORRT_MAJOR:
-        raise UserError(f"TensorRT {trt.__version__} found; this builder needs TensorRT >= {MIN_TENSORRT_MAJOR}")
+        raise TensorRtUnavailable(f"TensorRT {trt.__version__} found; this builder needs TensorRT >= "
+                                  f"{MIN_TENSORRT_MAJOR}")
     return trt
 
 

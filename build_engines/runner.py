@@ -14,22 +14,28 @@ from pathlib import Path
 
 import numpy as np
 
+from leukograph.client.errors import UserError
+
 
 class EngineRunnerError(RuntimeError):
     pass
 
 
+class TensorRtUnavailable(UserError, EngineRunnerError):
+    """TensorRT, pycuda or a CUDA GPU is missing here: the one error for that condition (the message names which)."""
+
+
 def import_runtime():
-    """(tensorrt, pycuda.driver) or EngineRunnerError naming exactly what is missing."""
+    """(tensorrt, pycuda.driver) or TensorRtUnavailable naming exactly what is missing."""
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or OSError when libnvinfer / libnvonnxparser is missing
-        raise EngineRunnerError(f"tensorrt Python package not importable ({exc})") from None
+        raise TensorRtUnavailable(f"tensorrt Python package not importable ({exc})") from None
     try:
         import pycuda.autoinit  # noqa: F401  (creates the CUDA context on device 0)
         import pycuda.driver as cuda
     except Exception as exc:
-        raise EngineRunnerError(f"pycuda not importable or no CUDA GPU ({exc})") from None
+        raise TensorRtUnavailable(f"pycuda not importable or no CUDA GPU ({exc})") from None
     return trt, cuda
 
 

@@ -18,8 +18,13 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def greedy_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """Pairs (row, col) matched greedily by decreasing IoU >= threshold, each row and column at most once."""
+def greedy_pairs(iou: np.ndarray, threshold: float, scores: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Pairs (row, col) with IoU >= threshold, each row and column at most once, matched greedily.
+
+    Without `scores`: by decreasing IoU (the tracker). With `scores` (one per row, e.g. detection confidences): rows
+    in decreasing score each take their best still-free column, as Pascal VOC matches detections to ground truth."""
+    if scores is not None:
+        return _pairs_by_score(iou, threshold, scores)
     pairs: list[tuple[int, int]] = []
     used_rows: set[int] = set()
     used_cols: set[int] = set()
@@ -31,4 +36,18 @@ def greedy_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
             pairs.append((row, col))
             used_rows.add(row)
             used_cols.add(col)
+    return pairs
+
+
+def _pairs_by_score(iou: np.ndarray, threshold: float, scores: np.ndarray) -> list[tuple[int, int]]:
+    pairs: list[tuple[int, int]] = []
+    free = np.ones(iou.shape[1], bool)
+    if not free.size:
+        return pairs
+    for row in np.argsort(-np.asarray(scores), kind="stable"):
+        candidates = np.where(free, iou[row], -1.0)
+        col = int(np.argmax(candidates))
+        if candidates[col] >= threshold:
+            free[col] = False
+            pairs.append((int(row), col))
     return pairs

@@ -55,6 +55,7 @@ from leukograph.client.triton_client import (
     DEFAULT_URLS,
     PROTOCOLS,
     InferOutcome,
+    RequestNotSent,
     RequestRejected,
     TritonPipelineClient,
 )
@@ -280,8 +281,7 @@ class StreamSession:
             self.recovery_delay = RECOVERY_BACKOFF_S[0]
             return
         error = outcome.error
-        sent = not str(error).startswith("not sent")
-        if isinstance(error, RequestRejected) and (not sent or self.client.is_ready()):
+        if isinstance(error, RequestNotSent) or (isinstance(error, RequestRejected) and self.client.is_ready()):
             pending.state, pending.error = "failed", str(error)
             log(f"frame {pending.index} ({pending.frame.ref}): request rejected, nothing recorded: {error}")
             return

@@ -36,7 +36,6 @@ DEFAULT_MAX_MISSED = 2  # updates a track may go unmatched and still be continue
 DEFAULT_NEW_FIELD_FRACTION = 0.5
 
 
-iou_matrix = box_iou  # the tracker's name for the shared IoU
 
 
 @dataclass
@@ -67,10 +66,6 @@ class CellTracker:
         self.is_new: list[bool] = []  # per box of the last update: True when it started a track
         self.new_fields = 0  # field changes detected (stage moves)
 
-    def reset(self) -> None:
-        """Forget every live track (e.g. the user says the stage moved). Ids keep increasing."""
-        self.tracks.clear()
-
     def _new_track(self, box: np.ndarray, frame_index: int) -> int:
         track_id = self.next_track_id
         self.next_track_id += 1
@@ -92,7 +87,7 @@ class CellTracker:
         matched_boxes: set[int] = set()
         matched_tracks: set[int] = set()
         if len(box_rows) and track_ids:
-            iou = iou_matrix(boxes[box_rows], np.stack([self.tracks[t].box for t in track_ids]))
+            iou = box_iou(boxes[box_rows], np.stack([self.tracks[t].box for t in track_ids]))
             rows, cols = linear_sum_assignment(1.0 - iou)
             pairs = [(r, c) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= self.iou_threshold]
             possible = min(len(box_rows), len(track_ids))

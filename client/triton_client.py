@@ -13,7 +13,8 @@ Torch-free. Names, dtypes and limits come from `contract`; nothing is restated h
 
 Errors come back classified (`classify_error`):
 * `ServerUnavailable`: the server is down, restarting, or the ensemble is not (yet) loaded: retry later;
-* `RequestRejected`: the server answered that this request is bad (INVALID_ARG / HTTP 400): retrying won't help.
+* `RequestRejected`: the server answered that this request is bad (INVALID_ARGUMENT / HTTP 400): retrying won't help;
+  its subclass `RequestNotSent`: the client refused to send it (it breaks the contract).
 
 Shared memory (`shm=True`, client and server on the same host): each in-flight request gets its own system shm
 slot (FRAME then BOXES at an aligned offset), created and registered lazily, grown when a bigger frame comes, and
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tritonclient.utils import InferenceServerException
 
 from leukograph.client import contract
 from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PIPELINE_NAME, PROBS
@@ -54,7 +56,17 @@ class ServerUnavailable(PipelineError):
 
 
 class RequestRejected(PipelineError):
-    """The server says the request itself is bad: retrying it won't help."""
+    """The request itself is bad (the server said so, or the client refused to send it): retrying it won't help."""
+
+
+class RequestNotSent(RequestRejected):
+    """The client refused the request before sending it: it breaks the contract (`contract.validate_request`)."""
+
+
+# The status a server gives a request it rejects: gRPC INVALID_ARGUMENT, HTTP 400 (tritonclient's `status()`).
+# Everything else (UNAVAILABLE, NOT_FOUND for a model still loading or a shm region a restarted server forgot,
+# deadlines, internal errors) means the same request may succeed later.
+REJECTED_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
 
 
 @dataclass
@@ -72,21 +84,16 @@ class InferOutcome:
 
 
 def classify_error(exc: BaseException) -> PipelineError:
-    """Map a tritonclient / transport exception to ServerUnavailable or RequestRejected."""
+    """Map a tritonclient / transport exception to RequestRejected or ServerUnavailable by its status code."""
     if isinstance(exc, PipelineError):
         return exc
     status = ""
     message = str(exc)
-    if hasattr(exc, "status") and callable(exc.status):
+    if isinstance(exc, InferenceServerException):
         status = str(exc.status() or "")
-    if hasattr(exc, "message") and callable(exc.message):
         message = str(exc.message() or message)
     text = f"{status} {message}".strip().replace("\n", " ")
-    lowered = message.lower()
-    # A restarted server has forgotten shm registrations; a loading one does not know the model yet.
-    transient_words = ("shared memory", "unknown model", "not found", "not ready", "unavailable")
-    rejected = ("INVALID_ARG" in status or status == "400") and not any(w in lowered for w in transient_words)
-    return RequestRejected(text) if rejected else ServerUnavailable(text)
+    return RequestRejected(text) if status in REJECTED_STATUSES else ServerUnavailable(text)
 
 
 class _ShmSlot:
@@ -318,7 +325,7 @@ class TritonPipelineClient:
         """One blocking request: (PROBS [N,C] float32, LABELS [N] int32). Raises PipelineError (classified).
 
         validate: check the request against the contract first (`contract.validate_request`); a bad one raises
-        RequestRejected ("not sent: ...") without reaching the server. validate=False sends it as it is."""
+        RequestNotSent ("not sent: ...") without reaching the server. validate=False sends it as it is."""
         slot = self._take_slot() if self._slots else None
         try:
             try:
@@ -331,7 +338,7 @@ class TritonPipelineClient:
                                             **self._timeout_kwargs())
                 answered = time.perf_counter()
             except contract.ContractError as exc:
-                raise RequestRejected(f"not sent: {exc}") from None
+                raise RequestNotSent(f"not sent: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 raise classify_error(exc) from None
             outputs = self._parse(result, len(boxes))
@@ -379,7 +386,7 @@ class TritonPipelineClient:
             if validate:
                 contract.validate_request(frame, boxes)
         except contract.ContractError as exc:
-            finish(None, RequestRejected(f"not sent: {exc}"))
+            finish(None, RequestNotSent(f"not sent: {exc}"))
             return
         try:
             slot = self._take_slot() if self._slots else None

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from leukograph.client import contract
-from leukograph.client.paths import WEIGHTS_DIR
-from leukograph.client.readme import markers, replace_section
 from leukograph.deploy.bench import constants, engines, frames, report
 from leukograph.deploy.server import TritonServer, free_port
+from leukograph.project.paths import WEIGHTS_DIR
+from leukograph.project.readme import markers, replace_section
 from leukograph.runners import TritonRunner, run_pipeline
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]

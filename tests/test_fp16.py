@@ -14,7 +14,7 @@ import torch
 
 from leukograph.build_engines import fp16, verify
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, STAGES
-from leukograph.client.paths import WEIGHTS_DIR
+from leukograph.project.paths import WEIGHTS_DIR
 from leukograph.runners import OrtRunner, run_pipeline
 
 PARITY_ATOL = 1e-4

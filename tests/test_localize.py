@@ -11,18 +11,18 @@ import cv2
 import numpy as np
 import pytest
 
+from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS
 from leukograph.client.images import read_image
 from leukograph.client.localize import WBC, Cells, localize
-from leukograph.client.localize_eval import (
-    box_iou,
+from leukograph.project.paths import REPO_ROOT
+from leukograph.training.localize_eval import (
     crop_recall,
     evaluate_localizer,
     select_frames,
     wbc_crops,
     wbc_found_rates,
 )
-from leukograph.client.paths import REPO_ROOT
 
 FOUR_CLASS_SAMPLE = 200
 

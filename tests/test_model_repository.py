@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from leukograph.client import contract
-from leukograph.client.paths import MODEL_REPOSITORY
 from leukograph.deploy import model_repository as repo
+from leukograph.project.paths import MODEL_REPOSITORY
 
 try:
     from google.protobuf import text_format

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from leukograph.client.paths import REPO_ROOT
+from leukograph.project.paths import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 

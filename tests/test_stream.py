@@ -23,7 +23,7 @@ from leukograph.client.differential import DEFAULT_THRESHOLD, Differential, labe
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
 from leukograph.client.records import ResultStore
-from leukograph.client.triton_client import RequestRejected, TritonPipelineClient
+from leukograph.client.triton_client import RequestNotSent, RequestRejected, TritonPipelineClient
 from leukograph.deploy.server import TritonServer
 from leukograph.training.datasets import load_bccd, split_frames
 
@@ -270,7 +270,7 @@ def test_pipeline_client_infer_submit_shm_agree(triton_server: TritonServer, png
         np.testing.assert_array_equal(shm.infer(frame, boxes)[0], probs)
         # Rejected before sending, and (validate=False) by the server itself: RequestRejected either way.
         empty = np.zeros((0, 4), np.float32)
-        with pytest.raises(RequestRejected, match="not sent"):
+        with pytest.raises(RequestNotSent, match="not sent"):
             plain.infer(frame, empty)
         with pytest.raises(RequestRejected, match="BOXES is empty"):
             plain.infer(frame, empty, validate=False)

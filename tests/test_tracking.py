@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from leukograph.client.boxes import box_iou
 from leukograph.client.differential import Differential
-from leukograph.client.tracking import CellTracker, iou_matrix
+from leukograph.client.tracking import CellTracker
 from leukograph.training.datasets import held_out_frames, load_bccd
 
 
@@ -21,10 +22,10 @@ def held_out() -> list:
     return [f for f in load_bccd() if f.frame_id in held and len(f.boxes) >= 2]
 
 
-def test_iou_matrix() -> None:
+def test_box_iou() -> None:
     a = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], dtype=float)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], dtype=float)
-    np.testing.assert_allclose(iou_matrix(a, b), [[1, 50 / 150, 0], [1, 50 / 150, 0]])
+    np.testing.assert_allclose(box_iou(a, b), [[1, 50 / 150, 0], [1, 50 / 150, 0]])
 
 
 def test_jitter_keeps_ids_and_only_first_frame_is_new() -> None:

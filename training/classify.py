@@ -20,7 +20,7 @@ from leukograph.client.contract import CELL_GRAPH, CELL_KINDS, CLASSES, CROP_EMB
 from leukograph.client.errors import UserError
 from leukograph.client.images import list_images, read_image
 from leukograph.client.localize import Cells, localize
-from leukograph.client.paths import WEIGHTS_DIR
+from leukograph.project.paths import WEIGHTS_DIR
 from leukograph.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage

@@ -22,14 +22,12 @@ import tempfile
 import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from leukograph.client.contract import CLASSES
 from leukograph.client.errors import UserError
-from leukograph.client.paths import DATA_ENV, data_root
+from leukograph.project.paths import DATA_ENV, data_root
 
 BCCD_SOURCE_URL = "https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/master.zip"
 LABELS_CSV_URL = "https://raw.githubusercontent.com/dhruvp/wbc-classification/master/labels.csv"
@@ -221,11 +219,6 @@ def split_frames(root: Path | None = None, val_fraction: float = 0.15, seed: int
         val.update(members[: max(1, round(len(members) * val_fraction))])
     train = frozenset(frame_class) - val
     return FrameSplit(train=train, val=frozenset(val), held_out=held)
-
-
-def class_counts(labels: list[str | None]) -> dict[str, int]:
-    counts = Counter(label for label in labels if label is not None)
-    return {name: counts.get(name, 0) for name in CLASSES}
 
 
 # ---- download for users without the data ------------------------------------------------------------

@@ -21,7 +21,6 @@ import numpy as np
 
 from leukograph.client.contract import LABELS
 from leukograph.client.errors import UserError
-from leukograph.client.paths import WEIGHTS_DIR
 from leukograph.deploy.bench.analysis import analyse
 from leukograph.deploy.bench.constants import (
     CELL_COUNTS,
@@ -51,6 +50,7 @@ from leukograph.deploy.bench.machine import gpu_status, machine_description, ten
 from leukograph.deploy.bench.profile import start_pyspy, stub_pids, summarize_pyspy
 from leukograph.deploy.bench.repository import prepare_repository
 from leukograph.deploy.bench.statistics import server_version, stats_snapshot
+from leukograph.project.paths import WEIGHTS_DIR
 from leukograph.runners import TOLERANCES, Sample, compare, run_pipeline
 
 

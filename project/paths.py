@@ -1,0 +1,33 @@
+"""Where things live: data root, repository root, committed weights, model repository, cache.
+
+In a source checkout everything is relative to the checkout. In an installed package (a wheel) there is no checkout:
+the weights are the package's own, and the model repository, cache and data default to the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ENV = "LEUKOGRAPH_DATA"
+WEIGHTS_ENV = "LEUKOGRAPH_WEIGHTS"
+CACHE_ENV = "LEUKOGRAPH_CACHE"
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # holds training/, deploy/, ... (checkout or site-packages)
+# A source checkout has its pyproject.toml beside the packages; an installed package works from the current directory.
+REPO_ROOT = PACKAGE_ROOT if (PACKAGE_ROOT / "pyproject.toml").exists() else Path.cwd().resolve()
+
+
+def data_root(cli_value: str | os.PathLike | None = None) -> Path:
+    """`--data-root`, else $LEUKOGRAPH_DATA, else ../shared/datasets beside the repository."""
+    if cli_value:
+        return Path(cli_value).expanduser().resolve()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared" / "datasets").resolve()
+
+
+# Release weights shipped with the package; LEUKOGRAPH_WEIGHTS points elsewhere (e.g. a fresh training run).
+WEIGHTS_DIR = Path(os.environ.get(WEIGHTS_ENV) or PACKAGE_ROOT / "training" / "weights").expanduser().resolve()
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+CACHE_DIR = Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache").expanduser().resolve()
