@@ -1,7 +1,7 @@
-"""Triton python-backend step: runs one stage's model.onnx with ONNX Runtime on CPU.
+"""Triton python-backend step: runs one stage's model.onnx with ONNX Runtime on CPU (`leukograph.runners.OrtRunner`).
 
-`leukograph generate-repo` copies this file to `<stage>/1/model.py` for both stages; the stage comes from the model
-name and `leukograph.client.contract`. Every request is validated against the contract; a bad request gets an error
+`leukograph generate-repo` writes `<stage>/1/model.py`, a shim importing this module, for both stages; the stage comes
+from the model name and `leukograph.client.contract`, which also validates every request: a bad request gets an error
 response with one clear line and the model keeps serving. Nothing raised here may escape `execute`.
 The stub runs the venv's python3, where leukograph (editable), numpy < 2 and onnxruntime are installed.
 """

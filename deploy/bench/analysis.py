@@ -97,15 +97,16 @@ def analyse(result: dict) -> dict:
                 "dominates, so batching saves only the per-call overhead; that bounds the speed-up over the "
                 "seed-style path.")
     profile = result.get("profile") or {}
-    if profile.get("crop_embedder") and "self_pct" in profile["crop_embedder"]:
+    if profile.get(CROP_EMBEDDER.name) and "self_pct" in profile[CROP_EMBEDDER.name]:
         def share(who: str, needle: str) -> float:
             return sum(p for name, p in profile.get(who, {}).get("inclusive_pct", []) if needle in name)
 
         out["notes"].append(
-            f"py-spy ({profile['transport']} x{profile['concurrency']}): the crop_embedder step spends "
-            f"{share('crop_embedder', 'Session.run'):.0f}% of its samples in ONNX Runtime's Session.run, cell_graph "
-            f"{share('cell_graph', 'Session.run'):.0f}% (the rest is the python step: contract validation, tensor "
-            f"wrapping); the client spends {share('client', 'localize ('):.0f}% in the OpenCV localiser.")
+            f"py-spy ({profile['transport']} x{profile['concurrency']}): the {CROP_EMBEDDER.name} step spends "
+            f"{share(CROP_EMBEDDER.name, 'Session.run'):.0f}% of its samples in ONNX Runtime's Session.run, "
+            f"{CELL_GRAPH.name} {share(CELL_GRAPH.name, 'Session.run'):.0f}% (the rest is the python step: contract "
+            f"validation, tensor wrapping); the client spends {share('client', 'localize ('):.0f}% in the OpenCV "
+            "localiser.")
     load = result.get("load_avg_start", [0])[0]
     cores = result["machine"].get("available_cores") or 1
     if load > 0.5 * cores:
