@@ -60,7 +60,7 @@ class EngineExecutionError(EngineRunnerError):
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def import_runtime():
