@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,20 @@ def test_version_gate_refuses_other_majors_with_one_line(version: str, message: 
     with pytest.raises(compat.UnsupportedTensorRT, match=message) as info:
         compat.check_supported(version)
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("version, message", [("11.0.0.4", "supports TensorRT 10.x only"),
+                                              ("8.6.1", "needs TensorRT 10.x")])
+def test_cli_refuses_an_unsupported_tensorrt_in_one_line(tmp_path: Path, version: str, message: str) -> None:
+    """The gate wired into the CLI: a test double of the `tensorrt` package that has only `__version__` (all the
+    gate reads before refusing) comes first on PYTHONPATH."""
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = _cli("--no-verify", env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and f"TensorRT {version} found" in lines[0], done.stderr
 
 
 def test_version_parsing_and_plan_matching() -> None:
