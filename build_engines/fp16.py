@@ -37,6 +37,7 @@ nothing is blocked for want of a kernel.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def coordinate_nodes(model: onnx.ModelProto, coordinate_inputs: tuple[str, ...] 
         learned = node.op_type in LEARNED_OPS and any(name in initializers for name in inputs)
         if learned or any(name in after_learned for name in inputs):
             after_learned.update(node.output)
-        elif node.op_type == "Shape" or any(name in coordinates for name in inputs):
+        elif node.op_type == "Shape":  # integer output: nothing to keep fp32, but what it feeds is a coordinate
+            coordinates.update(node.output)
+        elif any(name in coordinates for name in inputs):
             coordinates.update(node.output)
             blocked.append(node.name)
     consumers: dict[str, list[str]] = {}
@@ -130,8 +133,8 @@ def topological_sort(model: onnx.ModelProto) -> None:
             ordered.append(node)
             available.update(node.output)
     copies = [onnx.NodeProto() for _ in ordered]
-    for copy, node in zip(copies, ordered):
-        copy.CopyFrom(node)
+    for duplicate, node in zip(copies, ordered):
+        duplicate.CopyFrom(node)
     del model.graph.node[:]
     model.graph.node.extend(copies)
 
@@ -142,6 +145,9 @@ def convert_model_to_fp16(model: onnx.ModelProto, op_block_list: list[str] | Non
     coordinate arithmetic stays fp32 unless `keep_coordinates_fp32` is False (the plain converter, for comparison)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    model = copy.deepcopy(model)  # the converter and the naming below change the model they are given
+    for index, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{index}"  # the block list works by node name
     node_block_list = coordinate_nodes(model) if keep_coordinates_fp32 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number ... will be truncated to 1e-07/65504" per constant
