@@ -11,14 +11,15 @@ CUDA comes from pycuda, imported lazily (importing this module needs neither Ten
 * Context. `pycuda.autoinit` makes a context current only on the thread that imports it; a call from any other
   thread (the benchmark's worker threads) then has no current context and its first `memcpy_htod_async` fails
   (pycuda issue #242). The runner instead retains the device's primary context (`Device.retain_primary_context()`,
-  pycuda documentation "Device", new in 2017.1: the context the CUDA runtime API - and so TensorRT - uses) and pushes
+  pycuda documentation, pycuda.driver.Device: the context the CUDA runtime API - and so TensorRT - uses) and pushes
   it around every piece of CUDA work, popping it afterwards (`Context.push()` / static `Context.pop()`), so the
   runner works from whichever thread calls it. One lock serialises calls: an execution context must not be used by
   two threads at once (TensorRT 10 Developer Guide, "Thread Safety").
-* Host memory. `memcpy_htod_async` / `memcpy_dtoh_async` are asynchronous only for page-locked host memory (pycuda
-  documentation, "Memory transfers": the host array "must be page-locked"), so the runner copies through pinned host
-  buffers allocated once with `pagelocked_empty`, sized for the profile's max shapes, as NVIDIA's TensorRT samples do
-  (`samples/python/common_runtime.py`: `HostDeviceMem` allocates its host side with `cudart.cudaMallocHost`).
+* Host memory. `memcpy_htod_async` / `memcpy_dtoh_async` need page-locked host memory to be asynchronous (pycuda
+  documentation, pycuda.driver "Memory transfers", which points to `pagelocked_empty`), so the runner copies through
+  pinned host buffers allocated once with `pagelocked_empty`, sized for the profile's max shapes, as NVIDIA's TensorRT
+  samples do (`samples/python/common_runtime.py`: `HostDeviceMem` allocates its host side with
+  `cudart.cudaMallocHost`).
 
 Not run on a GPU yet: this file follows the documentation named above.
 """
