@@ -2,8 +2,8 @@
 without ever failing the build.
 
 TensorRT 10 Python API reference, `IBuilderConfig`:
-  `create_timing_cache(serialized_timing_cache)` -> ITimingCache ("If an empty cache is provided, a new cache will be
-  created"); `set_timing_cache(cache, ignore_mismatch)` -> bool: the cache carries a header describing the device and
+  `create_timing_cache(serialized_timing_cache)` -> ITimingCache (an empty buffer gives a new, empty cache);
+  `set_timing_cache(cache, ignore_mismatch)` -> bool: the cache carries a header describing the device and
   TensorRT that made it; with `ignore_mismatch=False` a cache from another environment is refused and the call returns
   False; `get_timing_cache()` returns None when no cache is set. `ITimingCache.serialize()` -> IHostMemory.
 And the Developer Guide, "Optimizing Builder Performance" > "Timing Cache": a cache is only valid for the device and
@@ -14,7 +14,7 @@ is checked, and a refused file is replaced by a fresh cache rather than ignored 
 the cache object this code created and attached is serialized (not whatever `get_timing_cache()` returns, which may
 be None), and a failure to save is a note in the build report, never an exception after model.plan exists (`save`).
 
-The builder config is taken through the small `BuilderConfigLike` protocol (the three documented methods above), so
+The builder config is taken through the small `BuilderConfigLike` protocol (the two documented methods it calls), so
 this logic runs here against a test double written from the same documentation (tests/test_build_engines.py).
 """
 
