@@ -25,6 +25,8 @@ def in_corner(sample: Sample, height: int, width: int) -> Sample:
 
 
 def largest_frame_samples(samples: list[Sample], height: int, width: int, count: int) -> list[Sample]:
-    """The first `count` samples that fit, each in the corner of a height x width frame."""
-    fitting = [s for s in samples if s.frame.shape[0] <= height and s.frame.shape[1] <= width]
+    """The first `count` samples smaller than height x width, each in the corner of a height x width frame (none when
+    the frames already have that size: the ordinary check covers them)."""
+    fitting = [s for s in samples if s.frame.shape[0] <= height and s.frame.shape[1] <= width
+               and s.frame.shape[:2] != (height, width)]
     return [in_corner(s, height, width) for s in fitting[:count]]

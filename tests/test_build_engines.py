@@ -528,3 +528,19 @@ def test_cli_check_only_runs_without_tensorrt(exported_repository: Path) -> None
 def test_parser_is_usable_standalone() -> None:
     assert isinstance(build.get_args_parser(add_help=False), argparse.ArgumentParser)
     assert isinstance(plan_check.get_args_parser(add_help=False), argparse.ArgumentParser)
+
+
+def test_largest_frame_samples_keep_cells_and_shift_boxes() -> None:
+    from leukograph.build_engines.frame_samples import largest_frame_samples
+    from leukograph.build_engines.verify import held_out_samples
+
+    samples = held_out_samples("voc")[:2]
+    big = largest_frame_samples(samples, MAX_FRAME_SIDE, MAX_FRAME_SIDE, 8)
+    assert len(big) == 2
+    h, w = samples[0].frame.shape[:2]
+    assert big[0].frame.shape == (MAX_FRAME_SIDE, MAX_FRAME_SIDE, 3) and big[0].frame[:-h].max() == 0
+    np.testing.assert_array_equal(big[0].frame[-h:, -w:], samples[0].frame)
+    np.testing.assert_allclose(big[0].boxes - samples[0].boxes, [[MAX_FRAME_SIDE - w, MAX_FRAME_SIDE - h] * 2]
+                               * len(samples[0].boxes))
+    assert big[0].labels == samples[0].labels
+    assert largest_frame_samples(samples, h, w, 8) == []  # already that size: nothing to add
