@@ -1,9 +1,19 @@
-"""TensorRT optimisation profiles (min/opt/max) for the served stages, from a deployment's camera and cell counts.
+"""TensorRT optimisation profiles (min/opt/max) for the served stages, and the limits a served config advertises.
 
 Pure python: the dynamic dimensions come from `contract.StageSpec.dynamic_axes` ("cells", "height", "width"), so a
-new dynamic input needs no change here. Default deployment: BCCD's camera, 640 wide x 480 high, fixed (min = opt =
-max for the frame), and 1..MAX_CELLS cells per frame optimised for a typical frame of 16 cells (BCCD frames hold a
-median of ~13 boxes).
+new dynamic input needs no change here.
+
+One source for what a deployment accepts: the default profile IS the contract - frames MIN_FRAME_SIDE..MAX_FRAME_SIDE
+on both sides and 1..MAX_CELLS cells, the same limits every generated config.pbtxt advertises (its max_cells /
+min_frame_side / max_frame_side parameters, from the same contract constants). Triton's TensorRT backend refuses, per
+request, any shape outside the engine's optimisation profile, so a profile narrower than the config would make the
+config promise frames the engine refuses. Only opt is deployment-specific by default: BCCD's camera, 640 wide x 480
+high, and 16 cells (BCCD frames hold a median of ~13 boxes); TensorRT tunes kernels for opt and accepts the whole
+range (TensorRT 10 Developer Guide, "Working with Dynamic Shapes" > "Optimization Profiles").
+
+A deployment may narrow the frame range (`--frame-size-range`, e.g. a fixed camera); `Profiles.served_limits()` then
+differs from the contract, the build report records both, and `leukograph build-engines --check-plans` reports the
+disagreement with the config until the config advertises the same limits (`config_disagreements`).
 """
 
 from __future__ import annotations
@@ -15,7 +25,8 @@ from leukograph.client.contract import MAX_CELLS, MAX_FRAME_SIDE, MIN_FRAME_SIDE
 from leukograph.client.errors import UserError
 
 TYPICAL_CELLS = 16
-DEFAULT_FRAME = (480, 640)  # height, width of BCCD's camera frames
+DEFAULT_FRAME = (480, 640)  # height, width of BCCD's camera frames: the default opt shape
+CONFIG_LIMIT_KEYS = ("max_cells", "min_frame_side", "max_frame_side")  # parameters of every generated config.pbtxt
 
 
 @dataclass(frozen=True)
@@ -67,10 +78,38 @@ class Profiles:
             out[tensor.name] = tuple(tuple(getattr(r, which) for r in ranges) for which in ("min", "opt", "max"))
         return out
 
+    def served_limits(self) -> dict[str, int]:
+        """What an engine built with these profiles accepts, per dimension."""
+        return {"min_cells": self.cells.min, "max_cells": self.cells.max, "min_height": self.height.min,
+                "max_height": self.height.max, "min_width": self.width.min, "max_width": self.width.max}
+
+    def config_disagreements(self, config_limits: dict[str, int]) -> list[str]:
+        """Where an engine with these profiles would accept something other than what a config advertises."""
+        return limit_disagreements(self.served_limits(), config_limits)
+
+    @property
+    def covers_contract(self) -> bool:
+        return not self.config_disagreements(contract_limits())
+
     def to_json(self) -> dict:
         return {"cells": asdict(self.cells), "height": asdict(self.height), "width": asdict(self.width),
                 "per_input": {stage.name: {name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
                                            for name, s in self.shapes(stage).items()} for stage in STAGES}}
+
+
+def limit_disagreements(served: dict[str, int], config_limits: dict[str, int]) -> list[str]:
+    """`served` (Profiles.served_limits(), as recorded in a build report) against a config's advertised limits
+    (max_cells, min_frame_side, max_frame_side, as in config.pbtxt; a frame's cells always start at 1)."""
+    advertised = {"min_cells": 1, "max_cells": config_limits.get("max_cells"),
+                  "min_height": config_limits.get("min_frame_side"), "max_height": config_limits.get("max_frame_side"),
+                  "min_width": config_limits.get("min_frame_side"), "max_width": config_limits.get("max_frame_side")}
+    return [f"{key}: engine profile {served.get(key)}, config {value}" for key, value in advertised.items()
+            if served.get(key) != value]
+
+
+def contract_limits() -> dict[str, int]:
+    """The limits every generated config advertises, from the contract."""
+    return dict(zip(CONFIG_LIMIT_KEYS, (MAX_CELLS, MIN_FRAME_SIDE, MAX_FRAME_SIDE)))
 
 
 # ---- parsing of the CLI values -----------------------------------------------------------------------------
@@ -110,30 +149,29 @@ def parse_frame_range(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def make_profiles(cells: str = f"1:{TYPICAL_CELLS}:{MAX_CELLS}", frame_size: str | None = None,
                   frame_size_range: str | None = None) -> Profiles:
-    """Profiles from the CLI strings. The frame is fixed at `frame_size` (default 480x640) unless a range is given;
-    then `frame_size` is the opt shape (default: the default frame clamped into the range)."""
+    """Profiles from the CLI strings. The frame range is the contract's (`full`) unless `frame_size_range` narrows
+    it; `frame_size` is the opt shape (default 480x640, clamped into a narrowed range)."""
     opt = parse_hw(frame_size) if frame_size else DEFAULT_FRAME
-    if frame_size_range is None:
-        height, width = DimRange.fixed(opt[0]), DimRange.fixed(opt[1])
-    else:
-        (min_h, min_w), (max_h, max_w) = parse_frame_range(frame_size_range)
-        if frame_size is None:
-            opt = (min(max(opt[0], min_h), max_h), min(max(opt[1], min_w), max_w))
-        if not (min_h <= opt[0] <= max_h and min_w <= opt[1] <= max_w):
-            raise UserError(f"--frame-size {opt[0]}x{opt[1]} is outside --frame-size-range {frame_size_range}")
-        height, width = DimRange(min_h, opt[0], max_h), DimRange(min_w, opt[1], max_w)
-    return Profiles(cells=parse_cells(cells), height=height, width=width)
+    (min_h, min_w), (max_h, max_w) = parse_frame_range(frame_size_range or "full")
+    if frame_size is None:
+        opt = (min(max(opt[0], min_h), max_h), min(max(opt[1], min_w), max_w))
+    if not (min_h <= opt[0] <= max_h and min_w <= opt[1] <= max_w):
+        raise UserError(f"--frame-size {opt[0]}x{opt[1]} is outside --frame-size-range {frame_size_range}")
+    return Profiles(cells=parse_cells(cells), height=DimRange(min_h, opt[0], max_h),
+                    width=DimRange(min_w, opt[1], max_w))
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimisation profiles")
+    group = parser.add_argument_group("optimisation profiles (default: exactly the contract's limits, which every "
+                                      "config.pbtxt advertises)")
     group.add_argument("--frame-size", default=None, metavar="HxW",
-                       help="camera frame HEIGHTxWIDTH. Default 480x640, BCCD's 640-wide x 480-high camera, and the "
-                            "frame is FIXED (min = opt = max): frames of another size are refused by the engine. "
-                            "With --frame-size-range this is the opt shape.")
+                       help="the camera frame HEIGHTxWIDTH the engine is tuned for (the profile's opt shape; default "
+                            f"480x640, BCCD's camera). Frames {MIN_FRAME_SIDE}..{MAX_FRAME_SIDE} on each side are "
+                            "still accepted")
     group.add_argument("--frame-size-range", default=None, metavar="MIN_HxMIN_W:MAX_HxMAX_W",
-                       help=f"accept a range of frame sizes instead of one fixed size, e.g. 240x320:2160x3840, or "
-                            f"'full' for {MIN_FRAME_SIDE}..{MAX_FRAME_SIDE} (MAX_FRAME_SIDE) on both sides")
+                       help=f"narrow the accepted frames (default 'full': {MIN_FRAME_SIDE}..{MAX_FRAME_SIDE} on both "
+                            "sides), e.g. 480x640:480x640 for one fixed camera; the served config must then advertise "
+                            "the same limits (checked by --check-plans)")
     group.add_argument("--cells", default=f"1:{TYPICAL_CELLS}:{MAX_CELLS}", metavar="MIN:OPT:MAX",
                        help=f"cells per frame (default 1:{TYPICAL_CELLS}:{MAX_CELLS}; max <= MAX_CELLS={MAX_CELLS})")
 

@@ -1,5 +1,8 @@
 """FP16 numerics on CPU (ONNX Runtime), and fp32 parity ONNX Runtime vs PyTorch, on real BCCD held-out frames.
 
+The FP16 graphs are what a strongly typed TensorRT FP16 engine is built from (build_engines/fp16.py), so their
+numerics here are the engine's precision choices. Checked at BCCD's 480x640 and at the largest frame the default
+profile and the configs admit (MAX_FRAME_SIDE on both sides), where fp16 coordinates would be coarsest.
 Boxes: the project's localiser when it imports, else the VOC annotations (see build_engines/verify.py).
 """
 
@@ -13,12 +16,15 @@ import pytest
 import torch
 
 from leukograph.build_engines import fp16, verify
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, STAGES
+from leukograph.build_engines.frame_samples import largest_frame_samples
+from leukograph.build_engines.onnx_ops import check_trt_compat
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, MAX_FRAME_SIDE, STAGES
 from leukograph.project.paths import WEIGHTS_DIR
 from leukograph.runners import OrtRunner, run_pipeline
 
 PARITY_ATOL = 1e-4
 TYPICAL_CELLS = 16
+LARGEST_FRAME_SAMPLES = 8  # held-out frames pasted into the corner of a MAX_FRAME_SIDE x MAX_FRAME_SIDE frame
 
 
 def _weights() -> Path:
@@ -60,6 +66,26 @@ def test_fp16_graphs_keep_fp32_io_and_uint8_frame(fp32_repository: Path, fp16_pa
     assert frame_type == onnx.TensorProto.UINT8
 
 
+def test_fp16_graphs_are_valid_onnx_with_fp32_coordinates(fp16_paths: dict[str, Path]) -> None:
+    """Topologically sorted (onnx.checker, as TensorRT's parser reads nodes in order), GridSample and its sampling
+    grid in fp32, convolutions and matmuls in fp16."""
+    for stage in STAGES:
+        model = onnx.load(str(fp16_paths[stage.name]))
+        onnx.checker.check_model(model)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(
+            inferred.graph.input)}
+        types.update({i.name: i.data_type for i in model.graph.initializer})
+        for node in model.graph.node:
+            if node.op_type == "GridSample":
+                assert [types[name] for name in node.input] == [onnx.TensorProto.FLOAT] * 2, node.name
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                assert types[node.input[1]] == onnx.TensorProto.FLOAT16, node.name
+        assert check_trt_compat(fp16_paths[stage.name]) == [], stage.name  # what TensorRT's parser reads
+    crop = onnx.load(str(fp16_paths[CROP_EMBEDDER.name]))
+    assert any(node.op_type == "GridSample" for node in crop.graph.node)
+
+
 def test_fp16_matches_fp32_on_every_held_out_frame(fp32_repository: Path, fp16_paths: dict[str, Path],
                                                     samples: list[verify.Sample]) -> None:
     reference = verify.ort_pipeline(fp32_repository)
@@ -74,6 +100,33 @@ def test_fp16_matches_fp32_on_every_held_out_frame(fp32_repository: Path, fp16_p
     assert result.class_agreement >= verify.MIN_CLASS_AGREEMENT, result.line()
     assert result.labelled_nodes > 0
     assert result.accuracy_drop <= verify.MAX_ACCURACY_DROP, result.line()
+    assert result.frame_size_mismatches == 0
+
+
+@pytest.fixture(scope="session")
+def plain_fp16_paths(fp32_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The converter alone (coordinates in fp16 too), for comparison."""
+    out = tmp_path_factory.mktemp("fp16_plain")
+    return {s.name: fp16.convert_file(fp32_repository / s.name / "1" / "model.onnx", out,
+                                      keep_coordinates_fp32=False) for s in STAGES}
+
+
+@pytest.mark.slow
+def test_fp16_matches_fp32_at_the_largest_admitted_frame(fp32_repository: Path, fp16_paths: dict[str, Path],
+                                                         plain_fp16_paths: dict[str, Path],
+                                                         samples: list[verify.Sample]) -> None:
+    """Held-out frames pasted into the bottom-right corner of a MAX_FRAME_SIDE x MAX_FRAME_SIDE frame: the cells keep
+    their size while their coordinates reach 4096, where fp16 values are 2 apart."""
+    big = largest_frame_samples(samples, MAX_FRAME_SIDE, MAX_FRAME_SIDE, LARGEST_FRAME_SAMPLES)
+    assert len(big) == LARGEST_FRAME_SAMPLES and big[0].frame.shape == (MAX_FRAME_SIDE, MAX_FRAME_SIDE, 3)
+    reference = verify.ort_pipeline(fp32_repository)
+    result = verify.compare(reference, [OrtRunner(fp16_paths[stage.name], stage)
+                                        for stage in (CROP_EMBEDDER, CELL_GRAPH)], big)
+    plain = verify.compare(reference, [OrtRunner(plain_fp16_paths[stage.name], stage)
+                                       for stage in (CROP_EMBEDDER, CELL_GRAPH)], big)
+    print(f"\nat {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}, FP16 (coordinates fp32) vs fp32: {result.line()}")
+    print(f"at {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}, FP16 converter alone vs fp32: {plain.line()}")
+    assert result.failures() == [], result.line()
     assert result.frame_size_mismatches == 0
 
 
