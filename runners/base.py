@@ -12,13 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from leukograph.client.contract import BOXES, FRAME, StageSpec
-from leukograph.client.errors import UserError
 
 Tensors = dict[str, np.ndarray]
-
-
-class TensorRtUnavailable(UserError):
-    """TensorRT (or the CUDA runtime it needs) cannot be used on this machine; the message names what is missing."""
 
 
 class BaseRunner:
