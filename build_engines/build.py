@@ -59,7 +59,7 @@ from leukograph.build_engines.profiles import Profiles, add_profile_arguments, c
 from leukograph.build_engines.runner import REPORT_FILE, TensorRtUnavailable
 from leukograph.client.contract import MODEL_FILES, STAGES, StageSpec, stage_path
 from leukograph.client.errors import UserError
-from leukograph.project.paths import MODEL_REPOSITORY, REPO_ROOT
+from leukograph.deploy.paths import MODEL_REPOSITORY, REPO_ROOT
 
 PLAN_FILE, REJECTED_SUFFIX = MODEL_FILES["tensorrt"], ".failed-verification"
 PRECISIONS = ("fp16", "fp32", "tf32", "int8-qdq")
@@ -290,7 +290,7 @@ def verify_engines(repository: Path, built: dict[str, Path], profiles: Profiles,
     """Engines vs ONNX Runtime fp32 on every held-out frame, and on some of them in the corner of the largest frame
     the profile admits; stages not built this run use their existing plan if one exists, else ORT (so a single stage
     can be verified alone)."""
-    from leukograph.runners import TrtRunner
+    from leukograph.deploy.runners import TrtRunner
 
     reference = verify.ort_pipeline(repository)
     candidate = []

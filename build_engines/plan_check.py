@@ -22,7 +22,7 @@ from leukograph.build_engines.profiles import CONFIG_LIMIT_KEYS, limit_disagreem
 from leukograph.build_engines.runner import REPORT_FILE, read_build_report
 from leukograph.client.contract import STAGES, StageSpec
 from leukograph.client.errors import UserError
-from leukograph.project.paths import MODEL_REPOSITORY
+from leukograph.deploy.paths import MODEL_REPOSITORY
 
 PLAN_FILE = "model.plan"
 CHECK_EXIT_CODE = 4

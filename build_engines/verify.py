@@ -1,8 +1,8 @@
 """Compare two implementations of the served pipeline on real BCCD held-out frames.
 
-Both sides are runner chains (`leukograph.runners`: `OrtRunner`, `TrtRunner`, ...), compared by the one comparator
-(`leukograph.runners.compare`). The reference pipeline is ONNX Runtime fp32; the candidate is an FP16 ONNX graph in
-ORT (tests) or the built TensorRT engines (after a build).
+Both sides are runner chains (`leukograph.deploy.runners`: `OrtRunner`, `TrtRunner`, ...), compared by the one
+comparator (`leukograph.deploy.runners.compare`). The reference pipeline is ONNX Runtime fp32; the candidate is an FP16
+ONNX graph in ORT (tests) or the built TensorRT engines (after a build).
 
 Boxes come from the project's localiser (`leukograph.client.localize.localize`) when it imports, else from the VOC
 annotations. A localised box is a *labelled WBC node* when it overlaps (IoU >= 0.5) a VOC WBC box with a subtype.
@@ -19,7 +19,7 @@ import numpy as np
 from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CLASSES, MAX_CELLS, MODEL_FILES, STAGES, stage_path
 from leukograph.client.images import read_image
-from leukograph.runners import TOLERANCES, OrtRunner, Sample, compare  # noqa: F401  (compare: build's API)
+from leukograph.deploy.runners import TOLERANCES, OrtRunner, Sample, compare  # noqa: F401  (compare: build's API)
 
 # FP16 tolerances (TensorRT engine or FP16 ONNX vs ONNX Runtime fp32), over all nodes of all held-out frames.
 MIN_CLASS_AGREEMENT = TOLERANCES["fp16"].min_class_agreement

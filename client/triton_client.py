@@ -1,6 +1,6 @@
 """`TritonPipelineClient`: the client side of the `leukocyte_pipeline` ensemble (gRPC or HTTP, optional system shm).
 
-Used by `leukograph stream`, and by the benchmark through `leukograph.runners.TritonRunner` (its timing hook).
+Used by `leukograph stream`, and by the benchmark through `leukograph.deploy.runners.TritonRunner` (its timing hook).
 Torch-free. Names, dtypes and limits come from `contract`; nothing is restated here.
 
     client = TritonPipelineClient("127.0.0.1:8001")           # protocol="grpc" (default) or "http"

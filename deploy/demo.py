@@ -14,8 +14,8 @@ from pathlib import Path
 
 from leukograph.client import stream
 from leukograph.client.errors import UserError
+from leukograph.deploy.paths import MODEL_REPOSITORY
 from leukograph.deploy.server import TritonServer, ensure_exported, free_port
-from leukograph.project.paths import MODEL_REPOSITORY
 
 
 def sample_frames(folder: Path, data_root: str | None, limit: int | None) -> int:

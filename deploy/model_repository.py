@@ -63,7 +63,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.project.paths import MODEL_REPOSITORY, WEIGHTS_DIR
+from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
 
 BACKENDS = ("onnxruntime", "tensorrt")
 EXTRA_BACKENDS = ("pytorch",)  # python-backend steps in PyTorch (deploy/bench_gpu.sh); not for the committed repo

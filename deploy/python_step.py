@@ -1,4 +1,4 @@
-"""Triton python-backend step: runs one stage's model.onnx with ONNX Runtime on CPU (`leukograph.runners.OrtRunner`).
+"""Triton python-backend step: one stage's model.onnx in ONNX Runtime on CPU (`leukograph.deploy.runners.OrtRunner`).
 
 `leukograph generate-repo` writes `<stage>/1/model.py`, a shim importing this module, for both stages; the stage comes
 from the model name and `leukograph.client.contract`, which also validates every request: a bad request gets an error
@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from leukograph.client import contract
-from leukograph.runners import OrtRunner
+from leukograph.deploy.runners import OrtRunner
 
 
 def _error(message: str, code: str) -> pb_utils.TritonError:

@@ -29,7 +29,7 @@ from types import FrameType
 
 from leukograph.client.contract import MODEL_FILES, STAGES, stage_path
 from leukograph.client.errors import UserError
-from leukograph.project.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
+from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 
 GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
            "after `leukograph generate-repo --backend tensorrt` (README section \"GPU deployment\")."

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 from leukograph.deploy.server import TritonServer, ensure_exported, free_port
-from leukograph.project.paths import MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 
 SERVER_START_TIMEOUT_S = 120.0  # ready in ~3 s here; generous for a loaded 2-core CI machine
 

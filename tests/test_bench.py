@@ -14,10 +14,10 @@ import pytest
 
 from leukograph.client import contract
 from leukograph.deploy.bench import constants, engines, frames, report
+from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.readme import markers, replace_section
+from leukograph.deploy.runners import TritonRunner, run_pipeline
 from leukograph.deploy.server import TritonServer, free_port
-from leukograph.project.paths import WEIGHTS_DIR
-from leukograph.project.readme import markers, replace_section
-from leukograph.runners import TritonRunner, run_pipeline
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
 

@@ -34,7 +34,7 @@ from leukograph.client.contract import (
     STAGES,
 )
 from leukograph.client.errors import UserError
-from leukograph.project.paths import WEIGHTS_DIR
+from leukograph.deploy.paths import WEIGHTS_DIR
 
 
 def _tensorrt_missing() -> str | None:

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from leukograph.deploy.paths import PACKAGE_ROOT
 from leukograph.deploy.server import TritonServer
-from leukograph.project.paths import PACKAGE_ROOT
 
 CLIENT = PACKAGE_ROOT / "client"
 # What a base install must not pull: the extras' heavy pieces.
 EXTRAS_ONLY = {"torch", "torch-geometric", "onnxruntime", "onnx", "nvidia-pytriton", "matplotlib", "scikit-learn",
                "albumentations"}
 # What `pip install <checkout>` needs of the checkout: the build file, the README it names, the packages.
-INSTALL_FILES = ("pyproject.toml", "README.md", "client", "training", "build_engines", "deploy", "runners", "project")
+INSTALL_FILES = ("pyproject.toml", "README.md", "client", "training", "build_engines", "deploy")
 
 
 def leukograph_imports(path: Path) -> list[tuple[int, str]]:

@@ -14,7 +14,7 @@ import yaml
 from leukograph.build_engines.profiles import parse_hw
 from leukograph.client import cli, contract
 from leukograph.deploy import model_repository as repo
-from leukograph.project.paths import REPO_ROOT
+from leukograph.deploy.paths import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S, EDGE = DEPLOY / "k8s", DEPLOY / "edge"

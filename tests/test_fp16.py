@@ -19,8 +19,8 @@ from leukograph.build_engines import fp16, verify
 from leukograph.build_engines.frame_samples import largest_frame_samples
 from leukograph.build_engines.onnx_ops import check_trt_compat
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MAX_CELLS, MAX_FRAME_SIDE, STAGES
-from leukograph.project.paths import WEIGHTS_DIR
-from leukograph.runners import OrtRunner, run_pipeline
+from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.runners import OrtRunner, run_pipeline
 
 PARITY_ATOL = 1e-4
 TYPICAL_CELLS = 16

@@ -15,7 +15,7 @@ from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS
 from leukograph.client.images import read_image
 from leukograph.client.localize import WBC, Cells, localize
-from leukograph.project.paths import REPO_ROOT
+from leukograph.deploy.paths import REPO_ROOT
 from leukograph.training.localize_eval import (
     crop_recall,
     evaluate_localizer,

@@ -11,7 +11,7 @@ import pytest
 
 from leukograph.client import contract
 from leukograph.deploy import model_repository as repo
-from leukograph.project.paths import MODEL_REPOSITORY
+from leukograph.deploy.paths import MODEL_REPOSITORY
 
 try:
     from google.protobuf import text_format

@@ -9,7 +9,7 @@ import torch
 from leukograph.client.contract import CROP_SIZE, KNN_K, MAX_CELLS
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
-from leukograph.project.paths import WEIGHTS_DIR
+from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.checkpoints import load_models
 from leukograph.training.datasets import load_bccd, split_frames
 from leukograph.training.models import (

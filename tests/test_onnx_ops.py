@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from leukograph.build_engines.onnx_ops import TOPK_MAX_K, check_trt_compat, supported_ops
 from leukograph.client.contract import STAGES
-from leukograph.project.paths import WEIGHTS_DIR
+from leukograph.deploy.paths import WEIGHTS_DIR
 
 
 @pytest.fixture(scope="session")

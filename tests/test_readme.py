@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from leukograph.project.paths import REPO_ROOT
+from leukograph.deploy.paths import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 

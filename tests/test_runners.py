@@ -11,9 +11,9 @@ import pytest
 from leukograph.client import contract
 from leukograph.deploy.bench.engines import ort_runners, torch_runners
 from leukograph.deploy.bench.frames import load_frames, localise_boxes
+from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.runners import TOLERANCES, Sample, TritonRunner, compare, run_pipeline
 from leukograph.deploy.server import TritonServer
-from leukograph.project.paths import WEIGHTS_DIR
-from leukograph.runners import TOLERANCES, Sample, TritonRunner, compare, run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from leukograph.client.boxes import box_iou, greedy_pairs
 from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
-from leukograph.project.paths import CACHE_DIR
+from leukograph.deploy.paths import CACHE_DIR
 from leukograph.training.datasets import BccdFrame, FourClassImage
 from leukograph.training.models import crop_cells
 

@@ -1,7 +1,7 @@
 """`leukograph classify PATH... [--json]`: localise and classify every cell in image files, in-process (PyTorch).
 
 The same localiser and the same two stages (in-graph crop + CNN, dense GNN) that Triton serves, chained by
-`leukograph.runners.run_pipeline` over two `TorchRunner`s.
+`leukograph.deploy.runners.run_pipeline` over two `TorchRunner`s.
 Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(path)` return the JSON objects.
 """
 
@@ -20,8 +20,8 @@ from leukograph.client.contract import CELL_GRAPH, CELL_KINDS, CLASSES, CROP_EMB
 from leukograph.client.errors import UserError
 from leukograph.client.images import list_images, read_image
 from leukograph.client.localize import Cells, localize
-from leukograph.project.paths import WEIGHTS_DIR
-from leukograph.runners import TorchRunner, run_pipeline
+from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 

@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 
 from leukograph.client.errors import UserError
-from leukograph.project.paths import DATA_ENV, data_root
+from leukograph.deploy.paths import DATA_ENV, data_root
 
 BCCD_SOURCE_URL = "https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/master.zip"
 LABELS_CSV_URL = "https://raw.githubusercontent.com/dhruvp/wbc-classification/master/labels.csv"

@@ -34,8 +34,8 @@ from sklearn.metrics import (  # noqa: E402
 
 from leukograph.client.boxes import box_iou, greedy_pairs  # noqa: E402
 from leukograph.client.contract import CLASSES, WBC_CLASSES  # noqa: E402
-from leukograph.project.paths import REPO_ROOT, WEIGHTS_DIR  # noqa: E402
-from leukograph.project.readme import replace_section  # noqa: E402
+from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR  # noqa: E402
+from leukograph.deploy.readme import replace_section  # noqa: E402
 from leukograph.training.cells import FrameCells, build_cells  # noqa: E402
 from leukograph.training.checkpoints import load_baseline, load_models  # noqa: E402
 from leukograph.training.datasets import load_bccd, load_four_class, split_frames  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, MODEL_FILES, StageSpec, stage_path
 from leukograph.client.errors import UserError
-from leukograph.project.paths import MODEL_REPOSITORY, WEIGHTS_DIR
+from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 

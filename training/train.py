@@ -32,7 +32,7 @@ from tqdm import tqdm
 from leukograph.client.contract import CLASSES, WBC_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
-from leukograph.project.paths import WEIGHTS_DIR
+from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.cells import IGNORE, FrameCells, build_cells
 from leukograph.training.checkpoints import (
     BASELINE_FILE,

@@ -11,8 +11,8 @@ from leukograph.client.errors import UserError
 from leukograph.deploy.bench.constants import DEFAULT_OUT, QUICK_OUT, README, README_SECTION, SCHEMA, TRANSPORTS
 from leukograph.deploy.bench.report import markdown, readme_table, write_outputs
 from leukograph.deploy.bench.run import run_benchmark
-from leukograph.project.paths import REPO_ROOT
-from leukograph.project.readme import replace_section
+from leukograph.deploy.paths import REPO_ROOT
+from leukograph.deploy.readme import replace_section
 
 
 def _csv_ints(value: str) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, PIPELINE_NAME
-from leukograph.project.paths import CACHE_DIR, REPO_ROOT
+from leukograph.deploy.paths import CACHE_DIR, REPO_ROOT
 
 SCHEMA = "leukograph-bench/1"
 DEFAULT_OUT = REPO_ROOT / "docs" / "bench"

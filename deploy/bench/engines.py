@@ -1,4 +1,4 @@
-"""What each row runs for one frame: a list of runners (`leukograph.runners`), chained by `run_pipeline`.
+"""What each row runs for one frame: a list of runners (`leukograph.deploy.runners`), chained by `run_pipeline`.
 
 Every row builds its runners with one of the factories below; the load loop calls `run_pipeline(runners, frame,
 boxes)` and reads each runner's `stage_timings()`. The only runner defined here is the seed-style embedder, a
@@ -23,8 +23,8 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.runners import BaseRunner, OrtRunner, TorchRunner, TritonRunner, TrtRunner
-from leukograph.runners.base import Tensors
+from leukograph.deploy.runners import BaseRunner, OrtRunner, TorchRunner, TritonRunner, TrtRunner
+from leukograph.deploy.runners.base import Tensors
 
 Runners = list[BaseRunner]
 

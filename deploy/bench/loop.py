@@ -18,7 +18,7 @@ from leukograph.client.errors import UserError
 from leukograph.client.latency import percentiles
 from leukograph.deploy.bench.engines import Runners, postprocess
 from leukograph.deploy.bench.statistics import stats_delta, triton_breakdown
-from leukograph.runners import run_pipeline
+from leukograph.deploy.runners import run_pipeline
 
 
 @dataclass

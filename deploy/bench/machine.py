@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from leukograph.project.paths import REPO_ROOT
+from leukograph.deploy.paths import REPO_ROOT
 
 
 def _version(dist: str) -> str | None:

@@ -50,8 +50,8 @@ from leukograph.deploy.bench.machine import gpu_status, machine_description, ten
 from leukograph.deploy.bench.profile import start_pyspy, stub_pids, summarize_pyspy
 from leukograph.deploy.bench.repository import prepare_repository
 from leukograph.deploy.bench.statistics import server_version, stats_snapshot
-from leukograph.project.paths import WEIGHTS_DIR
-from leukograph.runners import TOLERANCES, Sample, compare, run_pipeline
+from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.runners import TOLERANCES, Sample, compare, run_pipeline
 
 
 @dataclass

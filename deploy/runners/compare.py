@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from leukograph.client.contract import CLASSES, EMBEDDINGS, FRAME_SIZE, LABELS, PROBS
-from leukograph.runners.base import BaseRunner, run_pipeline
+from leukograph.deploy.runners.base import BaseRunner, run_pipeline
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from leukograph.project.paths import REPO_ROOT
+from leukograph.deploy.paths import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 

@@ -5,9 +5,9 @@ client's `TritonPipelineClient`. `run_pipeline(runners, frame, boxes)` chains th
 against another with a `Tolerance` per compute dtype. Used by `classify`, engine verification and the benchmark.
 """
 
-from leukograph.runners.backends import OrtRunner, TorchRunner, TritonRunner, TrtRunner
-from leukograph.runners.base import BaseRunner, Tensors, run_pipeline
-from leukograph.runners.compare import TOLERANCES, Comparison, Sample, Tolerance, compare
+from leukograph.deploy.runners.backends import OrtRunner, TorchRunner, TritonRunner, TrtRunner
+from leukograph.deploy.runners.base import BaseRunner, Tensors, run_pipeline
+from leukograph.deploy.runners.compare import TOLERANCES, Comparison, Sample, Tolerance, compare
 
 __all__ = ["TOLERANCES", "BaseRunner", "Comparison", "OrtRunner", "Sample", "Tensors", "Tolerance", "TorchRunner",
            "TritonRunner", "TrtRunner", "compare", "run_pipeline"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PROBS, StageSpec
 from leukograph.client.errors import UserError
-from leukograph.runners.base import BaseRunner, Tensors
+from leukograph.deploy.runners.base import BaseRunner, Tensors
 
 
 class OrtRunner(BaseRunner):
