@@ -114,8 +114,8 @@ def test_round_robin_spreads_requests_over_both_servers(two_servers: tuple[Trito
         time.sleep(0.1)
 
 
-def test_dns_name_is_resolved_and_re_resolved(two_servers: tuple[TritonServer, TritonServer]) -> None:
-    server = two_servers[0]
+def test_dns_name_is_resolved_and_re_resolved(triton_server: TritonServer) -> None:
+    server = triton_server
     (rgb, boxes), = frames_with_cells(1)
     with EndpointPool(f"dns:///localhost:{server.grpc_port}", resolve_every_s=0.3) as pool:
         assert f"127.0.0.1:{server.grpc_port}" in pool.urls
