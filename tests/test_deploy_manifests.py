@@ -267,6 +267,37 @@ def test_admin_apis_need_the_key_from_a_secret() -> None:
         assert arg.startswith(f"{flag}={RESTRICTED}:{ADMIN_HEADER}=${{{ADMIN_ENV}:?")
 
 
+def test_restricted_api_flags_work_on_a_real_server(served_repository: Path, tmp_path: Path) -> None:
+    """The Deployment's own flags, key substituted as Kubernetes does: inference stays open, the model config needs
+    the key (gRPC: header `triton-grpc-protocol-<key name>`, Triton's prefix; HTTP: `<key name>`)."""
+    import tritonclient.grpc as grpc_client
+    import tritonclient.http as http_client
+    from tritonclient.utils import InferenceServerException
+
+    from leukograph.deploy.server import TritonServer, free_port
+
+    key = "k" * 32
+    args = tuple(a.replace(f"$({ADMIN_ENV})", key) for a in container(pod_spec(), "tritonserver")["args"]
+                 if "restricted" in a)
+    assert len(args) == 2
+    server = TritonServer(served_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_path=tmp_path / "tritonserver.log", extra_args=args)
+    try:
+        server.start(120)
+        grpc = grpc_client.InferenceServerClient(server.grpc_url)
+        http = http_client.InferenceServerClient(server.http_url)
+        assert grpc.is_model_ready(contract.PIPELINE.name) and http.is_server_ready()
+        for call in (lambda: grpc.get_model_config(contract.PIPELINE.name),
+                     lambda: http.get_model_config(contract.PIPELINE.name),
+                     lambda: grpc.get_model_repository_index()):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                call()
+        grpc.get_model_config(contract.PIPELINE.name, headers={f"triton-grpc-protocol-{ADMIN_HEADER}": key})
+        http.get_model_config(contract.PIPELINE.name, headers={ADMIN_HEADER: key})
+    finally:
+        server.stop()
+
+
 def test_network_policy_admits_grpc_from_clients_and_metrics_from_monitoring() -> None:
     objects = k8s_objects()
     policy, deployment = objects["NetworkPolicy"], objects["Deployment"]
