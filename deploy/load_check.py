@@ -14,7 +14,9 @@ and the log's tail on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -39,11 +41,32 @@ class ImageTritonServer(TritonServer):
                 f"--metrics-port={self.metrics_port}", "--exit-timeout-secs=10"], dict(os.environ)
 
 
+FAILED_LOAD = re.compile(r"failed to load '([^']+)' version \d+: (.*)")
+
+
+def load_failures(log_path: Path) -> dict[str, str]:
+    """model -> the first line of why it failed to load, from a tritonserver log."""
+    failures: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            match = FAILED_LOAD.search(line)
+            if match and match.group(1) not in failures:
+                failures[match.group(1)] = match.group(2).split("\\n")[0].strip().rstrip('"')[:300]
+    return failures
+
+
 def check(server: TritonServer, timeout: float) -> float:
-    """Start `server`, wait for readiness (every model loaded), stop it; seconds to ready. UserError otherwise."""
+    """Start `server`, wait for readiness (every model loaded), stop it; seconds to ready. UserError (one line naming
+    the models that failed and why) otherwise."""
     try:
         server.start(timeout)
         return float(server.startup_s or 0.0)
+    except UserError as exc:
+        failures = load_failures(server.log_path)
+        if not failures:
+            raise UserError(f"{str(exc).splitlines()[0]}") from None
+        why = "; ".join(f"{model}: {reason}" for model, reason in failures.items())
+        raise UserError(f"{len(failures)} model(s) failed to load (log {server.log_path}): {why}") from None
     finally:
         server.stop()
 

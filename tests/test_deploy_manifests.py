@@ -456,16 +456,31 @@ def test_builder_context_holds_the_wheel_onnx_and_what_verification_reads(served
 
 
 def test_load_check_loads_a_repository_in_a_real_server(served_repository: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "leukograph.deploy.load_check", "--bundled", "--timeout", "120"]
-    ok = subprocess.run([*cmd, "--model-repository", str(served_repository)], capture_output=True, text=True,
-                        timeout=180)
+    """As the init container runs it (`--tritonserver`: a binary with its own backends, here the CPU server behind a
+    wrapper that adds the bundled backend folder), then a repository that cannot load."""
+    from leukograph.deploy.server import TritonServer
+
+    bundled, env = TritonServer(served_repository).command()
+    wrapper = tmp_path / "tritonserver"
+    wrapper.write_text(f"#!/bin/sh\nexport LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])}\n"
+                       f"export PATH={shlex.quote(env['PATH'])}\n"
+                       f"exec {shlex.quote(bundled[0])} {shlex.quote(bundled[2])} \"$@\"\n")
+    wrapper.chmod(0o755)
+    assert bundled[2].startswith("--backend-directory=")
+    ok = subprocess.run([sys.executable, "-m", "leukograph.deploy.load_check", "--tritonserver", str(wrapper),
+                         "--model-repository", str(served_repository), "--timeout", "120"],
+                        capture_output=True, text=True, timeout=180)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith(f"load check: every model in {served_repository} loaded and ready in ")
+    cmd = [sys.executable, "-m", "leukograph.deploy.load_check", "--bundled", "--timeout", "120"]
     broken = tmp_path / "broken"  # configs without model.onnx: the python steps fail to load
     repo.generate(broken, "onnxruntime")
-    bad = subprocess.run([*cmd, "--model-repository", str(broken)], capture_output=True, text=True, timeout=180)
+    bad = subprocess.run([*cmd, "--model-repository", str(broken)], capture_output=True, text=True, timeout=180,
+                         env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.startswith("load check: error: tritonserver exited with code")
+    [line] = bad.stderr.strip().splitlines()
+    assert line.startswith("load check: error: 2 model(s) failed to load (log "), line
+    assert "crop_embedder: " in line and "cell_graph: " in line and "model.onnx" in line
     missing = subprocess.run([sys.executable, "-m", "leukograph.deploy.load_check", "--model-repository",
                               str(served_repository), "--tritonserver", "no-such-tritonserver"],
                              capture_output=True, text=True, timeout=60)
