@@ -451,6 +451,10 @@ def test_builder_context_holds_the_wheel_onnx_and_what_verification_reads(served
     assert split_frames(subset).held_out == split_frames(data_root()).held_out
     size = sum(p.stat().st_size for p in subset.rglob("*") if p.is_file())
     assert size < 60e6, f"the verification subset is {size / 1e6:.0f} MB"
+    # Every COPY source of the three Dockerfiles is in the context.
+    for dockerfile in sorted(DEPLOY.rglob("*Dockerfile")):
+        for source in re.findall(r"^COPY\s+(\S+)\s", dockerfile.read_text(), re.M):
+            assert (out / source).exists(), f"{dockerfile.name}: COPY {source} is not in the build context"
     with pytest.raises(builder_context.UserError, match="not empty"):
         builder_context.main(args)
 
