@@ -286,27 +286,18 @@ class EndpointPool:
 
     def wait_ready(self, timeout: float = 60.0, should_stop: Callable[[], bool] | None = None,
                    on_wait: Callable[[float, str], None] | None = None) -> bool:
-        """Wait (backoff 0.25 s doubling to 4 s, fresh connections) until at least one server is ready."""
+        """Until at least one server is ready: each server's own wait (backoff, fresh connections) in turn, in
+        slices of at most 2 s, within `timeout`. False on timeout or stop."""
         deadline = time.monotonic() + timeout
-        delay = 0.25
         while True:
             if self._dns is not None and not self._order:
                 self._set_urls(self._resolve_or_keep())
-            if self.is_ready():
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0 or (should_stop and should_stop()):
-                return False
-            if on_wait:
-                on_wait(min(delay, left), f"{self.protocol}://{self.url}: no server ready")
-            end = time.monotonic() + min(delay, left)
-            while time.monotonic() < end:
-                if should_stop and should_stop():
-                    return False
-                time.sleep(0.05)
-            delay = min(delay * 2, 4.0)
             for endpoint in self._snapshot():
-                endpoint.client.reconnect(timeout=0.0)
+                left = max(deadline - time.monotonic(), 0.0)
+                if endpoint.client.wait_ready(min(left, 2.0), should_stop, on_wait):
+                    return self.is_ready()  # the others that are not ready leave the rotation
+            if time.monotonic() >= deadline or (should_stop and should_stop()):
+                return False
 
     def reconnect(self, timeout: float = 60.0, should_stop: Callable[[], bool] | None = None) -> bool:
         """Re-resolve (dns:///), reconnect to every server, True when at least one is ready within `timeout`."""
