@@ -24,6 +24,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -267,13 +268,16 @@ def test_admin_apis_need_the_key_from_a_secret() -> None:
         assert arg.startswith(f"{flag}={RESTRICTED}:{ADMIN_HEADER}=${{{ADMIN_ENV}:?")
 
 
-def test_restricted_api_flags_work_on_a_real_server(served_repository: Path, tmp_path: Path) -> None:
+def test_restricted_api_flags_work_on_a_real_server(served_repository: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The Deployment's own flags, key substituted as Kubernetes does: inference stays open, the model config needs
-    the key (gRPC: header `triton-grpc-protocol-<key name>`, Triton's prefix; HTTP: `<key name>`)."""
+    the key (gRPC: header `triton-grpc-protocol-<key name>`, Triton's prefix; HTTP: `<key name>`); the pipeline
+    client sends it when LEUKOGRAPH_ADMIN_KEY is set, as the edge box's client container has it."""
     import tritonclient.grpc as grpc_client
     import tritonclient.http as http_client
     from tritonclient.utils import InferenceServerException
 
+    from leukograph.client.triton_client import ServerUnavailable, TritonPipelineClient
     from leukograph.deploy.server import TritonServer, free_port
 
     key = "k" * 32
@@ -294,6 +298,17 @@ def test_restricted_api_flags_work_on_a_real_server(served_repository: Path, tmp
                 call()
         grpc.get_model_config(contract.PIPELINE.name, headers={f"triton-grpc-protocol-{ADMIN_HEADER}": key})
         http.get_model_config(contract.PIPELINE.name, headers={ADMIN_HEADER: key})
+        monkeypatch.delenv(ADMIN_ENV, raising=False)
+        with TritonPipelineClient(server.grpc_url) as client, pytest.raises(ServerUnavailable, match="restricted"):
+            client.fetch_model_version()
+        monkeypatch.setenv(ADMIN_ENV, key)
+        frame = np.zeros((64, 64, 3), np.uint8)
+        boxes = np.array([[8, 8, 40, 40]], np.float32)
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            with TritonPipelineClient(url, protocol, shm=True) as client:  # shm registration: restricted too
+                assert client.fetch_model_version().startswith(contract.PIPELINE.name)
+                probs, _ = client.infer(frame, boxes)
+                assert probs.shape == (1, contract.NUM_CLASSES)
     finally:
         server.stop()
 

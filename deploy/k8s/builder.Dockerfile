@@ -41,6 +41,7 @@ RUN mkdir -p /opt/leukograph && python3 -c "import tensorrt; print(tensorrt.__ve
       > /opt/leukograph/tensorrt-version
 
 # pycuda against the image's CUDA version; the compilers and headers are removed again.
+# apt versions are not pinned: the CUDA packages' names carry the image's CUDA version, which the base tag pins.
 # hadolint ignore=DL3008
 RUN cuda_mm="$(echo "${CUDA_VERSION}" | cut -d. -f1,2 | tr . -)"; \
     apt-get update; \
