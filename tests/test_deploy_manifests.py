@@ -181,8 +181,7 @@ def test_dockerfiles_pass_hadolint() -> None:
 @pytest.mark.slow
 def test_checkov_finds_no_failed_check_and_every_skip_has_a_reason(tmp_path: Path) -> None:
     checkov = tool("checkov")
-    env = dict(os.environ, PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-               BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false")
+    env = dict(os.environ, PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))  # kubectl for kustomize
     result = subprocess.run([checkov, "-d", str(DEPLOY), "--skip-download", "--quiet", "--compact", "-o", "json"],
                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     reports = json.loads(result.stdout)
@@ -514,6 +513,7 @@ def test_edge_compose_up_starts_the_server_only() -> None:
         assert "build" in service or TRITON_IMAGE.match(service["image"].split(":-", 1)[-1].rstrip("}")), \
             f"{name}: a build: or a real image"
         if "build" in service:
+            assert service["pull_policy"] == "build", f"{name}: never pulled from a registry by its local name"
             dockerfile = (EDGE / service["build"]["context"] / service["build"]["dockerfile"]).resolve()
             assert dockerfile.is_file() and dockerfile.is_relative_to(DEPLOY), dockerfile
             assert (EDGE / service["build"]["context"]).resolve() == REPO_ROOT / "build" / "builder-context"
