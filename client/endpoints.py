@@ -118,6 +118,7 @@ class EndpointPool:
         self._model_version: str | None = None
         self._closed = threading.Event()
         self._resolved_at = 0.0
+        self.resolutions = 0  # DNS look-ups of a dns:/// name so far
         self._set_urls(self._fixed or self._resolve_or_keep())
         self._maintainer = threading.Thread(target=self._maintain, name="triton-endpoints", daemon=True)
         self._maintainer.start()
@@ -126,6 +127,7 @@ class EndpointPool:
     def _resolve_or_keep(self) -> list[str]:
         assert self._dns is not None
         self._resolved_at = time.monotonic()
+        self.resolutions += 1
         try:
             urls = resolve(*self._dns)
         except OSError as exc:

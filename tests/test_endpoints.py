@@ -120,11 +120,12 @@ def test_dns_name_is_resolved_and_re_resolved(triton_server: TritonServer) -> No
     with EndpointPool(f"dns:///localhost:{server.grpc_port}", resolve_every_s=0.3) as pool:
         assert f"127.0.0.1:{server.grpc_port}" in pool.urls
         assert pool.wait_ready(30)
-        first_resolution = pool._resolved_at
+        resolutions = pool.resolutions
         probs, _ = pool.infer(rgb, boxes)
         assert probs.shape[0] == len(boxes)
         time.sleep(1.0)
-        assert pool._resolved_at > first_resolution, "the name must be re-resolved periodically"
+        assert pool.resolutions >= resolutions + 2, "the name must be re-resolved periodically"
+        assert pool.up_urls() == [f"127.0.0.1:{server.grpc_port}"]
 
 
 def test_stream_goes_on_through_the_other_server_when_one_is_killed(
