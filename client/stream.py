@@ -44,6 +44,7 @@ import numpy as np
 
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS, NUM_CLASSES
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
+from leukograph.client.endpoints import open_client
 from leukograph.client.errors import UserError
 from leukograph.client.latency import percentiles
 from leukograph.client.localize import Cells, localize
@@ -439,7 +440,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "rtsp:// / http:// URL")
     parser.add_argument("--url", default=None,
                         help=f"Triton server (default {DEFAULT_URLS['grpc']} for gRPC, "
-                        f"{DEFAULT_URLS['http']} for HTTP)")
+                        f"{DEFAULT_URLS['http']} for HTTP); several servers: a comma-separated list or "
+                        "dns:///NAME:PORT, one request each in turn")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     parser.add_argument("--shm", action="store_true",
                         help="send FRAME/BOXES through system shared memory (client on the server's host)")
@@ -515,7 +517,10 @@ def main(args: argparse.Namespace) -> int:
         with open_source(args.source, report=log) as source:
             if source.live and args.max_fps is not None:
                 raise UserError("--max-fps is for files; a live source runs at its own rate")
-            client = TritonPipelineClient(args.url, args.protocol, shm=args.shm, max_in_flight=args.max_in_flight)
+            try:  # one URL: one client; a list or dns:///NAME:PORT: round robin over servers (client/endpoints.py)
+                client = open_client(args.url, args.protocol, shm=args.shm, max_in_flight=args.max_in_flight, log=log)
+            except ValueError as exc:
+                raise UserError(f"--url: {exc}") from None
             try:
                 waited = [False]
 

@@ -45,6 +45,8 @@ PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 SHM_ALIGN = 64
+ADMIN_KEY_ENV, ADMIN_KEY_HEADER = "LEUKOGRAPH_ADMIN_KEY", "leukograph-admin-key"  # restricted Triton APIs
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # what Triton expects before a restricted gRPC header's name
 
 
 class PipelineError(Exception):
@@ -269,7 +271,14 @@ class TritonPipelineClient:
         return "-".join(p for p in parts if p)
 
     def _json_kwargs(self) -> dict[str, Any]:
-        return {"as_json": True} if self.protocol == "grpc" else {}
+        return {"as_json": True, **self._admin_kwargs()} if self.protocol == "grpc" else self._admin_kwargs()
+
+    def _admin_kwargs(self) -> dict[str, Any]:
+        """`headers=` with $LEUKOGRAPH_ADMIN_KEY for restricted APIs (model config, shared memory), if set."""
+        key = os.environ.get(ADMIN_KEY_ENV)
+        if not key:
+            return {}
+        return {"headers": {(GRPC_HEADER_PREFIX if self.protocol == "grpc" else "") + ADMIN_KEY_HEADER: key}}
 
     # ---- shared memory -------------------------------------------------------------------------
     def _register_slots(self) -> None:
@@ -280,8 +289,8 @@ class TritonPipelineClient:
     def _register(self, slot: _ShmSlot) -> None:
         try:
             with contextlib.suppress(Exception):  # best effort
-                self._client.unregister_system_shared_memory(slot.name)
-            self._client.register_system_shared_memory(slot.name, slot.key, slot.byte_size)
+                self._client.unregister_system_shared_memory(slot.name, **self._admin_kwargs())
+            self._client.register_system_shared_memory(slot.name, slot.key, slot.byte_size, **self._admin_kwargs())
         except Exception as exc:  # noqa: BLE001
             raise classify_error(exc) from None
         slot.registered = True
@@ -418,7 +427,7 @@ class TritonPipelineClient:
             for slot in self._slots:
                 if slot.registered and self._client is not None:
                     with contextlib.suppress(Exception):  # best effort
-                        self._client.unregister_system_shared_memory(slot.name)
+                        self._client.unregister_system_shared_memory(slot.name, **self._admin_kwargs())
                 slot.destroy()
             self._close_transport()
 
