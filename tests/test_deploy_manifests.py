@@ -573,7 +573,7 @@ def test_readme_commands_match_the_files() -> None:
 def test_gpu_deploy_never_writes_the_committed_repository(tmp_path: Path) -> None:
     script = REPO_ROOT / "build_engines" / "gpu_deploy.sh"
     text = script.read_text()
-    assert '--model-repository "$OUT"' in text and '--model-repository "$REPO"' not in text
+    assert '--model-repository "$TRT_REPOSITORY"' in text and '--model-repository "$REPO"' not in text
     assert "--http-address 127.0.0.1 --grpc-address 127.0.0.1 --metrics-address 127.0.0.1" in text
     assert "import torch" in text and "import tensorrt" in text and "import pycuda.driver" in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -581,7 +581,7 @@ def test_gpu_deploy_never_writes_the_committed_repository(tmp_path: Path) -> Non
     env = dict(os.environ, TRT_REPOSITORY=str(MODEL_REPOSITORY), PATH=os.environ.get("PATH", ""))
     refused = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 1
-    assert refused.stderr.strip() == "gpu_deploy: OUT must not be the committed model_repository/ (it holds the " \
+    assert refused.stderr.strip() == "gpu_deploy: TRT_REPOSITORY must not be the committed model_repository/ (it holds the " \
                                      "CPU configs)"
     env = dict(os.environ, TRT_REPOSITORY=str(tmp_path / "gpu_repo"), LEUKOGRAPH=str(BIN / "leukograph"),
                TRITONSERVER="no-such-tritonserver")
