@@ -9,10 +9,16 @@ Pacing and drops: a live source (camera, URL), or a file with --realtime FPS, is
 slower, the OLDEST waiting frame is dropped (and counted) so the queue stays bounded and results stay fresh. A file
 without --realtime is read at the pace the server allows (no drops); --max-fps caps that pace.
 
-Frame indices: a file's frame index is its position in the source (plus a fixed offset when the sample already has
-frames from other sources), so streaming the same file again into the same sample skips what is recorded and a
-restarted client continues where it stopped; frames are recorded strictly in order. A live source continues after
-the sample's last frame index. On resume the tracker continues the sample's track ids and the last frame's tracks.
+Frame identity: a frame is recorded under its source identity (`Frame.key`: image path + content hash, video
+path + hash + frame number, camera/stream + capture time), never its place in a listing, so streaming the same files
+again into the same sample skips what is recorded (before any request is sent), whatever was added, removed or
+reordered meanwhile, and a restarted client continues where it stopped. `frame_index` is the recording order,
+assigned by the store inside the write transaction; frames are recorded strictly in capture order. One client
+writes a sample at a time (the store's writer lease; a second one is refused with one line). On resume the tracker
+continues the sample's track ids and the last frame's tracks.
+
+Memory: the session keeps the frames in flight, the tracks in view, the running counts and fixed-size latency
+histograms; nothing grows with the number of frames.
 
 Latency (summary): capture -> labels recorded. For a file read at the server's pace (no --realtime / --max-fps) the
 reader only prefetches, so there it starts when the client takes the frame from the queue.
@@ -45,6 +51,7 @@ import numpy as np
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS, NUM_CLASSES
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
+from leukograph.client.images import safe_name
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
 from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
@@ -67,15 +74,6 @@ def log(message: str) -> None:
     print(f"leukograph stream: {message}", file=sys.stderr, flush=True)
 
 
-def _percentiles(values_ms: list[float]) -> dict[str, float | int | None]:
-    if not values_ms:
-        return {"n": 0, "p50": None, "p95": None, "p99": None, "mean": None, "max": None}
-    arr = np.asarray(values_ms, np.float64)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"n": int(arr.size), "p50": round(float(p50), 2), "p95": round(float(p95), 2),
-            "p99": round(float(p99), 2), "mean": round(float(arr.mean()), 2), "max": round(float(arr.max()), 2)}
-
-
 def _warm_up_localizer() -> None:
     """The first localize() call pays ~100+ ms of OpenCV/numpy set-up; pay it before the first frame."""
     import cv2
@@ -87,12 +85,49 @@ def _warm_up_localizer() -> None:
     localize(image)
 
 
+class LatencyHistogram:
+    """Latencies in fixed log-spaced bins (1% wide, 0.01 ms to 1000 s): percentiles within 1% in constant memory."""
+
+    LOW_MS, HIGH_MS, BINS = 0.01, 1e6, 1850
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BINS + 1, np.int64)
+        self.n = 0
+        self.total = 0.0
+        self.max = 0.0
+        self._scale = self.BINS / np.log(self.HIGH_MS / self.LOW_MS)
+
+    def append(self, value_ms: float) -> None:
+        value_ms = float(value_ms)
+        position = np.log(max(value_ms, self.LOW_MS) / self.LOW_MS) * self._scale
+        self.counts[min(int(position), self.BINS)] += 1
+        self.n += 1
+        self.total += value_ms
+        self.max = max(self.max, value_ms)
+
+    def percentile(self, q: float) -> float:
+        """The upper edge of the bin holding the q-th percentile (capped at the largest value seen)."""
+        rank = int(np.ceil(q / 100 * self.n)) or 1
+        index = int(np.searchsorted(np.cumsum(self.counts), rank))
+        return min(float(self.LOW_MS * np.exp((index + 1) / self._scale)), self.max)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _percentiles(hist: LatencyHistogram) -> dict[str, float | int | None]:
+    if not hist.n:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    p50, p95, p99 = (round(hist.percentile(q), 2) for q in (50, 95, 99))
+    return {"n": hist.n, "p50": p50, "p95": p95, "p99": p99, "mean": round(hist.total / hist.n, 2),
+            "max": round(hist.max, 2)}
+
+
 @dataclass
 class Pending:
     """A frame between capture and its record. States: in_flight -> done | retry | failed."""
 
     seq: int
-    index: int  # frame index in the sample
     frame: Frame
     cells: Cells
     state: str = "in_flight"
@@ -114,8 +149,8 @@ class Counters:
     failed: int = 0  # frames with no record: the server rejected the request, or it broke the contract
     discarded: int = 0  # captured but not processed because the stream was stopping
     unrecorded: int = 0  # requests still unanswered when the client gave up on the server
-    latency_ms: list[float] = field(default_factory=list)  # capture -> labels, per recorded frame
-    infer_ms: list[float] = field(default_factory=list)  # request round trip, per answered request
+    latency_ms: LatencyHistogram = field(default_factory=LatencyHistogram)  # capture -> labels, recorded frames
+    infer_ms: LatencyHistogram = field(default_factory=LatencyHistogram)  # request round trip, answered requests
 
 
 class StreamSession:
@@ -142,14 +177,15 @@ class StreamSession:
         self.gave_up: str | None = None
         self.recovery_delay = RECOVERY_BACKOFF_S[0]
         self.tracker = CellTracker(first_track_id=state.next_track_id)
-        self.base_index, skip_through = self._indexing()
+        self.next_index = 0 if state.last_frame_index is None else state.last_frame_index + 1  # tracker's clock
         self._seed_tracker()
         live_pacing = source.live or args.realtime is not None
         # Files read at the server's pace are prefetched: their latency starts when the client takes the frame.
         self.latency_from_take = not live_pacing and args.max_fps is None
         self.buffer = FrameBuffer(max(1, args.max_in_flight), drop_oldest=live_pacing)
         fps = args.realtime if args.realtime is not None else args.max_fps
-        self.capture = CaptureThread(source, self.buffer, fps, self.stop_event, skip_through)
+        already = None if source.live else (lambda frame: store.has_frame(self.sample, frame.key))
+        self.capture = CaptureThread(source, self.buffer, fps, self.stop_event, already)
         self.sink: VideoSink | None = None
         if args.save:
             self.sink = VideoSink(args.save, fps or source.fps)
@@ -158,26 +194,12 @@ class StreamSession:
         self.wall_s = 0.0
 
     # ---- indexing and resume -------------------------------------------------------------------
-    def _indexing(self) -> tuple[int, int | None]:
-        """(frame index of source position 0, last position already covered by the sample or None)."""
-        last = self.state.last_frame_index
-        if last is None:
-            return 0, None
-        if not self.source.live:
-            prefix = self.source.uri + "#"
-            for frame in self.store.frames(self.sample):  # this very source recorded before: same numbering
-                ref = frame["source"] or ""
-                if ref.startswith(prefix) and ref[len(prefix):].isdigit():
-                    base = int(frame["frame_index"]) - int(ref[len(prefix):])
-                    return base, last - base
-        return last + 1, None
-
     def _seed_tracker(self) -> None:
         """Continue the tracks of the sample's last recorded frame (a resumed still field keeps its ids)."""
         last = self.state.last_frame_index
         if last is None:
             return
-        rows = [c for c in self.store.cells(self.sample) if c["frame_index"] == last and c["track_id"] is not None]
+        rows = [c for c in self.store.last_frame_cells(self.sample) if c["track_id"] is not None]
         for c in rows:
             box = np.array([c["x1"], c["y1"], c["x2"], c["y2"]], np.float64)
             self.tracker.tracks[int(c["track_id"])] = Track(int(c["track_id"]), box, last, last)
@@ -249,7 +271,7 @@ class StreamSession:
         if len(cells) > MAX_CELLS:  # localize caps already; never send an invalid request
             keep = np.sort(np.argsort(-cells.scores, kind="stable")[:MAX_CELLS])
             cells = Cells(cells.boxes[keep], cells.kinds[keep], cells.scores[keep])
-        pending = Pending(self.seq, self.base_index + frame.position, frame, cells)
+        pending = Pending(self.seq, frame, cells)
         self.pending[self.seq] = pending
         self.seq += 1
         if len(cells) == 0:  # N = 0: an empty result, no request
@@ -291,7 +313,7 @@ class StreamSession:
         sent = not str(error).startswith("not sent")
         if isinstance(error, RequestRejected) and (not sent or self.client.is_ready()):
             pending.state, pending.error = "failed", str(error)
-            log(f"frame {pending.index} ({pending.frame.ref}): request rejected, nothing recorded: {error}")
+            log(f"frame {safe_name(pending.frame.ref)}: request rejected, nothing recorded: {error}")
             return
         pending.state, pending.error = "retry", str(error)
         if self.outage_since is None:
@@ -355,7 +377,8 @@ class StreamSession:
 
     def _record(self, p: Pending) -> None:
         cells = p.cells
-        track_ids = self.tracker.update(cells.boxes, p.index)
+        track_ids = self.tracker.update(cells.boxes, self.next_index)
+        self.next_index += 1
         kinds = [CELL_KINDS[int(k)] for k in cells.kinds]
         labels = label_cells(p.probs, self.args.threshold, kinds) if len(cells) else []
         confidences = p.probs.max(axis=1) if len(cells) else np.zeros(0)
@@ -364,8 +387,9 @@ class StreamSession:
                    for box, kind, label, row, track in zip(cells.boxes, kinds, labels, p.probs, track_ids)]
         latency_ms = 1e3 * (time.perf_counter() - p.frame.captured_mono)
         outcome = self.store.record_frame(
-            self.sample, p.index, records, source=p.frame.ref, captured_at=p.frame.captured_at,
-            received_at=time.time(), latency_ms=round(latency_ms, 3), model_version=self.model_version)
+            self.sample, None, records, source_key=p.frame.key, source=p.frame.ref,
+            captured_at=p.frame.captured_at, received_at=time.time(), latency_ms=round(latency_ms, 3),
+            model_version=self.model_version)
         if not outcome.new:
             self.counters.already_recorded += 1
             return
@@ -375,10 +399,12 @@ class StreamSession:
         self.counters.latency_ms.append(latency_ms)
         if self.args.verbose:
             wbc = [f"{lab}" for lab, kind in zip(labels, kinds) if kind == "wbc"]
-            log(f"frame {p.index}: {len(records)} cells, WBC {wbc or '-'}, {latency_ms:.0f} ms")
+            log(f"frame {outcome.frame_index} ({safe_name(p.frame.ref)}): {len(records)} cells, WBC {wbc or '-'}, "
+                f"{latency_ms:.0f} ms")
         if self.sink or self.display.enabled:
             diff = self.state.differential
-            caption = f"{self.sample}  frame {p.index}  WBC {diff.n_wbc}/{diff.target}  review {diff.n_unidentified}"
+            caption = (f"{self.sample}  frame {outcome.frame_index}  WBC {diff.n_wbc}/{diff.target}  "
+                       f"review {diff.n_unidentified}")
             annotated = draw_cells(p.frame.rgb, cells.boxes, labels, confidences, track_ids, caption)
             if self.sink:
                 self.sink.write(annotated)
@@ -391,7 +417,7 @@ class StreamSession:
     # ---- summary -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         c = self.counters
-        diff = self.store.differential(self.sample)
+        diff = self.state.differential  # live: exactly what a replay of the database gives
         video = None
         if self.sink is not None:
             readable = video_frame_count(self.sink.path) if self.sink.frames else 0
@@ -416,7 +442,9 @@ class StreamSession:
             "frames_per_s": round(c.recorded / self.wall_s, 3) if self.wall_s > 0 else None,
             "differential": diff.summary().to_dict(),
             "differential_markdown": diff.to_markdown(),
-            "review": len(self.store.review(self.sample)),
+            "review": diff.n_unidentified,
+            "skipped_files": [{"path": path, "problem": problem}
+                              for path, problem in getattr(self.source, "skipped", [])],
             "video": video,
         }
 
@@ -434,6 +462,10 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"p99 {lat['p99']:.1f} ms over {lat['n']} frames; {s['frames_per_s']:.2f} frames/s "
                      f"({s['protocol']}{', shm' if s['shm'] else ''}, queue max {s['queue']['max_depth']}"
                      f"/{s['queue']['capacity']}).")
+    if s.get("skipped_files"):
+        names = ", ".join(safe_name(f["path"]) for f in s["skipped_files"][:10])
+        more = len(s["skipped_files"]) - 10
+        lines.append(f"Skipped files: {len(s['skipped_files'])} ({names}{f' and {more} more' if more > 0 else ''}).")
     if s["video"]:
         v = s["video"]
         lines.append(f"Video: {v['path']}: {v['frames_written']} frames written, {v['frames_readable']} readable.")
