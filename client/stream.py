@@ -61,6 +61,7 @@ from leukograph.client.triton_client import (
     DEFAULT_URLS,
     PROTOCOLS,
     InferOutcome,
+    PipelineError,
     RequestRejected,
     TritonPipelineClient,
 )
@@ -569,6 +570,10 @@ def main(args: argparse.Namespace) -> int:
                                     f"{args.retry_timeout:g} s (is `leukograph serve` running?)")
                 if not client.reconnect(timeout=args.retry_timeout):  # registers shm regions
                     raise UserError(f"cannot set up the connection to {client.url}")
+                try:
+                    client.model_version  # noqa: B018 - asked once here, where a refusal is one line
+                except PipelineError as exc:
+                    raise UserError(f"cannot read the model version from {client.url}: {exc}") from None
                 with ResultStore(args.db) as store:
                     settings = {"threshold": args.threshold, "source": source.uri, "protocol": args.protocol}
                     state = store.start_sample(sample, args.target, client.model_version, settings)

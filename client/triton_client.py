@@ -15,6 +15,11 @@ Errors come back classified (`classify_error`):
 * `ServerUnavailable`: the server is down, restarting, or the ensemble is not (yet) loaded: retry later;
 * `RequestRejected`: the server answered that this request is bad (INVALID_ARG / HTTP 400): retrying won't help.
 
+Restricted APIs: a server started by `leukograph serve` restricts shared-memory, model-repository, model-config,
+logging and trace to requests carrying the header `leukograph-admin-key`. The client sends it on the calls it makes
+there (model config, shm register/unregister); the key comes from $LEUKOGRAPH_ADMIN_KEY, else from the key file
+`serve` writes when it generates one (`admin_key()`).
+
 Shared memory (`shm=True`, client and server on the same host): each in-flight request gets its own system shm
 slot (FRAME then BOXES at an aligned offset), created and registered lazily, grown when a bigger frame comes, and
 re-registered after `reconnect()` (a restarted server has forgotten every registration). Outputs stay on the wire
@@ -38,12 +43,28 @@ import numpy as np
 
 from leukograph.client import contract
 from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PIPELINE_NAME, PROBS
+from leukograph.client.paths import CACHE_DIR
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 VERSION_PARAMETER_KEYS = ("model_version", "version")  # ensemble config parameters naming the served models
 SHM_ALIGN = 64
+ADMIN_HEADER = "leukograph-admin-key"  # the header Triton's restricted APIs check (`leukograph serve`)
+ADMIN_KEY_ENV = "LEUKOGRAPH_ADMIN_KEY"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton's gRPC server expects restricted-API headers under it
+ADMIN_KEY_FILE = CACHE_DIR / "admin-key"  # written (0600) by `leukograph serve` when it generated the key
+
+
+def admin_key() -> str | None:
+    """The restricted-API key: $LEUKOGRAPH_ADMIN_KEY, else the key file of a local `leukograph serve`, else None."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key:
+        return key
+    try:
+        return ADMIN_KEY_FILE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class PipelineError(Exception):
@@ -56,6 +77,10 @@ class ServerUnavailable(PipelineError):
 
 class RequestRejected(PipelineError):
     """The server says the request itself is bad: retrying it won't help."""
+
+
+class AccessDenied(RequestRejected):
+    """A restricted API (model config, shared memory) refused the call: the admin key is missing or wrong."""
 
 
 @dataclass
@@ -84,6 +109,8 @@ def classify_error(exc: BaseException) -> PipelineError:
         message = str(exc.message() or message)
     text = f"{status} {message}".strip().replace("\n", " ")
     lowered = message.lower()
+    if "is restricted, expecting header" in lowered:  # Triton's restricted-API refusal (gRPC and HTTP)
+        return AccessDenied(f"{text} (set ${ADMIN_KEY_ENV} to the server's admin key)")
     # A restarted server has forgotten shm registrations; a loading one does not know the model yet.
     transient_words = ("shared memory", "unknown model", "not found", "not ready", "unavailable")
     rejected = ("INVALID_ARG" in status or status == "400") and not any(w in lowered for w in transient_words)
@@ -162,6 +189,9 @@ class TritonPipelineClient:
         for slot in self._slots:
             self._free_slots.put(slot.index)
         self._model_version: str | None = None
+        key = admin_key()
+        header = (GRPC_RESTRICTED_PREFIX if protocol == "grpc" else "") + ADMIN_HEADER
+        self._admin_headers = {header: key} if key else None  # restricted APIs (module docstring)
         self._connect()
 
     # ---- connection ----------------------------------------------------------------------------
@@ -247,7 +277,8 @@ class TritonPipelineClient:
         The ensemble config's parameters `model_version` (or `version`) when the repository sets one; otherwise
         `<ensemble>-<backend_variant parameter>-v<highest loaded version>` from the model's version list."""
         try:
-            config = self._client.get_model_config(self.model_name, **self._json_kwargs())
+            config = self._client.get_model_config(self.model_name, headers=self._admin_headers,
+                                                   **self._json_kwargs())
             metadata = self._client.get_model_metadata(self.model_name, **self._json_kwargs())
         except Exception as exc:  # noqa: BLE001
             raise classify_error(exc) from None
@@ -272,8 +303,9 @@ class TritonPipelineClient:
     def _register(self, slot: _ShmSlot) -> None:
         try:
             with contextlib.suppress(Exception):  # best effort
-                self._client.unregister_system_shared_memory(slot.name)
-            self._client.register_system_shared_memory(slot.name, slot.key, slot.byte_size)
+                self._client.unregister_system_shared_memory(slot.name, headers=self._admin_headers)
+            self._client.register_system_shared_memory(slot.name, slot.key, slot.byte_size,
+                                                       headers=self._admin_headers)
         except Exception as exc:  # noqa: BLE001
             raise classify_error(exc) from None
         slot.registered = True
@@ -403,7 +435,7 @@ class TritonPipelineClient:
             for slot in self._slots:
                 if slot.registered and self._client is not None:
                     with contextlib.suppress(Exception):  # best effort
-                        self._client.unregister_system_shared_memory(slot.name)
+                        self._client.unregister_system_shared_memory(slot.name, headers=self._admin_headers)
                 slot.destroy()
             self._close_transport()
 
