@@ -9,6 +9,7 @@ store and start the sample again, in a fresh process: what a restarted client pa
 
 Output (--out folder): soak.json (samples, per-minute latency percentiles, RSS slopes in MB/hour from a least-squares
 line over the samples after the warm-up) and soak.png (RSS over time, latency percentiles per minute).
+`leukograph soak --readme-from soak.json` writes the README's soak figures from such a file (never typed by hand).
 """
 
 from __future__ import annotations
@@ -182,20 +183,64 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def readme_body(result: dict[str, Any], json_path: str) -> str:
+    """The README's soak figures, from a soak.json."""
+    slopes, resume = result["slope_mb_per_hour"], result["resume"]
+    steady = [x for x in result["samples"] if x["t_s"] >= result["warm_up_s"]] or result["samples"]
+    per_minute = result["latency_per_minute"]
+    command = f"leukograph soak --minutes {result['minutes']:g}" + (f" --fps {result['fps']:g}" if result["fps"] != 15
+                                                                     else "") + ("" if result["shm"] else " --no-shm")
+    full = [m for m in per_minute if m["n"] >= 0.5 * 60 * result["fps"]] or per_minute  # whole minutes only
+    p50 = [m["p50_ms"] for m in full]
+    p99 = [m["p99_ms"] for m in full]
+    rows = ["| process | RSS after warm-up -> at the end (MB) | slope after warm-up (MB/hour) |", "|---|---:|---:|"]
+    for role, name in (("server", "tritonserver"), ("stubs", "python-backend stubs (all)"),
+                       ("client", "`leukograph stream` client")):
+        first, last = steady[0][f"{role}_mb"], steady[-1][f"{role}_mb"]
+        rows.append(f"| {name} | {first:.0f} -> {last:.0f} | {slopes[role]:+.2f} |")
+    return "\n".join([
+        f"Measured with `{command}` ({result['minutes']:g} min, a {result['fps']:g} fps loopback camera, "
+        f"{'shared memory' if result['shm'] else 'gRPC'}; {result['frames_recorded']} frames recorded; memory "
+        f"sampled every few seconds, slopes fitted after a {result['warm_up_s']:g} s warm-up; file "
+        f"[{json_path}]({json_path}), plot beside it):",
+        "",
+        *rows,
+        "",
+        f"Capture -> labels latency per minute: p50 {min(p50):.1f}-{max(p50):.1f} ms, p99 {min(p99):.1f}-"
+        f"{max(p99):.1f} ms over {len(full)} whole minutes. Resuming the sample afterwards with nothing new "
+        f"({resume['frames']} frames recorded): {resume['seconds']:.2f} s, peak {resume['peak_rss_mb']:.0f} MB.",
+    ])
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Soak test on loopback: stream a live MJPEG stand-in through a "
                                      "served pipeline, sample memory and latency", add_help=add_help)
-    parser.add_argument("--minutes", type=float, required=True, help=f"how long to stream (at most {MAX_MINUTES})")
+    parser.add_argument("--minutes", type=float, help=f"how long to stream (at most {MAX_MINUTES})")
     parser.add_argument("--fps", type=float, default=15.0, help="camera frame rate (default 15)")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (default 5)")
     parser.add_argument("--no-shm", dest="shm", action="store_false", help="send frames over gRPC, not shm")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--out", type=Path, default=Path("soak"), help="folder for soak.json, soak.png, the db")
+    parser.add_argument("--readme-from", type=Path, default=None, metavar="SOAK_JSON",
+                        help="write the README's soak figures from this soak.json (runs nothing)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    if not 0 < args.minutes <= MAX_MINUTES:
+    if args.readme_from is not None:
+        from leukograph.client.paths import REPO_ROOT
+        from leukograph.client.readme import replace_section
+
+        try:
+            result = json.loads(args.readme_from.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {args.readme_from}: {exc}") from None
+        path = args.readme_from.resolve()
+        shown = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+        changed = replace_section("soak", readme_body(result, shown))
+        print(f"README soak figures {'updated' if changed else 'unchanged'} from {args.readme_from}")
+        return 0
+    if args.minutes is None or not 0 < args.minutes <= MAX_MINUTES:
         raise UserError(f"--minutes must be in (0, {MAX_MINUTES}]")
     if not 0 < args.fps <= 60 or not 0.5 <= args.sample_s <= 600:
         raise UserError("--fps must be in (0, 60] and --sample-s in [0.5, 600]")
