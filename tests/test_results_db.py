@@ -237,3 +237,21 @@ def test_folder_that_changed_after_a_kill(triton_server: TritonServer, tmp_path:
     names = [Path(f["source"]).name for f in frames]
     assert sorted(names) == [f"{i:02d}.jpg" for i in range(21)]  # every image once, the new one too
     assert [f["frame_index"] for f in frames] == list(range(21))
+
+
+@pytest.mark.server
+def test_stream_on_a_damaged_or_emptied_database_is_one_line(triton_server: TritonServer, tmp_path: Path) -> None:
+    """Case 6 for the writer: `stream` refuses a damaged or zero-byte database by name, records nothing."""
+    folder = tmp_path / "frames"
+    _jpeg_folder(folder, ["a.jpg"], [load_bccd()[0].image_path])
+    damaged = build_db(tmp_path / "damaged.sqlite")
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 8192] = b"garbage!" * 1024
+    damaged.write_bytes(bytes(data))
+    emptied = build_db(tmp_path / "emptied.sqlite")
+    emptied.write_bytes(b"")
+    for db in (damaged, emptied):
+        proc = _stream(triton_server, folder, db, "S1")
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        assert_one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), str(db))
+    assert emptied.stat().st_size == 0
