@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("leukograph.client.stream", "stream a camera/video/folder through Triton, count cells"),
     "report": ("leukograph.client.report", "export a sample's recorded results as CSV or JSON"),
     "bench": ("leukograph.deploy.bench.cli", "latency benchmark: Triton end to end against alternatives"),
+    "soak": ("leukograph.deploy.soak", "memory and latency over time: stream a loopback camera through a server"),
 }
 
 

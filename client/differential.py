@@ -166,6 +166,12 @@ class Differential:
             return True
         return False
 
+    def forget_tracks(self, track_ids: Iterable[int]) -> None:
+        """Drop the labels of tracks that can never be observed again (ended), keeping the counts: the state stays
+        bounded by the tracks still in view."""
+        for track_id in track_ids:
+            self._track_labels.pop(track_id, None)
+
     def track_label(self, track_id: int) -> str | None:
         """The label a track is counted under, or None if it was never counted."""
         return self._track_labels.get(track_id)

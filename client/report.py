@@ -3,6 +3,10 @@
 CSV: one row per recorded cell (every observation, with `counted` marking those that made the differential),
 per-class probabilities as p_<class> columns. JSON: sample metadata, the differential summary with 95% Wilson
 intervals, the review list (cells counted as unidentified) and the cells. OUT `-` writes to stdout.
+
+Before exporting, every frame's checksum is verified (`ResultStore.verify`): a database changed outside leukograph
+is refused with the frames that fail. CSV text cells that a spreadsheet would run as a formula (starting with
+=, +, -, @, tab or carriage return) are written with a leading apostrophe.
 """
 
 from __future__ import annotations
@@ -17,9 +21,28 @@ from typing import Any
 
 from leukograph.client.contract import CLASSES
 from leukograph.client.errors import UserError
-from leukograph.client.records import CELL_COLUMNS, DEFAULT_DB, ResultStore
+from leukograph.client.records import CELL_COLUMNS, DEFAULT_DB, DatabaseProblem, ResultStore
 
 CSV_COLUMNS: tuple[str, ...] = tuple(c for c in CELL_COLUMNS if c != "probs") + tuple(f"p_{c}" for c in CLASSES)
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+MAX_LISTED_FRAMES = 10
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would evaluate as a formula gets a leading apostrophe; other values unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def verified(store: ResultStore, sample_id: str) -> None:
+    """DatabaseProblem naming the frames whose rows no longer match their checksum."""
+    failing = store.verify(sample_id)
+    if failing:
+        listed = ", ".join(map(str, failing[:MAX_LISTED_FRAMES]))
+        more = f" and {len(failing) - MAX_LISTED_FRAMES} more" if len(failing) > MAX_LISTED_FRAMES else ""
+        raise DatabaseProblem(f"{store.path}: sample {sample_id!r}: frame(s) {listed}{more} do not match their "
+                              "checksum (changed outside leukograph); nothing exported")
 
 
 def build_report(store: ResultStore, sample_id: str) -> dict[str, Any]:
@@ -41,7 +64,7 @@ def csv_text(cells: list[dict[str, Any]]) -> str:
         row["counted"] = int(cell["counted"])
         probs = cell["probs"] or {}
         row.update({f"p_{c}": probs.get(c, "") for c in CLASSES})
-        writer.writerow(row)
+        writer.writerow({k: csv_safe(v) for k, v in row.items()})
     return out.getvalue()
 
 
@@ -71,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
     with ResultStore(args.db, create=False) as store:
         if args.sample not in store.samples():
             raise UserError(f"unknown sample {args.sample!r} in {args.db}")
+        verified(store, args.sample)
         if args.csv is not None:
             _write(csv_text(store.cells(args.sample)), args.csv)
         else:

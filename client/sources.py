@@ -4,9 +4,10 @@ Everything comes out as `Frame` (RGB uint8 [H,W,3]). Camera, video and URL go th
 and URLs with the FFMPEG backend); a folder (or one image file) through `images.read_image`, sorted, with bad files
 reported and skipped.
 
-Frame positions: for files (`Source.live` False) `position` is the frame's place in the source (video frame number,
-index in the sorted image list), the same on every run, so a restarted client can tell which frames it already
-recorded. For live sources it counts the frames captured in this session.
+Frame identity (`Frame.key`, what the result store keys frames by): an image file is its resolved path plus the
+sha256 of its bytes (adding, removing or renaming other files changes nothing); a video file frame is the video's
+path and content hash plus the frame number; a camera or stream frame is the source plus its capture count and
+capture time. `position` is only the place in this run's listing (or the capture count).
 
 `FrameBuffer` is the bounded queue between the capture thread and the client: either blocking (files read at
 the pace the server allows) or drop-oldest (live sources, or files simulating a camera with --realtime), where a
@@ -30,7 +31,7 @@ import cv2
 import numpy as np
 
 from leukograph.client.errors import UserError
-from leukograph.client.images import IMAGE_SUFFIXES, list_images, read_image
+from leukograph.client.images import IMAGE_SUFFIXES, ImageError, content_hash, list_images, read_image, safe_name
 
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 
@@ -41,7 +42,8 @@ class Frame:
     rgb: np.ndarray  # uint8 [H,W,3]
     captured_at: float  # epoch seconds
     captured_mono: float  # time.perf_counter() at capture, for latency
-    ref: str  # "<source uri>#<position>", stored with the frame's record
+    ref: str  # where it came from, for people: the image file, or "<source uri>#<position>"
+    key: str  # the frame's identity in the result store (see module docstring)
 
 
 class Source:
@@ -64,8 +66,12 @@ class Source:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _frame(self, position: int, rgb: np.ndarray) -> Frame:
-        return Frame(position, rgb, time.time(), time.perf_counter(), f"{self.uri}#{position}")
+    def _frame(self, position: int, rgb: np.ndarray, ref: str | None = None, key: str | None = None) -> Frame:
+        captured_at = time.time()
+        ref = ref or f"{self.uri}#{position}"
+        if key is None:
+            key = f"{self.uri}#{position}@{captured_at:.6f}"
+        return Frame(position, rgb, captured_at, time.perf_counter(), ref, key)
 
 
 class CaptureSource(Source):
@@ -89,6 +95,7 @@ class CaptureSource(Source):
         fps = self.capture.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else None
         self._position = 0
+        self._video_id = f"video:{self.uri}:sha256:{content_hash(spec)}" if kind == "video" else None
 
     def read(self) -> Frame | None:
         ok, bgr = self.capture.read()
@@ -98,7 +105,8 @@ class CaptureSource(Source):
             return None
         if bgr.ndim == 2:
             bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
-        frame = self._frame(self._position, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        key = f"{self._video_id}#{self._position}" if self._video_id else None
+        frame = self._frame(self._position, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), key=key)
         self._position += 1
         return frame
 
@@ -107,7 +115,8 @@ class CaptureSource(Source):
 
 
 class FolderSource(Source):
-    """Images of a folder (recursively, sorted) or one image file; unreadable ones are reported and skipped."""
+    """Images of a folder (recursively, sorted) or one image file; unreadable ones are reported (one line each,
+    names printed safely), listed in `skipped`, and the files after them still run."""
 
     live = False
 
@@ -124,7 +133,7 @@ class FolderSource(Source):
 
     def _skip(self, path: Path, problem: str) -> None:
         self.skipped.append((str(path), problem))
-        self.report(f"skipped {path}: {problem}")
+        self.report(f"skipped {safe_name(path)}: {problem}")
 
     def read(self) -> Frame | None:
         while self._next < len(self.images):
@@ -132,10 +141,15 @@ class FolderSource(Source):
             self._next += 1
             try:
                 rgb = read_image(path)
-            except UserError as exc:
-                self._skip(path, str(exc).removeprefix(f"{path}: "))
+                digest = content_hash(path)
+            except ImageError as exc:
+                self._skip(path, exc.problem)
                 continue
-            return self._frame(position, rgb)
+            except OSError as exc:  # removed or made unreadable between decoding and hashing
+                self._skip(path, exc.strerror or str(exc))
+                continue
+            resolved = str(path.resolve())
+            return self._frame(position, rgb, ref=resolved, key=f"file:{resolved}:sha256:{digest}")
         self.end_reason = "end of folder"
         return None
 
@@ -207,7 +221,6 @@ class FrameBuffer:
         self._cond = threading.Condition()
         self._closed = False
         self.dropped = 0
-        self.dropped_positions: list[int] = []
         self.max_depth = 0
 
     def put(self, frame: Frame, should_stop: Callable[[], bool] = lambda: False) -> bool:
@@ -220,9 +233,8 @@ class FrameBuffer:
             if self._closed:
                 return False
             if len(self._frames) >= self.capacity:
-                old = self._frames.popleft()
+                self._frames.popleft()
                 self.dropped += 1
-                self.dropped_positions.append(old.position)
             self._frames.append(frame)
             self.max_depth = max(self.max_depth, len(self._frames))
             self._cond.notify_all()
@@ -266,10 +278,10 @@ class CaptureThread(threading.Thread):
     """Reads a source into a FrameBuffer, optionally paced at `fps` (simulated camera / rate limit)."""
 
     def __init__(self, source: Source, buffer: FrameBuffer, fps: float | None, stop: threading.Event,
-                 skip_through: int | None = None) -> None:
+                 already_recorded: Callable[[Frame], bool] | None = None) -> None:
         super().__init__(name="capture", daemon=True)
         self.source, self.buffer, self.fps, self.stop = source, buffer, fps, stop
-        self.skip_through = skip_through  # positions <= this are read and skipped (already recorded)
+        self.already_recorded = already_recorded  # frames it says yes to are read and skipped
         self.read_count = 0
         self.skipped_recorded = 0
         self.end_reason = ""
@@ -291,7 +303,7 @@ class CaptureThread(threading.Thread):
                     self.end_reason = self.source.end_reason
                     break
                 self.read_count += 1
-                if self.skip_through is not None and frame.position <= self.skip_through:
+                if self.already_recorded is not None and self.already_recorded(frame):
                     self.skipped_recorded += 1
                     continue
                 paced += 1

@@ -9,10 +9,16 @@ Pacing and drops: a live source (camera, URL), or a file with --realtime FPS, is
 slower, the OLDEST waiting frame is dropped (and counted) so the queue stays bounded and results stay fresh. A file
 without --realtime is read at the pace the server allows (no drops); --max-fps caps that pace.
 
-Frame indices: a file's frame index is its position in the source (plus a fixed offset when the sample already has
-frames from other sources), so streaming the same file again into the same sample skips what is recorded and a
-restarted client continues where it stopped; frames are recorded strictly in order. A live source continues after
-the sample's last frame index. On resume the tracker continues the sample's track ids and the last frame's tracks.
+Frame identity: a frame is recorded under its source identity (`Frame.key`: image path + content hash, video
+path + hash + frame number, camera/stream + capture time), never its place in a listing, so streaming the same files
+again into the same sample skips what is recorded (before any request is sent), whatever was added, removed or
+reordered meanwhile, and a restarted client continues where it stopped. `frame_index` is the recording order,
+assigned by the store inside the write transaction; frames are recorded strictly in capture order. One client
+writes a sample at a time (the store's writer lease; a second one is refused with one line). On resume the tracker
+continues the sample's track ids and the last frame's tracks.
+
+Memory: the session keeps the frames in flight, the tracks in view, the running counts and fixed-size latency
+histograms; nothing grows with the number of frames.
 
 Latency (summary): capture -> labels recorded. For a file read at the server's pace (no --realtime / --max-fps) the
 reader only prefetches, so there it starts when the client takes the frame from the queue.
@@ -46,7 +52,8 @@ from leukograph.client.contract import CELL_KINDS, MAX_CELLS, NUM_CLASSES
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.endpoints import open_client
 from leukograph.client.errors import UserError
-from leukograph.client.latency import percentiles
+from leukograph.client.images import safe_name
+from leukograph.client.latency import LatencyHistogram, percentiles
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
 from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
@@ -56,6 +63,7 @@ from leukograph.client.triton_client import (
     DEFAULT_URLS,
     PROTOCOLS,
     InferOutcome,
+    PipelineError,
     RequestNotSent,
     RequestRejected,
     TritonPipelineClient,
@@ -86,7 +94,6 @@ class Pending:
     """A frame between capture and its record. States: in_flight -> done | retry | failed."""
 
     seq: int
-    index: int  # frame index in the sample
     frame: Frame
     cells: Cells
     state: str = "in_flight"
@@ -108,8 +115,8 @@ class Counters:
     failed: int = 0  # frames with no record: the server rejected the request, or it broke the contract
     discarded: int = 0  # captured but not processed because the stream was stopping
     unrecorded: int = 0  # requests still unanswered when the client gave up on the server
-    latency_ms: list[float] = field(default_factory=list)  # capture -> labels, per recorded frame
-    infer_ms: list[float] = field(default_factory=list)  # request round trip, per answered request
+    latency_ms: LatencyHistogram = field(default_factory=LatencyHistogram)  # capture -> labels, recorded frames
+    infer_ms: LatencyHistogram = field(default_factory=LatencyHistogram)  # request round trip, answered requests
 
 
 class StreamSession:
@@ -136,14 +143,15 @@ class StreamSession:
         self.gave_up: str | None = None
         self.recovery_delay = RECOVERY_BACKOFF_S[0]
         self.tracker = CellTracker(first_track_id=state.next_track_id)
-        self.base_index, skip_through = self._indexing()
+        self.next_index = 0 if state.last_frame_index is None else state.last_frame_index + 1  # tracker's clock
         self._seed_tracker()
         live_pacing = source.live or args.realtime is not None
         # Files read at the server's pace are prefetched: their latency starts when the client takes the frame.
         self.latency_from_take = not live_pacing and args.max_fps is None
         self.buffer = FrameBuffer(max(1, args.max_in_flight), drop_oldest=live_pacing)
         fps = args.realtime if args.realtime is not None else args.max_fps
-        self.capture = CaptureThread(source, self.buffer, fps, self.stop_event, skip_through)
+        already = None if source.live else (lambda frame: store.has_frame(self.sample, frame.key))
+        self.capture = CaptureThread(source, self.buffer, fps, self.stop_event, already)
         self.sink: VideoSink | None = None
         if args.save:
             self.sink = VideoSink(args.save, fps or source.fps)
@@ -152,26 +160,12 @@ class StreamSession:
         self.wall_s = 0.0
 
     # ---- indexing and resume -------------------------------------------------------------------
-    def _indexing(self) -> tuple[int, int | None]:
-        """(frame index of source position 0, last position already covered by the sample or None)."""
-        last = self.state.last_frame_index
-        if last is None:
-            return 0, None
-        if not self.source.live:
-            prefix = self.source.uri + "#"
-            for frame in self.store.frames(self.sample):  # this very source recorded before: same numbering
-                ref = frame["source"] or ""
-                if ref.startswith(prefix) and ref[len(prefix):].isdigit():
-                    base = int(frame["frame_index"]) - int(ref[len(prefix):])
-                    return base, last - base
-        return last + 1, None
-
     def _seed_tracker(self) -> None:
         """Continue the tracks of the sample's last recorded frame (a resumed still field keeps its ids)."""
         last = self.state.last_frame_index
         if last is None:
             return
-        rows = [c for c in self.store.cells(self.sample) if c["frame_index"] == last and c["track_id"] is not None]
+        rows = [c for c in self.store.last_frame_cells(self.sample) if c["track_id"] is not None]
         for c in rows:
             box = np.array([c["x1"], c["y1"], c["x2"], c["y2"]], np.float64)
             self.tracker.tracks[int(c["track_id"])] = Track(int(c["track_id"]), box, last, last)
@@ -243,7 +237,7 @@ class StreamSession:
         if len(cells) > MAX_CELLS:  # localize caps already; never send an invalid request
             keep = np.sort(np.argsort(-cells.scores, kind="stable")[:MAX_CELLS])
             cells = Cells(cells.boxes[keep], cells.kinds[keep], cells.scores[keep])
-        pending = Pending(self.seq, self.base_index + frame.position, frame, cells)
+        pending = Pending(self.seq, frame, cells)
         self.pending[self.seq] = pending
         self.seq += 1
         if len(cells) == 0:  # N = 0: an empty result, no request
@@ -284,7 +278,7 @@ class StreamSession:
         error = outcome.error
         if isinstance(error, RequestNotSent) or (isinstance(error, RequestRejected) and self.client.is_ready()):
             pending.state, pending.error = "failed", str(error)
-            log(f"frame {pending.index} ({pending.frame.ref}): request rejected, nothing recorded: {error}")
+            log(f"frame {safe_name(pending.frame.ref)}: request rejected, nothing recorded: {error}")
             return
         pending.state, pending.error = "retry", str(error)
         if self.outage_since is None:
@@ -348,7 +342,8 @@ class StreamSession:
 
     def _record(self, p: Pending) -> None:
         cells = p.cells
-        track_ids = self.tracker.update(cells.boxes, p.index)
+        track_ids = self.tracker.update(cells.boxes, self.next_index)
+        self.next_index += 1
         kinds = [CELL_KINDS[int(k)] for k in cells.kinds]
         labels = label_cells(p.probs, self.args.threshold, kinds) if len(cells) else []
         confidences = p.probs.max(axis=1) if len(cells) else np.zeros(0)
@@ -357,8 +352,9 @@ class StreamSession:
                    for box, kind, label, row, track in zip(cells.boxes, kinds, labels, p.probs, track_ids)]
         latency_ms = 1e3 * (time.perf_counter() - p.frame.captured_mono)
         outcome = self.store.record_frame(
-            self.sample, p.index, records, source=p.frame.ref, captured_at=p.frame.captured_at,
-            received_at=time.time(), latency_ms=round(latency_ms, 3), model_version=self.model_version)
+            self.sample, None, records, source_key=p.frame.key, source=p.frame.ref,
+            captured_at=p.frame.captured_at, received_at=time.time(), latency_ms=round(latency_ms, 3),
+            model_version=self.model_version)
         if not outcome.new:
             self.counters.already_recorded += 1
             return
@@ -368,10 +364,12 @@ class StreamSession:
         self.counters.latency_ms.append(latency_ms)
         if self.args.verbose:
             wbc = [f"{lab}" for lab, kind in zip(labels, kinds) if kind == "wbc"]
-            log(f"frame {p.index}: {len(records)} cells, WBC {wbc or '-'}, {latency_ms:.0f} ms")
+            log(f"frame {outcome.frame_index} ({safe_name(p.frame.ref)}): {len(records)} cells, WBC {wbc or '-'}, "
+                f"{latency_ms:.0f} ms")
         if self.sink or self.display.enabled:
             diff = self.state.differential
-            caption = f"{self.sample}  frame {p.index}  WBC {diff.n_wbc}/{diff.target}  review {diff.n_unidentified}"
+            caption = (f"{self.sample}  frame {outcome.frame_index}  WBC {diff.n_wbc}/{diff.target}  "
+                       f"review {diff.n_unidentified}")
             annotated = draw_cells(p.frame.rgb, cells.boxes, labels, confidences, track_ids, caption)
             if self.sink:
                 self.sink.write(annotated)
@@ -384,7 +382,7 @@ class StreamSession:
     # ---- summary -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         c = self.counters
-        diff = self.store.differential(self.sample)
+        diff = self.state.differential  # live: exactly what a replay of the database gives
         video = None
         if self.sink is not None:
             readable = video_frame_count(self.sink.path) if self.sink.frames else 0
@@ -409,7 +407,9 @@ class StreamSession:
             "frames_per_s": round(c.recorded / self.wall_s, 3) if self.wall_s > 0 else None,
             "differential": diff.summary().to_dict(),
             "differential_markdown": diff.to_markdown(),
-            "review": len(self.store.review(self.sample)),
+            "review": diff.n_unidentified,
+            "skipped_files": [{"path": path, "problem": problem}
+                              for path, problem in getattr(self.source, "skipped", [])],
             "video": video,
         }
 
@@ -427,6 +427,10 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"p99 {lat['p99']:.1f} ms over {lat['n']} frames; {s['frames_per_s']:.2f} frames/s "
                      f"({s['protocol']}{', shm' if s['shm'] else ''}, queue max {s['queue']['max_depth']}"
                      f"/{s['queue']['capacity']}).")
+    if s.get("skipped_files"):
+        names = ", ".join(safe_name(f["path"]) for f in s["skipped_files"][:10])
+        more = len(s["skipped_files"]) - 10
+        lines.append(f"Skipped files: {len(s['skipped_files'])} ({names}{f' and {more} more' if more > 0 else ''}).")
     if s["video"]:
         v = s["video"]
         lines.append(f"Video: {v['path']}: {v['frames_written']} frames written, {v['frames_readable']} readable.")
@@ -534,6 +538,10 @@ def main(args: argparse.Namespace) -> int:
                                     f"{args.retry_timeout:g} s (is `leukograph serve` running?)")
                 if not client.reconnect(timeout=args.retry_timeout):  # registers shm regions
                     raise UserError(f"cannot set up the connection to {client.url}")
+                try:
+                    client.weights_id  # noqa: B018 - asked once here, where a refusal is one line
+                except PipelineError as exc:
+                    raise UserError(f"cannot read the served weights id from {client.url}: {exc}") from None
                 with ResultStore(args.db) as store:
                     settings = {"threshold": args.threshold, "source": source.uri, "protocol": args.protocol}
                     state = store.start_sample(sample, args.target, client.weights_id, settings)

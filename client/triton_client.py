@@ -16,6 +16,11 @@ Errors come back classified (`classify_error`):
 * `RequestRejected`: the server answered that this request is bad (INVALID_ARGUMENT / HTTP 400): retrying won't help;
   its subclass `RequestNotSent`: the client refused to send it (it breaks the contract).
 
+Restricted APIs: a server started by `leukograph serve` restricts shared-memory, model-repository, model-config,
+logging and trace to requests carrying the header `leukograph-admin-key`. The client sends it on the calls it makes
+there (model config, shm register/unregister); the key comes from $LEUKOGRAPH_ADMIN_KEY, else from the key file
+`serve` writes when it generates one (`admin_key()`).
+
 Shared memory (`shm=True`, client and server on the same host): each in-flight request gets its own system shm
 slot (FRAME then BOXES at an aligned offset), created and registered lazily, grown when a bigger frame comes, and
 re-registered after `reconnect()` (a restarted server has forgotten every registration). Outputs stay on the wire
@@ -33,6 +38,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +51,23 @@ PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 SHM_ALIGN = 64
-ADMIN_KEY_ENV, ADMIN_KEY_HEADER = "LEUKOGRAPH_ADMIN_KEY", "leukograph-admin-key"  # restricted Triton APIs
-GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # what Triton expects before a restricted gRPC header's name
+ADMIN_HEADER = "leukograph-admin-key"  # the header Triton's restricted APIs check (`leukograph serve`)
+ADMIN_KEY_ENV = "LEUKOGRAPH_ADMIN_KEY"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton's gRPC server expects restricted-API headers under it
+# Written (0600) by `leukograph serve` when it generated the key; one per user and host, reused by later servers.
+ADMIN_KEY_FILE = Path(os.environ.get("LEUKOGRAPH_ADMIN_KEY_FILE")
+                      or Path.home() / ".config" / "leukograph" / "admin-key")
+
+
+def admin_key() -> str | None:
+    """The restricted-API key: $LEUKOGRAPH_ADMIN_KEY, else the key file of a local `leukograph serve`, else None."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key:
+        return key
+    try:
+        return ADMIN_KEY_FILE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class PipelineError(Exception):
@@ -69,6 +90,10 @@ class RequestNotSent(RequestRejected):
 # Everything else (UNAVAILABLE, NOT_FOUND for a model still loading or a shm region a restarted server forgot,
 # deadlines, internal errors) means the same request may succeed later.
 REJECTED_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
+
+
+class AccessDenied(RequestRejected):
+    """A restricted API (model config, shared memory) refused the call: the admin key is missing or wrong."""
 
 
 @dataclass
@@ -261,7 +286,7 @@ class TritonPipelineClient:
             config = self._client.get_model_config(self.model_name, **self._json_kwargs())
             metadata = self._client.get_model_metadata(self.model_name, **self._json_kwargs())
         except Exception as exc:  # noqa: BLE001
-            raise classify_error(exc) from None
+            raise self._restricted_call_error(exc) from None
         config = config.get("config", config)
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         if params.get(contract.WEIGHTS_ID_KEY):
@@ -273,12 +298,22 @@ class TritonPipelineClient:
     def _json_kwargs(self) -> dict[str, Any]:
         return {"as_json": True, **self._admin_kwargs()} if self.protocol == "grpc" else self._admin_kwargs()
 
+    def _restricted_call_error(self, exc: BaseException) -> PipelineError:
+        """The error of a failed call to a restricted API (model config, shared memory). Triton refuses a call without
+        the admin key with the same gRPC status as a server that is down (UNAVAILABLE), so the two are told apart by
+        state: a refusal while the pipeline answers ready is AccessDenied, not an outage to wait out."""
+        error = classify_error(exc)
+        if isinstance(error, ServerUnavailable) and self.is_ready():
+            return AccessDenied(f"{error} (the server is up but refuses this call: set ${ADMIN_KEY_ENV} to its "
+                                f"admin key)")
+        return error
+
     def _admin_kwargs(self) -> dict[str, Any]:
         """`headers=` with $LEUKOGRAPH_ADMIN_KEY for restricted APIs (model config, shared memory), if set."""
-        key = os.environ.get(ADMIN_KEY_ENV)
+        key = admin_key()
         if not key:
             return {}
-        return {"headers": {(GRPC_HEADER_PREFIX if self.protocol == "grpc" else "") + ADMIN_KEY_HEADER: key}}
+        return {"headers": {(GRPC_RESTRICTED_PREFIX if self.protocol == "grpc" else "") + ADMIN_HEADER: key}}
 
     # ---- shared memory -------------------------------------------------------------------------
     def _register_slots(self) -> None:
@@ -292,7 +327,7 @@ class TritonPipelineClient:
                 self._client.unregister_system_shared_memory(slot.name, **self._admin_kwargs())
             self._client.register_system_shared_memory(slot.name, slot.key, slot.byte_size, **self._admin_kwargs())
         except Exception as exc:  # noqa: BLE001
-            raise classify_error(exc) from None
+            raise self._restricted_call_error(exc) from None
         slot.registered = True
 
     def _inputs(self, frame: np.ndarray, boxes: np.ndarray, slot: _ShmSlot | None) -> list[Any]:

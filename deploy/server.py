@@ -5,6 +5,18 @@ The `tritonserver` binary, its python backend and the python-backend stubs come 
 or $LEUKOGRAPH_CACHE), the stub for the running Python goes to `backends/python/`, and the server runs with
 LD_LIBRARY_PATH=<site-packages>/nvidia_pytriton.libs and this venv's bin first on PATH (the stub runs `python3`).
 
+Protocol surface (`leukograph serve`): gRPC only unless --http; the shared-memory, model-repository, model-config,
+logging and trace APIs are restricted to requests with the header `leukograph-admin-key` (key from
+$LEUKOGRAPH_ADMIN_KEY, else generated and written to the key file local clients read). Triton 2.51 has no limit on
+an HTTP request body (1,000,000 `[` crash it with SIGSEGV): keep HTTP off, or on loopback, where untrusted clients
+can reach the server.
+
+Supervision (`Supervisor`): every --probe-interval seconds a real inference on a tiny frame; when tritonserver has
+exited, or the probe fails --probe-failures times in a row (a wedged python stub answers health checks but not
+inference), the server is stopped (SIGKILL for its process group when it does not stop), the python-backend
+shared-memory regions no live process uses are removed from /dev/shm, and the server is started again on the same
+ports. Clients ride it out as they do any restart (they retry and re-register their shm).
+
 On a GPU machine run NVIDIA's Triton container instead: README section "GPU deployment".
 """
 
@@ -14,6 +26,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,16 +37,23 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from leukograph.client.contract import MODEL_FILES, STAGES, stage_path
+import numpy as np
+
+from leukograph.client.contract import MIN_FRAME_SIDE, MODEL_FILES, STAGES, stage_path
 from leukograph.client.errors import UserError
+from leukograph.client.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
 from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 
 GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
            "after `leukograph generate-repo --backend tensorrt` (README section \"GPU deployment\")."
 STOP_GRACE_S = 15.0
+RESTRICTED_APIS = ("shared-memory", "model-repository", "model-config", "logging", "trace")
+STUB_REGION_GLOB = "triton_python_backend_shm_region_*"
+SHM_DIR = Path("/dev/shm")
 
 
 def _pytriton_paths() -> tuple[Path, Path, str]:
@@ -136,8 +156,13 @@ class TritonServer:
 
     def __init__(self, repository: Path = MODEL_REPOSITORY, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, host: str = "127.0.0.1", log_path: Path | None = None,
-                 model_control_mode: str = "none", extra_args: tuple[str, ...] = ()) -> None:
+                 model_control_mode: str = "none", extra_args: tuple[str, ...] = (), http: bool = True,
+                 admin_key: str | None = None) -> None:
+        """http: also serve HTTP (gRPC always). admin_key: restrict RESTRICTED_APIS to requests whose
+        `leukograph-admin-key` header carries it (None: unrestricted)."""
         self.repository = Path(repository).resolve()
+        self.http = http
+        self.admin_key = admin_key
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
         self.model_control_mode = model_control_mode
@@ -173,14 +198,34 @@ class TritonServer:
                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", f"--model-control-mode={self.model_control_mode}",
-               "--allow-gpu-metrics=false", "--exit-timeout-secs=10", *self.extra_args]
+               "--allow-gpu-metrics=false", "--exit-timeout-secs=10", f"--allow-http={str(self.http).lower()}"]
+        if self.admin_key:
+            restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+            cmd.append(f"--grpc-restricted-protocol={restriction}")
+            if self.http:
+                cmd.append(f"--http-restricted-api={restriction}")
+        cmd += self.extra_args
         return cmd, env
 
     def is_ready(self) -> bool:
+        """Triton's own readiness over gRPC, and over HTTP too when it is on (Triton starts HTTP after gRPC).
+        Says nothing about a wedged stub: see `Supervisor`."""
+        import tritonclient.grpc as grpcclient
+
+        if self.http:
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1.0) as response:
+                    if response.status != 200:
+                        return False
+            except (urllib.error.URLError, OSError):
+                return False
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1.0) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
+            client = grpcclient.InferenceServerClient(self.grpc_url)
+            try:
+                return bool(client.is_server_ready(client_timeout=1.0))
+            finally:
+                client.close()
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
 
     def start(self, timeout: float = 60.0) -> TritonServer:
@@ -209,6 +254,10 @@ class TritonServer:
             time.sleep(0.1)
         self.stop()
         raise UserError(f"tritonserver not ready after {timeout:g} s (log {self.log_path}):\n{_tail(self.log_path)}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     def stop(self, grace: float = STOP_GRACE_S) -> int | None:
         """SIGTERM the server's process group, wait, SIGKILL after `grace` s. Returns the server's exit code."""
@@ -239,18 +288,152 @@ class TritonServer:
         self.stop()
 
 
+def _regions_in_use() -> set[str]:
+    """Names of /dev/shm files some live process has mapped or open (from /proc/*/maps and /proc/*/fd)."""
+    used: set[str] = set()
+    prefix = str(SHM_DIR) + "/"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for line in (proc / "maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                path = parts[5] if len(parts) == 6 else ""
+                if path.startswith(prefix):
+                    used.add(path[len(prefix):].removesuffix(" (deleted)"))
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith(prefix):
+                        used.add(target[len(prefix):])
+    return used
+
+
+def remove_stale_stub_regions() -> list[Path]:
+    """Remove the python-backend shared-memory regions (this user's) that no live process maps or holds open: what
+    a killed or crashed tritonserver's stubs leave behind (up to hundreds of MB each). Live servers keep theirs."""
+    candidates = [p for p in SHM_DIR.glob(STUB_REGION_GLOB) if p.is_file() and p.stat().st_uid == os.getuid()]
+    if not candidates:
+        return []
+    used = _regions_in_use()
+    removed = []
+    for region in candidates:
+        if region.name not in used:
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
+                removed.append(region)
+    return removed
+
+
+def probe_frame() -> tuple[np.ndarray, np.ndarray]:
+    """The liveness probe's request: a tiny frame with one cell box (it runs both python steps)."""
+    side = 2 * MIN_FRAME_SIDE
+    frame = np.full((side, side, 3), 200, np.uint8)
+    frame[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = (120, 60, 160)
+    return frame, np.array([[side / 4, side / 4, 3 * side / 4, 3 * side / 4]], np.float32)
+
+
+class Supervisor:
+    """Keeps a TritonServer answering: a real tiny inference every `interval_s`; restart on exit or wedge."""
+
+    def __init__(self, server: TritonServer, interval_s: float = 10.0, probe_timeout_s: float = 10.0,
+                 failures_to_restart: int = 2, start_timeout_s: float = 60.0,
+                 report: Callable[[str], None] = print) -> None:
+        self.server = server
+        self.interval_s = interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.failures_to_restart = failures_to_restart
+        self.start_timeout_s = start_timeout_s
+        self.report = report
+        self.failures = 0
+        self.restarts = 0
+        self.next_probe = time.monotonic() + interval_s
+        self._frame, self._boxes = probe_frame()
+
+    def probe(self) -> str | None:
+        """None when a real inference succeeded within the timeout, else why not."""
+        from leukograph.client.triton_client import PipelineError, TritonPipelineClient
+
+        try:
+            client = TritonPipelineClient(self.server.grpc_url, "grpc", request_timeout_s=self.probe_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - cannot even connect
+            return f"no connection: {exc}"
+        try:
+            probs, _ = client.infer(self._frame, self._boxes)
+            return None if probs.shape[0] == 1 and np.isfinite(probs).all() else "malformed probe answer"
+        except PipelineError as exc:
+            return str(exc)
+        finally:
+            client.close()
+
+    def tick(self) -> None:
+        """Call often (every ~0.2 s): restarts at once on exit, probes every interval_s."""
+        process = self.server.process
+        if process is None or process.poll() is not None:
+            code = None if process is None else process.returncode
+            self.restart(f"tritonserver exited with code {code}")
+            return
+        if time.monotonic() < self.next_probe:
+            return
+        problem = self.probe()
+        self.next_probe = time.monotonic() + self.interval_s
+        if problem is None:
+            self.failures = 0
+            return
+        self.failures += 1
+        self.report(f"liveness probe failed ({self.failures}/{self.failures_to_restart}): {problem}")
+        if self.failures >= self.failures_to_restart:
+            self.restart(f"tritonserver answers no inference ({problem})")
+
+    def restart(self, reason: str) -> None:
+        self.restarts += 1
+        self.report(f"{reason}; restarting it (restart {self.restarts}, log {self.server.log_path})")
+        self.server.stop(grace=5.0)
+        removed = remove_stale_stub_regions()
+        if removed:
+            self.report(f"removed {len(removed)} stale shared-memory region(s) of the dead server from {SHM_DIR}")
+        self.server.start(self.start_timeout_s)
+        self.failures = 0
+        self.next_probe = time.monotonic() + self.interval_s
+        self.report(f"tritonserver restarted in {self.server.startup_s:.1f} s (pid {self.server.pid})")
+
+
+def resolve_admin_key() -> tuple[str, str]:
+    """(key, where it came from): $LEUKOGRAPH_ADMIN_KEY, else the key in ADMIN_KEY_FILE, else a new random key written
+    (0600) there for the clients on this host (later servers on the host reuse it)."""
+    if os.environ.get(ADMIN_KEY_ENV):
+        return os.environ[ADMIN_KEY_ENV], f"${ADMIN_KEY_ENV}"
+    key = admin_key()
+    if key:
+        return key, f"from {ADMIN_KEY_FILE}"
+    key = secrets.token_urlsafe(24)
+    ADMIN_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(ADMIN_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(key + "\n")
+    return key, f"generated, in {ADMIN_KEY_FILE} (clients on this host read it)"
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Start a real CPU Triton server", add_help=add_help)
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--weights", type=Path, default=None,
                         help=f"checkpoints to export from when model.onnx is missing or stale "
                              f"(default ${WEIGHTS_ENV} or training/weights)")
-    parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (0.0.0.0: all)")
+    parser.add_argument("--host", default="127.0.0.1", help="address for gRPC, HTTP and metrics (0.0.0.0: all)")
+    parser.add_argument("--http", action="store_true",
+                        help="also serve HTTP (off by default: Triton 2.51 has no HTTP body size limit)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    parser.add_argument("--probe-interval", type=float, default=10.0,
+                        help="seconds between liveness probes (a real tiny inference); 0: no supervision")
+    parser.add_argument("--probe-timeout", type=float, default=10.0, help="seconds a probe may take")
+    parser.add_argument("--probe-failures", type=int, default=2,
+                        help="failed probes in a row that make serve restart tritonserver (default 2)")
     parser.add_argument("--log-file", type=Path, default=None, help="server log (default .cache/logs/)")
     return parser
 
@@ -259,25 +442,44 @@ def main(args: argparse.Namespace) -> int:
     repository: Path = args.model_repository
     if not repository.is_dir():
         raise UserError(f"model repository {repository} does not exist (run `leukograph generate-repo`)")
+    if args.probe_interval < 0 or args.probe_timeout <= 0 or args.probe_failures < 1:
+        raise UserError("--probe-interval must be >= 0, --probe-timeout > 0 and --probe-failures >= 1")
     ensure_exported(repository, args.weights)
+    key, key_source = resolve_admin_key()
     server = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file,
-                          args.model_control_mode)
+                          args.model_control_mode, http=args.http, admin_key=key)
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop_requested.append(signum)
 
+    def report(message: str) -> None:
+        print(f"leukograph serve: {message}", file=sys.stderr, flush=True)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        removed = remove_stale_stub_regions()
+        if removed:
+            report(f"removed {len(removed)} stale shared-memory region(s) a dead server left in {SHM_DIR}")
         server.start(args.timeout)
         from leukograph.deploy.model_repository import repository_digest
 
+        http = f"HTTP {server.http_url}" if args.http else "HTTP off"
         print(f"ready in {server.startup_s:.1f} s: model {repository_digest(repository)}; "
-              f"gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}; "
+              f"gRPC {server.grpc_url}, {http}, metrics {server.metrics_url}; pid {server.pid}; "
               f"log {server.log_path}", flush=True)
+        print(f"restricted APIs ({', '.join(RESTRICTED_APIS)}) need header {ADMIN_HEADER}; key {key_source}",
+              flush=True)
+        if args.probe_interval > 0:
+            print(f"supervising: a real inference every {args.probe_interval:g} s; restart on exit or "
+                  f"{args.probe_failures} failed probe(s) in a row", flush=True)
         print(GPU_HINT, flush=True)
+        supervisor = Supervisor(server, args.probe_interval, args.probe_timeout, args.probe_failures,
+                                args.timeout, report) if args.probe_interval > 0 else None
         while not stop_requested:
-            if server.process is None or server.process.poll() is not None:
+            if supervisor is not None:
+                supervisor.tick()
+            elif server.process is None or server.process.poll() is not None:
                 code = server.process.returncode if server.process else None
                 raise UserError(f"tritonserver exited with code {code} (log {server.log_path}):\n"
                                 f"{_tail(server.log_path)}")

@@ -276,7 +276,7 @@ def test_restricted_api_flags_work_on_a_real_server(served_repository: Path, tmp
     import tritonclient.http as http_client
     from tritonclient.utils import InferenceServerException
 
-    from leukograph.client.triton_client import ServerUnavailable, TritonPipelineClient
+    from leukograph.client.triton_client import AccessDenied, TritonPipelineClient
     from leukograph.deploy.server import TritonServer, free_port
 
     key = "k" * 32
@@ -298,7 +298,7 @@ def test_restricted_api_flags_work_on_a_real_server(served_repository: Path, tmp
         grpc.get_model_config(contract.PIPELINE.name, headers={f"triton-grpc-protocol-{ADMIN_HEADER}": key})
         http.get_model_config(contract.PIPELINE.name, headers={ADMIN_HEADER: key})
         monkeypatch.delenv(ADMIN_ENV, raising=False)
-        with TritonPipelineClient(server.grpc_url) as client, pytest.raises(ServerUnavailable, match="restricted"):
+        with TritonPipelineClient(server.grpc_url) as client, pytest.raises(AccessDenied, match="restricted"):
             client.fetch_weights_id()
         monkeypatch.setenv(ADMIN_ENV, key)
         frame = np.zeros((64, 64, 3), np.uint8)
@@ -581,8 +581,8 @@ def test_gpu_deploy_never_writes_the_committed_repository(tmp_path: Path) -> Non
     env = dict(os.environ, TRT_REPOSITORY=str(MODEL_REPOSITORY), PATH=os.environ.get("PATH", ""))
     refused = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 1
-    assert refused.stderr.strip() == "gpu_deploy: TRT_REPOSITORY must not be the committed model_repository/ (it holds the " \
-                                     "CPU configs)"
+    assert refused.stderr.strip() == ("gpu_deploy: TRT_REPOSITORY must not be the committed model_repository/ "
+                                      "(it holds the CPU configs)")
     env = dict(os.environ, TRT_REPOSITORY=str(tmp_path / "gpu_repo"), LEUKOGRAPH=str(BIN / "leukograph"),
                TRITONSERVER="no-such-tritonserver")
     missing = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)

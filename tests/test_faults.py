@@ -206,9 +206,10 @@ def test_realtime_drops_oldest_frames(triton_server: TritonServer, tmp_path: Pat
     assert frames["recorded"] + frames["dropped"] == 20
     assert q["drop_oldest"] and q["max_depth"] <= q["capacity"] == q["max_in_flight"]
     with ResultStore(db, create=False) as store:
-        indices = [f["frame_index"] for f in store.frames("fast")]
-    assert indices == sorted(indices) and len(indices) == frames["recorded"]
-    assert indices[-1] == 19  # the newest frame is kept: drops take the oldest
+        recorded = store.frames("fast")
+    assert [f["frame_index"] for f in recorded] == list(range(frames["recorded"]))  # recording order
+    positions = [int(f["source"].rsplit("#", 1)[1]) for f in recorded]
+    assert positions == sorted(positions) and positions[-1] == 19  # the newest frame is kept: drops take the oldest
     assert f"{frames['dropped']} dropped" in out
 
 
@@ -255,8 +256,10 @@ def test_bad_files_and_frames_are_reported_and_skipped(triton_server: TritonServ
     code, out, err = finish(start_client(triton_server, folder, db, "mixed", summary_path))
     assert code == 0, err
     assert "skipped" in err and "1_corrupt.png" in err
-    assert "frame 2" in err and "nothing recorded" in err and "Traceback" not in err
+    assert "frame " in err and "2_too_wide.png" in err and "nothing recorded" in err and "Traceback" not in err
     summary = json.loads(summary_path.read_text())
     assert summary["frames"]["recorded"] == 2 and summary["frames"]["failed"] == 1
     with ResultStore(db, create=False) as store:
-        assert [f["frame_index"] for f in store.frames("mixed")] == [0, 3]
+        recorded = store.frames("mixed")
+    assert [f["frame_index"] for f in recorded] == [0, 1]  # recording order; the source names the file
+    assert [Path(f["source"]).name for f in recorded] == ["0_good.png", "3_good.png"]

@@ -18,7 +18,7 @@ import torch
 
 from leukograph.client.contract import CELL_GRAPH, CELL_KINDS, CLASSES, CROP_EMBEDDER, EMBEDDINGS, NUM_CLASSES, PROBS
 from leukograph.client.errors import UserError
-from leukograph.client.images import list_images, read_image
+from leukograph.client.images import ImageError, list_images, read_image, safe_name
 from leukograph.client.localize import Cells, localize
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.deploy.runners import TorchRunner, run_pipeline
@@ -87,7 +87,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _summary_line(result: dict) -> str:
     wbc = [c for c in result["cells"] if c["kind"] == "wbc"]
     labels = ", ".join(f"{c['label']} ({max(c['probs'].values()):.2f})" for c in wbc) or "no WBC"
-    return f"{result['path']}: {len(result['cells'])} cells; WBC: {labels}"
+    return f"{safe_name(result['path'])}: {len(result['cells'])} cells; WBC: {labels}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -99,12 +99,12 @@ def main(args: argparse.Namespace) -> int:
     for path in images:
         try:
             result = classifier.classify_path(path)
-        except UserError as exc:
-            problems.append((path, str(exc).removeprefix(f"{path}: ")))
+        except ImageError as exc:
+            problems.append((path, exc.problem))
             continue
         print(json.dumps(result) if args.json else _summary_line(result), flush=True)
     for path, problem in problems:
-        print(f"leukograph classify: error: {path}: {problem}", file=sys.stderr)
+        print(f"leukograph classify: error: {safe_name(path)}: {problem}", file=sys.stderr)
     if problems:
         print(f"leukograph classify: {len(problems)} of {total} inputs failed", file=sys.stderr)
         return 1
