@@ -48,6 +48,7 @@ from leukograph.client.errors import UserError
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
 from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
+from leukograph.client.review_store import keep_frame_images
 from leukograph.client.sources import CaptureThread, Frame, FrameBuffer, Source, open_source
 from leukograph.client.tracking import CellTracker, Track
 from leukograph.client.triton_client import (
@@ -362,6 +363,7 @@ class StreamSession:
         records = [CellRecord(box=tuple(float(v) for v in box), kind=kind, label=label,
                               probs=[float(v) for v in row], track_id=track)
                    for box, kind, label, row, track in zip(cells.boxes, kinds, labels, p.probs, track_ids)]
+        keep_frame_images(self.store.path, self.sample, p.index, p.frame.rgb, records, p.frame.ref)  # for review
         latency_ms = 1e3 * (time.perf_counter() - p.frame.captured_mono)
         outcome = self.store.record_frame(
             self.sample, p.index, records, source=p.frame.ref, captured_at=p.frame.captured_at,
