@@ -26,6 +26,8 @@ A class without a LOINC entry is sent with a local code (`LG-<class>`, coding sy
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import uuid
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from typing import Any
 
 from leukograph.client.contract import WBC_CLASSES
 from leukograph.client.errors import UserError
+from leukograph.client.review_store import ReviewStore
 
 LOINC_SYSTEM_HL7 = "LN"
 LOINC_SYSTEM_FHIR = "http://loinc.org"
@@ -262,3 +265,50 @@ def fhir_bundle(data: ExportInput) -> dict[str, Any]:
 def require_results(data: ExportInput) -> None:
     if not result_lines(data.differential):
         raise UserError(f"sample {data.sample_id!r} has no identified white cell: nothing to send")
+
+
+# ---- what `leukograph report` adds to its CSV and JSON ------------------------------------------------------------
+VERIFIED_COLUMNS: tuple[str, ...] = ("verified_label", "verified_by", "verified_version")
+AUDIT_COLUMNS: tuple[str, ...] = ("seq", "sample_id", "frame_index", "cell_index", "action", "from_label", "to_label",
+                                  "reviewer", "at", "batch", "undoes")
+
+
+def export_input(review: ReviewStore, sample_id: str) -> ExportInput:
+    """The verified differential and sign-off of a sample, as the LIS exports need them."""
+    sample = review.sample_row(sample_id)
+    summary = review.review_summary(sample_id)
+    return ExportInput(sample_id=sample_id, created=sample["created"], model_versions=sample["model_versions"],
+                       differential=summary["differential"], signoff=review.signoff(sample_id),
+                       not_wbc=summary["not_wbc"], smudge=summary["smudge"])
+
+
+def with_verified_labels(review: ReviewStore, sample_id: str, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recorded cells with their verified label (empty for cells no reviewer touched and for non-gallery
+    cells; after sign-off every gallery cell carries its verified label, kept or changed)."""
+    signed = review.signoff(sample_id) is not None
+    gallery = {(c.frame_index, c.cell_index): c for c in review.gallery(sample_id)}
+    out = []
+    for cell in cells:
+        g = gallery.get((cell["frame_index"], cell["cell_index"]))
+        verified = g is not None and (g.reviewed or signed)
+        out.append({**cell, "verified_label": g.label if verified else "",
+                    "verified_by": (g.reviewer or (review.signoff(sample_id) or {}).get("reviewer", "")) if verified
+                    else "", "verified_version": g.version if g is not None else ""})
+    return out
+
+
+def review_json(review: ReviewStore, sample_id: str) -> dict[str, Any]:
+    """The review part of `leukograph report --json`: status, sign-off, verified differential, agreement, audit."""
+    data = export_input(review, sample_id)
+    summary = review.review_summary(sample_id)
+    return {"status": "final" if data.final else "preliminary", "review_status": review.status(sample_id),
+            "signoff": data.signoff, "verified": summary, "audit": review.audit(sample_id)}
+
+
+def audit_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k) for k in AUDIT_COLUMNS})
+    return out.getvalue()

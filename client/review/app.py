@@ -18,9 +18,7 @@ Security:
 from __future__ import annotations
 
 import argparse
-import csv
 import hmac
-import io
 import ipaddress
 import json
 import os
@@ -38,7 +36,7 @@ from fastapi.templating import Jinja2Templates
 
 from leukograph.client.contract import UNIDENTIFIED, WBC_CLASSES
 from leukograph.client.errors import UserError
-from leukograph.client.lis_export import ExportInput, fhir_bundle, hl7_message, require_results
+from leukograph.client.lis_export import audit_csv, export_input, fhir_bundle, hl7_message, require_results
 from leukograph.client.review_store import (
     ACCEPT,
     CHOICE_TITLES,
@@ -68,26 +66,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def export_input(store: ReviewStore, sample_id: str) -> ExportInput:
-    """The verified differential and sign-off of a sample, as the LIS exports need them."""
-    sample = store.sample_row(sample_id)
-    summary = store.review_summary(sample_id)
-    return ExportInput(sample_id=sample_id, created=sample["created"], model_versions=sample["model_versions"],
-                       differential=summary["differential"], signoff=store.signoff(sample_id),
-                       not_wbc=summary["not_wbc"], smudge=summary["smudge"])
-
-
-def audit_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    columns = ["seq", "sample_id", "frame_index", "cell_index", "action", "from_label", "to_label", "reviewer", "at",
-               "batch", "undoes"]
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k) for k in columns})
-    return out.getvalue()
 
 
 def create_app(db_path: str | Path, token: str | None = None) -> FastAPI:
