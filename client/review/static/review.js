@@ -14,6 +14,7 @@
   const selected = new Set();
   let busy = false;
   let pollTimer = null;
+  let lastStateText = "";
 
   reviewerInput.value = localStorage.getItem("leukograph-reviewer") || "";
   reviewerInput.addEventListener("change", () => localStorage.setItem("leukograph-reviewer", reviewerInput.value.trim()));
@@ -61,8 +62,12 @@
   async function refresh() {
     const response = await fetch(base + "/state", { credentials: "same-origin" });
     if (!response.ok) { showBanner("Cannot load the sample: HTTP " + response.status); return; }
-    state = await response.json();
-    render();
+    const text = await response.text();
+    if (text !== lastStateText) {  // polling re-renders only what changed: the page stays put while counting
+      lastStateText = text;
+      state = JSON.parse(text);
+      render();
+    }
     clearTimeout(pollTimer);
     if (state.status === "counting") pollTimer = setTimeout(refresh, 2000);  // live while the stream counts
   }
