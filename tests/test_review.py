@@ -174,6 +174,9 @@ def test_http_guards(tmp_path: Path) -> None:
         assert client.get(f"/api/samples/S/cells/{bad}/thumbnail.jpg", headers=auth).status_code == 404
     assert client.post("/api/samples/S/relabel", content=b"[" * 100_000, headers=csrf).status_code == 413
     assert client.get("/samples/NOPE", headers=auth).status_code == 404
+    local = TestClient(create_app(db, allowed_hosts={"127.0.0.1:8765"}), base_url="http://127.0.0.1:8765")
+    assert local.get("/").status_code == 200
+    assert local.get("/", headers={"Host": "rebound.example:8765"}).status_code == 421
 
 
 def test_review_refuses_an_open_host_without_token(tmp_path: Path) -> None:

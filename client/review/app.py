@@ -5,7 +5,8 @@ FastAPI + Jinja2 templates + one plain JavaScript file (no build step), served f
 write goes through `client.review_store.ReviewStore` (the database's triggers enforce the sign-off lock).
 
 Security:
-* binds 127.0.0.1 by default; any other host needs a token (`--token` or $LEUKOGRAPH_REVIEW_TOKEN), checked on
+* binds 127.0.0.1 by default (and then answers only to loopback Host names, against DNS rebinding); any other
+  host needs a token (`--token` or $LEUKOGRAPH_REVIEW_TOKEN), checked on
   every request (`Authorization: Bearer`, or the cookie the `?token=` link sets);
 * every POST carries the page's CSRF token (header X-CSRF-Token) and, when the browser sends one, a same-host
   Origin;
@@ -68,8 +69,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(db_path: str | Path, token: str | None = None) -> FastAPI:
-    """The review application over one result database. token: required on every request when given."""
+def create_app(db_path: str | Path, token: str | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The review application over one result database. token: required on every request when given.
+    allowed_hosts: Host headers accepted (None: any), against DNS rebinding of a loopback-bound station."""
     store = ReviewStore(db_path)
     csrf_token = secrets.token_urlsafe(32)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -89,6 +91,8 @@ def create_app(db_path: str | Path, token: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        if allowed_hosts is not None and request.headers.get("host", "") not in allowed_hosts:
+            return PlainTextResponse("unknown Host: open the station by the address it printed", status_code=421)
         if token is not None:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or \
                 request.cookies.get(TOKEN_COOKIE, "")
@@ -271,7 +275,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--port must be in 1-65535")
     if token is not None and len(token) < 16:
         raise UserError("the token must be at least 16 characters")
-    app = create_app(args.db, token)
+    loopback_names = {f"{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]", args.host)}
+    app = create_app(args.db, token, loopback_names if is_loopback(args.host) and not token else None)
     where = f"http://{args.host}:{args.port}/" + ("?token=<token>" if token else "")
     print(f"leukograph review: {args.db} at {where} (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
