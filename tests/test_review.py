@@ -285,8 +285,12 @@ def test_review_in_the_browser(streamed_db: Path, review_server: str, browser, t
         By.CSS_SELECTOR, f'.group[data-group="{UNIDENTIFIED}"] .cell')]
     assert len(shown) == len(unidentified) and confidences == sorted(confidences)  # least confident first
 
-    # keyboard: the focused cell (first unidentified) -> class 2 by its number key
     gallery = driver.find_element(By.ID, "gallery")
+    if SCREENSHOT_DIR:  # the gallery as the reviewer first sees it: the unidentified queue on top
+        Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
+        _retry(lambda: gallery.screenshot(str(Path(SCREENSHOT_DIR) / "review-gallery.png")))
+
+    # keyboard: the focused cell (first unidentified) -> class 2 by its number key
     first = _retry(lambda: driver.find_element(By.CSS_SELECTOR, ".cell.focused").get_attribute("data-id"))
     gallery.send_keys("2")
     _wait(lambda: _label(streamed_db, first) == (review_choices()[1], 1), what="keyboard reclassification")
@@ -331,9 +335,7 @@ def test_review_in_the_browser(streamed_db: Path, review_server: str, browser, t
     _wait(lambda: _label(streamed_db, accepted) == (before[0], before[1] + 1), what="accept")
 
     if SCREENSHOT_DIR:
-        Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(SCREENSHOT_DIR) / "review-sample.png"))
-        gallery.screenshot(str(Path(SCREENSHOT_DIR) / "review-gallery.png"))
 
     # sign off (the confirm dialog)
     driver.find_element(By.ID, "signoff").click()

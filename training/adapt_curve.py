@@ -1,6 +1,6 @@
 """The adapt curve: PBC (a CellaVision DM96 in Barcelona) treated as a new lab.
 
-`python -m leukograph.training.adapt_curve --out docs/results/adapt_pbc.json`
+`python -m leukograph.training.adapt_curve` (writes docs/adapt/adapt_pbc.json)
 
 1. Split each WBC class of `../shared/datasets/pbc` (the contract's WBC classes found there) by a seeded shuffle into
    a pool for verification (200 images a class) and the rest for measuring.
@@ -81,7 +81,7 @@ def centre_cell(review: ReviewStore, sample: str, frame_index: int, width: float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=Path("runs/adapt_pbc/pbc.sqlite"))
-    parser.add_argument("--out", type=Path, default=Path("docs/results/adapt_pbc.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/adapt/adapt_pbc.json"))
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--epochs", type=int, default=12)

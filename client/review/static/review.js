@@ -141,7 +141,7 @@
       "data-id": c.id, "data-label": c.label, "data-version": c.version, title: "cell " + c.id },
       c.has_thumbnail ? el("img", { src: base + "/cells/" + c.id + "/thumbnail.jpg", alt: "cell " + c.id, loading: "lazy" })
         : el("div", { class: "note", text: "no image" }),
-      el("div", { class: "caption" }, el("span", { class: "pre", text: c.pre_label === config.unidentified ? "?" : c.pre_label.slice(0, 5) }),
+      el("div", { class: "caption" }, el("span", { class: "pre", title: "pre-classification", text: c.pre_label === config.unidentified ? "unident." : c.pre_label.slice(0, 6) }),
         el("span", { text: c.confidence == null ? "" : (100 * c.confidence).toFixed(0) + "%" })));
     tile.addEventListener("click", (event) => onClick(event, c.id));
     return tile;
