@@ -24,7 +24,8 @@ from leukograph.deploy.server import TritonServer, free_port
 from leukograph.training.datasets import load_bccd, split_frames
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
-PER_CLASS = 16  # PBC images a class: 64 verified cells over 4 samples
+PER_CLASS = 20  # PBC images a class: 80 verified cells over 5 samples (64 to train after holding out one)
+N_SAMPLES = 5
 
 
 def _pbc_files() -> dict[str, list[Path]]:
@@ -36,22 +37,22 @@ def _pbc_files() -> dict[str, list[Path]]:
 
 @pytest.fixture(scope="module")
 def verified_db(triton_server: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """PBC images recorded through the served pipeline as 4 samples, verified (centre cell = folder class) and
+    """PBC images recorded through the served pipeline as 5 samples, verified (centre cell = folder class) and
     signed through ReviewStore, the calls the review page makes."""
     from leukograph.client.triton_client import TritonPipelineClient
     from leukograph.training.adapt_curve import centre_cell, record_image
 
     files = _pbc_files()
     db = tmp_path_factory.mktemp("adapt") / "lab.sqlite"
-    per_sample = PER_CLASS // 4
+    per_sample = PER_CLASS // N_SAMPLES
     with TritonPipelineClient(triton_server.grpc_url) as client, ResultStore(db) as store:
-        for s in range(4):
+        for s in range(N_SAMPLES):
             store.start_sample(f"LAB-{s}", 10_000, client.model_version)
             for i, name in enumerate(WBC_CLASSES):
                 for j, path in enumerate(files[name][s * per_sample:(s + 1) * per_sample]):
                     record_image(store, client, f"LAB-{s}", i * per_sample + j, path)
     with ReviewStore(db) as review:
-        for s in range(4):
+        for s in range(N_SAMPLES):
             sample = f"LAB-{s}"
             for i, name in enumerate(WBC_CLASSES):
                 for j in range(per_sample):
@@ -117,6 +118,8 @@ def test_adapt_fine_tunes_and_a_stream_rides_through_the_swap(verified_db: Path,
         cv2.imwrite(str(frames / f"{i:03d}.png"), cv2.imread(str(frame.image_path)))
     db = tmp_path / "stream.sqlite"
     with TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        # adapt exports into the live repository: a server without model polling keeps serving what it loaded
+        served = export_to_repository(out, repository)
         stream = subprocess.Popen([*LEUKOGRAPH, "stream", str(frames), "--url", server.grpc_url, "--db", str(db),
                                    "--sample", "SWAP", "--target", "1000", "--max-fps", "1.5"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,8 +127,7 @@ def test_adapt_fine_tunes_and_a_stream_rides_through_the_swap(verified_db: Path,
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and _frames_recorded(db) < 3:  # the old model labels a few
                 time.sleep(0.2)
-            served = export_to_repository(out, repository)
-            server.restart(120)
+            server.restart(120)  # now it serves the adapted weights
             _, stderr = stream.communicate(timeout=300)
         finally:
             if stream.poll() is None:
