@@ -412,7 +412,8 @@ class ReviewStore:
         """Every sample with its counts and review status, newest first."""
         rows = self._query(
             "SELECT s.sample_id, s.created, s.target, s.model_version, "
-            "(SELECT max(received_at) FROM frames f WHERE f.sample_id = s.sample_id) AS last_frame_at, "
+            "max(coalesce((SELECT max(received_at) FROM frames f WHERE f.sample_id = s.sample_id), ''), "
+            "coalesce((SELECT max(recorded_at) FROM cells c WHERE c.sample_id = s.sample_id), '')) AS last_frame_at, "
             "(SELECT count(*) FROM frames f WHERE f.sample_id = s.sample_id) AS n_frames, "
             "g.reviewer AS signed_by, g.signed_at FROM samples s LEFT JOIN signoffs g ON g.sample_id = s.sample_id "
             "ORDER BY s.created DESC, s.sample_id")
@@ -438,12 +439,14 @@ class ReviewStore:
 
     def status(self, sample_id: str, diff: Differential | None = None, last_frame_at: str | None = None,
                signed_by: str | None = None) -> str:
-        """'signed', 'counting' (incomplete, a frame in the last minute) or 'to review'."""
+        """'signed', 'counting' (incomplete, a frame received or a cell recorded in the last minute) or 'to review'."""
         if signed_by or self.signoff(sample_id):
             return "signed"
         diff = diff or self.verified_differential(sample_id)
         if last_frame_at is None:
-            rows = self._query("SELECT max(received_at) FROM frames WHERE sample_id = ?", (sample_id,))
+            rows = self._query("SELECT max(coalesce((SELECT max(received_at) FROM frames WHERE sample_id = ?), ''), "
+                               "coalesce((SELECT max(recorded_at) FROM cells WHERE sample_id = ?), ''))",
+                               (sample_id, sample_id))
             last_frame_at = rows[0][0]
         if not diff.is_complete and last_frame_at:
             try:

@@ -31,6 +31,7 @@ from leukograph.client.review_store import (
     ReviewStore,
     SampleSigned,
     decode_jpeg,
+    keep_frame_images,
     review_choices,
 )
 from leukograph.deploy.server import TritonServer
@@ -138,7 +139,7 @@ def test_versions_audit_undo_signoff_and_triggers(tmp_path: Path) -> None:
             review.relabel("S", [((0, 0), 0)], WBC_CLASSES[1], "ann")
         with pytest.raises(SampleSigned):
             review.undo("S", "ann")
-    raw = sqlite3.connect(db)
+    raw = sqlite3.connect(db, isolation_level=None)  # autocommit: a refused statement leaves no transaction open
     for sql in ("UPDATE cell_reviews SET label = 'monocyte'", "INSERT INTO cell_reviews VALUES "
                 "('S', 0, 0, 'monocyte', 1, 'x', 'now')", "DELETE FROM review_audit", "UPDATE review_audit SET "
                 "reviewer = 'x'", "DELETE FROM signoffs", "UPDATE cells SET label = 'monocyte'",
@@ -399,9 +400,39 @@ def test_review_in_the_browser(streamed_db: Path, review_server: str, browser, t
     """, accepted, before[1] + 1, cell)
     assert response[0] == 423 and "signed off" in response[1]
     with pytest.raises(sqlite3.IntegrityError, match="signed off"):
-        sqlite3.connect(streamed_db).execute("UPDATE cell_reviews SET label = ? WHERE sample_id = ?", (cell, SAMPLE))
+        sqlite3.connect(streamed_db, isolation_level=None).execute(
+            "UPDATE cell_reviews SET label = ? WHERE sample_id = ?", (cell, SAMPLE))
     with ReviewStore(streamed_db) as review, pytest.raises(SampleSigned):  # the stream's hook: no more frames
         review.keep_frame(SAMPLE, 10_000, np.zeros((64, 64, 3), np.uint8), [((1, 1, 9, 9), "wbc", cell)])
+
+
+@pytest.mark.server
+def test_sample_page_updates_while_counting(streamed_db: Path, review_server: str, browser) -> None:  # noqa: ANN001
+    """A frame recorded while the page is open shows up in its differential (the page polls while counting)."""
+    from selenium.webdriver.common.by import By
+
+    sample = "LIVE-1"
+    image = np.full((240, 320, 3), 180, np.uint8)
+    first = CellRecord((40.0, 40.0, 120.0, 120.0), "wbc", WBC_CLASSES[0], confidence=0.99)
+    second = CellRecord((160.0, 40.0, 240.0, 120.0), "wbc", WBC_CLASSES[-1], confidence=0.99)
+    with ResultStore(streamed_db, create=False) as store:
+        store.start_sample(sample, 100, "live-check")
+        keep_frame_images(streamed_db, sample, 0, image, [first], "live#0")
+        store.record_frame(sample, 0, [first])
+        browser.get(f"{review_server}/samples/{sample}")
+        _wait(lambda: _text(browser, "n-wbc") == "1", what="page")
+        assert browser.find_element(By.ID, "status").text == "counting"
+        keep_frame_images(streamed_db, sample, 1, image, [second], "live#1")
+        store.record_frame(sample, 1, [second])
+    _wait(lambda: _text(browser, "n-wbc") == "2", what="live update")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .cell")) == 2
+
+
+def _text(driver, element_id: str) -> str:  # noqa: ANN001
+    """The element's text, or '' while the page has not rendered it."""
+    from selenium.webdriver.common.by import By
+
+    return _retry(lambda: "".join(e.text for e in driver.find_elements(By.ID, element_id)))
 
 
 def _loinc(name: str) -> str | None:

@@ -78,6 +78,30 @@ def centre_cell(review: ReviewStore, sample: str, frame_index: int, width: float
     return cells[0], cells[1:]
 
 
+def curve_markdown(results: dict) -> str:
+    """The README table of the curve, from its JSON."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| verified cells a class | trained on (held out) | fine-tuned | PBC rest: accuracy | "
+             "held-out verified: before -> after | held-out BCCD frames: before -> after | version |",
+             "|---:|---|---|---:|---|---|---|"]
+    for p in results["points"]:
+        if p["per_class"] == 0:
+            lines.append(f"| 0 | - | - (base model) | {pct(p['test']['accuracy'])} | - | - | base |")
+            continue
+        b, a = p["before"], p["after"]
+        lines.append(f"| {p['per_class']} | {p['train_cells']} ({p['held_out_cells']}) | {p['mode']} | "
+                     f"{pct(p['test']['accuracy'])} | {pct(b['held_out']['accuracy'])} -> "
+                     f"{pct(a['held_out']['accuracy'])} | {pct(b['bccd_held_out'])} -> {pct(a['bccd_held_out'])} | "
+                     f"`{p['version'].rsplit('-', 1)[-1]}` |")
+    lines.append("")
+    lines.append(f"PBC rest: the centre cell of each of the {results['test_images']} measuring images "
+                 f"({results['test_images'] // len(WBC_CLASSES)} a class, never verified), served path, argmax over "
+                 "the WBC classes. Accuracies in %.")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=Path("runs/adapt_pbc/pbc.sqlite"))
@@ -88,7 +112,13 @@ def main() -> int:
     parser.add_argument("--cnn", choices=("auto", "head", "full"), default="head")
     parser.add_argument("--points", type=int, nargs="+", default=list(CURVE))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--readme-only", action="store_true", help="only rewrite the README table from --out")
     args = parser.parse_args()
+    if args.readme_only:
+        from leukograph.client.readme import replace_section
+
+        replace_section("adapt-curve", curve_markdown(json.loads(args.out.read_text())))
+        return 0
 
     from leukograph.deploy.server import TritonServer, ensure_exported, free_port
     from leukograph.training.adapt import Adapter, VerifiedFrame, run, verified_accuracy
@@ -189,6 +219,9 @@ def main() -> int:
         print(json.dumps(point), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    from leukograph.client.readme import replace_section
+
+    replace_section("adapt-curve", curve_markdown(results))
     return 0
 
 
