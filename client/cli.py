@@ -24,7 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("leukograph.deploy.server", "start a real CPU Triton server on the model repository"),
     "build-engines": ("leukograph.build_engines.build", "compile FP16 TensorRT engines (needs TensorRT)"),
     "stream": ("leukograph.client.stream", "stream a camera/video/folder through Triton, count cells"),
-    "report": ("leukograph.client.report", "export a sample's recorded results as CSV or JSON"),
+    "report": ("leukograph.client.report", "export a sample's results: CSV, JSON, HL7 v2.5.1 or FHIR R4"),
+    "review": ("leukograph.client.review.app", "review station: verify, reclassify, sign off in the browser"),
+    "adapt": ("leukograph.training.adapt", "fine-tune on signed samples' verified cells (a lab's microscope)"),
     "bench": ("leukograph.deploy.bench.cli", "latency benchmark: Triton end to end against alternatives"),
     "soak": ("leukograph.deploy.soak", "memory and latency over time: stream a loopback camera through a server"),
 }

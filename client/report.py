@@ -1,8 +1,13 @@
-"""`leukograph report SAMPLE (--csv OUT | --json OUT)`: a sample's recorded results for the lab system.
+"""`leukograph report SAMPLE (--csv OUT | --json OUT | --hl7 OUT | --fhir OUT | --audit OUT)`: a sample's results
+for the lab system.
 
 CSV: one row per recorded cell (every observation, with `counted` marking those that made the differential),
 per-class probabilities as p_<class> columns. JSON: sample metadata, the differential summary with 95% Wilson
-intervals, the review list (cells counted as unidentified) and the cells. OUT `-` writes to stdout.
+intervals, the review list (cells counted as unidentified) and the cells. Both carry the review station's verified
+labels (CSV columns verified_label/verified_by/verified_version; JSON "verification" with the sign-off, the verified
+differential, the agreement per class and the audit trail). HL7 v2.5.1 ORU^R01 and FHIR R4 (`lis_export`): the
+verified differential, final when signed off, else preliminary. --audit: the audit trail as CSV.
+OUT `-` writes to stdout.
 
 Before exporting, every frame's checksum is verified (`ResultStore.verify`): a database changed outside leukograph
 is refused with the frames that fail. CSV text cells that a spreadsheet would run as a formula (starting with
@@ -21,9 +26,21 @@ from typing import Any
 
 from leukograph.client.contract import CLASSES
 from leukograph.client.errors import UserError
+from leukograph.client.lis_export import (
+    VERIFIED_COLUMNS,
+    audit_csv,
+    export_input,
+    fhir_bundle,
+    hl7_message,
+    require_results,
+    review_json,
+    with_verified_labels,
+)
 from leukograph.client.records import CELL_COLUMNS, DEFAULT_DB, DatabaseProblem, ResultStore
+from leukograph.client.review_store import ReviewStore
 
-CSV_COLUMNS: tuple[str, ...] = tuple(c for c in CELL_COLUMNS if c != "probs") + tuple(f"p_{c}" for c in CLASSES)
+CSV_COLUMNS: tuple[str, ...] = (tuple(c for c in CELL_COLUMNS if c != "probs") + tuple(f"p_{c}" for c in CLASSES)
+                                + VERIFIED_COLUMNS)
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_LISTED_FRAMES = 10
 
@@ -87,6 +104,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     fmt = parser.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--csv", metavar="OUT", help="one row per cell; - for stdout")
     fmt.add_argument("--json", metavar="OUT", help="metadata, differential with CIs, review list, cells; - for stdout")
+    fmt.add_argument("--hl7", metavar="OUT", help="HL7 v2.5.1 ORU^R01 of the verified differential "
+                     "(segments end in CR; - prints one per line)")
+    fmt.add_argument("--fhir", metavar="OUT", help="FHIR R4 Bundle (DiagnosticReport + Observations); - for stdout")
+    fmt.add_argument("--audit", metavar="OUT", help="the review audit trail as CSV; - for stdout")
     return parser
 
 
@@ -95,8 +116,22 @@ def main(args: argparse.Namespace) -> int:
         if args.sample not in store.samples():
             raise UserError(f"unknown sample {args.sample!r} in {args.db}")
         verified(store, args.sample)
-        if args.csv is not None:
-            _write(csv_text(store.cells(args.sample)), args.csv)
-        else:
-            _write(json.dumps(build_report(store, args.sample), indent=2) + "\n", args.json)
+        with ReviewStore(args.db) as review:
+            if args.csv is not None:
+                _write(csv_text(with_verified_labels(review, args.sample, store.cells(args.sample))), args.csv)
+            elif args.json is not None:
+                report = build_report(store, args.sample)
+                report["cells"] = with_verified_labels(review, args.sample, report["cells"])
+                report["verification"] = review_json(review, args.sample)
+                _write(json.dumps(report, indent=2) + "\n", args.json)
+            elif args.audit is not None:
+                _write(audit_csv(review.audit(args.sample)), args.audit)
+            else:
+                data = export_input(review, args.sample)
+                require_results(data)
+                if args.hl7 is not None:
+                    _write(hl7_message(data).replace("\r", "\n") if args.hl7 == "-" else hl7_message(data),
+                           args.hl7)
+                else:
+                    _write(json.dumps(fhir_bundle(data), indent=2) + "\n", args.fhir)
     return 0

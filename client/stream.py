@@ -57,6 +57,7 @@ from leukograph.client.latency import LatencyHistogram, percentiles
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
 from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
+from leukograph.client.review_store import keep_frame_images
 from leukograph.client.sources import CaptureThread, Frame, FrameBuffer, Source, open_source
 from leukograph.client.tracking import CellTracker, Track
 from leukograph.client.triton_client import (
@@ -358,6 +359,8 @@ class StreamSession:
         if not outcome.new:
             self.counters.already_recorded += 1
             return
+        # Thumbnails and the frame image for the review station, under the index the store just assigned.
+        keep_frame_images(self.store.path, self.sample, outcome.frame_index, p.frame.rgb, records, p.frame.ref)
         self.counters.recorded += 1
         self.counters.cells += len(records)
         self.counters.no_cells += len(records) == 0

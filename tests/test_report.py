@@ -102,7 +102,7 @@ def test_csv_report_via_script_and_cli_main(db: Path, tmp_path: Path) -> None:
 def test_cli_main_json_to_stdout(db: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["report", "SMEAR-1", "--db", str(db), "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"sample", "differential", "review", "cells"}
+    assert set(report) == {"sample", "differential", "review", "cells", "verification"}
 
 
 def test_default_db_is_current_directory(db: Path, tmp_path: Path) -> None:
