@@ -140,7 +140,7 @@ def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float,
     ys, xs = np.nonzero(peak)
     if xs.size == 0:
         return []
-    radii = dist[ys, xs]
+    radii = np.minimum(dist[ys, xs], unit)  # a mask without background has "infinite" distances: no cell is larger
     order = np.lexsort((xs, ys, -radii))  # largest first, ties by position: deterministic
     kept: list[tuple[float, float, float]] = []
     for i in order:

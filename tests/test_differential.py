@@ -162,3 +162,17 @@ def test_ig_and_nrbc_are_reported_beside_the_hundred() -> None:
     assert label_cell(_probs("nrbc", 0.9), 0.6, kind="wbc") == "nrbc"
     assert label_cell(_probs("nrbc", 0.4), 0.6, kind="wbc") == UNIDENTIFIED
     assert label_cell(_probs("ig", 0.9), 0.6, kind="rbc") == UNIDENTIFIED
+
+
+def test_unidentified_threshold_is_the_validation_choice() -> None:
+    """The contract's threshold is the one `leukograph train` chose on the validation auto-accept curve."""
+    import json
+
+    from leukograph.client.contract import UNIDENTIFIED_THRESHOLD
+    from leukograph.client.paths import WEIGHTS_DIR
+
+    calibration = json.loads((WEIGHTS_DIR / "calibration.json").read_text())
+    assert pytest.approx(calibration["threshold"]["threshold"]) == UNIDENTIFIED_THRESHOLD
+    assert DEFAULT_THRESHOLD == UNIDENTIFIED_THRESHOLD
+    point = next(p for p in calibration["auto_accept_curve"] if p["threshold"] == calibration["threshold"]["threshold"])
+    assert point["accepted"] == calibration["threshold"]["accepted"]

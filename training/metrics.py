@@ -150,20 +150,23 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 def auto_accept_curve(confidence: np.ndarray, correct: np.ndarray,
                       thresholds: np.ndarray | None = None) -> list[dict[str, float]]:
-    """For each threshold: the share of cells whose confidence is at or above it, and the accuracy among them."""
+    """For each threshold: the share of cells whose confidence is at or above it, and the accuracy among them (None
+    when no cell is accepted)."""
     thresholds = np.round(np.linspace(0.3, 0.99, 70), 2) if thresholds is None else thresholds
     out = []
     for t in thresholds:
         accepted = confidence >= t
         out.append({"threshold": float(t), "accepted": float(accepted.mean()) if len(confidence) else 0.0,
-                    "accuracy": float(correct[accepted].mean()) if accepted.any() else 1.0})
+                    "accuracy": float(correct[accepted].mean()) if accepted.any() else None})
     return out
 
 
 def choose_threshold(curve: list[dict[str, float]], target: float = TARGET_ACCEPTED_ACCURACY) -> dict[str, float]:
     """The lowest threshold whose accepted cells reach `target` accuracy (most cells auto-accepted at that
     accuracy); the highest threshold when none does."""
-    usable = [point for point in curve if point["accepted"] > 0] or curve
+    usable = [point for point in curve if point["accuracy"] is not None]
+    if not usable:
+        return dict(curve[0], target_accuracy=target, target_met=False)
     meeting = [point for point in usable if point["accuracy"] >= target]
     best = meeting[0] if meeting else max(usable, key=lambda point: (point["accuracy"], point["accepted"]))
     return dict(best, target_accuracy=target, target_met=bool(meeting))

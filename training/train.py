@@ -35,7 +35,7 @@ from tqdm import tqdm
 from leukograph.client.contract import CLASSES, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.client.paths import WEIGHTS_DIR
-from leukograph.training.augment import augment_batch, stored_to_served
+from leukograph.training.augment import augment_batch, stain_shift, stored_to_served
 from leukograph.training.cells import IGNORE, FrameCells, build_cells
 from leukograph.training.checkpoints import (
     BASELINE_FILE,
@@ -181,8 +181,9 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
 
 @torch.no_grad()
 def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False, batch: int = 512,
-                 seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them)."""
+                 seed: int = 0, stain_strength: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
+    the served crops under a deterministic synthetic stain shift of `stain_strength`)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     index = [(f, i) for f, frame in enumerate(frames) for i in range(len(frame.labels))]
@@ -190,6 +191,8 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
     for start in range(0, len(index), batch):
         crops = np.stack([frames[f].crops[i] for f, i in index[start:start + batch]])
         x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
+        if stain_strength > 0:
+            x = stain_shift(x, stain_strength, seed + start)
         emb, logits = model(x)
         embeddings.append(emb.numpy())
         probs.append(torch.softmax(logits, 1).numpy())
