@@ -426,9 +426,10 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- Classes: white cells neutrophil, eosinophil, basophil, lymphocyte, monocyte; flagged ig (immature "
         "granulocyte) and nrbc (nucleated red cell, PBC's erythroblast); context rbc and platelet.",
         "- `cnn.pt`: `CropEmbedder`, a 6-conv VGG-style CNN on 64x64 RGB crops (box + 15% margin, square, cut in-graph "
-        "by `crop_cells`). Each crop's colour is standardised per channel inside the graph and every conv is "
-        "followed by GroupNorm: no pixel or batch statistic of the training labs is baked in. 64-d embedding, "
-        "9-class logits.",
+        "by `crop_cells`). Each crop's colour is standardised per channel inside the served graph (mean 0, "
+        "standard deviation 1 for R, G and B), so a lab's white balance, lamp or stain cast cancels before the "
+        "first convolution. BatchNorm after every conv (GroupNorm was tried and did not start learning within the "
+        "CPU budget). 64-d embedding, 9-class logits.",
         "- `gnn.pt`: `CellGraphNet`, GraphSAGE (mean, 2 layers) over each frame's 5-nearest-neighbour cell graph; node "
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
         "position). Its `temperature` buffer calibrates the served probabilities (fitted on validation).",

@@ -253,7 +253,8 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     config = {"width": args.cnn_width}
     model = CropEmbedder(**config)
     sampler = CropSampler(cells.train)
-    steps = -(-len(sampler.epoch(np.random.default_rng(args.seed))) // args.batch_size)
+    # an epoch's size varies with the context draw: schedule for the largest possible epoch
+    steps = -(-(len(sampler.nucleated) + sum(bool(c) for c in sampler.context)) // args.batch_size)
 
     def run_epoch(model, optimizer, scheduler, epoch):
         return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed)
