@@ -180,7 +180,7 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
 
 
 @torch.no_grad()
-def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False, batch: int = 512,
+def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False, batch: int = 128,
                  seed: int = 0, stain_strength: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
     the served crops under a deterministic synthetic stain shift of `stain_strength`)."""
