@@ -88,7 +88,7 @@ def test_label_cell_threshold_rule() -> None:
     assert label_cell(_probs("platelet", 0.3), 0.6) == "platelet"
     # a WBC box the classifier calls a red cell: localiser and classifier disagree -> review
     assert label_cell(_probs("rbc", 0.99), 0.6, kind="wbc") == UNIDENTIFIED
-    assert label_cells(np.stack([_probs("neutrophil", 0.95), _probs("eosinophil", 0.4)]), DEFAULT_THRESHOLD,
+    assert label_cells(np.stack([_probs("neutrophil", 0.99), _probs("eosinophil", 0.4)]), DEFAULT_THRESHOLD,
                        ["wbc", "wbc"]) == ["neutrophil", UNIDENTIFIED]
     with pytest.raises(ValueError):
         label_cell(np.ones(NUM_CLASSES - 1) / 5, 0.6)
