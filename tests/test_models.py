@@ -59,7 +59,10 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
             dense = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)), 1)
             served, labels = CellGraphStage(gnn)(embeddings, b, frame_size)
         assert torch.allclose(pyg, dense, atol=1e-6), (pyg - dense).abs().max()
-        assert torch.equal(served, dense) and torch.equal(labels, dense.argmax(1).to(torch.int32))
+        # the served stage is calibrated: softmax(logits / temperature), same argmax
+        calibrated = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)) / gnn.temperature, 1)
+        assert gnn.temperature != 1.0 and torch.allclose(served, calibrated, atol=1e-6)
+        assert torch.equal(labels, dense.argmax(1).to(torch.int32))
 
 
 def test_knn_graph_shape_and_degree(held_out_images) -> None:
