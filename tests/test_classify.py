@@ -142,5 +142,5 @@ def test_no_white_cell_found_falls_back_to_the_centre(tmp_path: Path) -> None:
     assert record["cells"] == []
     white = record["white_cell"]
     assert white["found_by"] == "fallback" and white["cell_index"] is None
-    assert white["box"] == [32.0, 24.0, 128.0, 96.0]  # 60% of the shorter side, centred
+    assert white["box"] == [44.0, 24.0, 116.0, 96.0]  # a 72 px square: 60% of the shorter side, centred
     assert "no WBC box found: fallback" in run_cli(str(path)).stdout
