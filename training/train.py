@@ -317,7 +317,7 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + loss.item(), count + 1
         return total / max(count, 1)
 
     def validate(model):
@@ -359,9 +359,10 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
     torch.save(best, run_dir / "gnn_best.pt")
     release_dir.mkdir(parents=True, exist_ok=True)
     (release_dir / CALIBRATION_FILE).write_text(json.dumps(out, indent=2) + "\n")
+    chosen = out["threshold"]
+    accuracy = "n/a" if chosen["accuracy"] is None else f"{chosen['accuracy']:.1%}"
     print(f"calibration: T_cnn {out['cnn_temperature']:.2f}, T_gnn {out['gnn_temperature']:.2f}, threshold "
-          f"{out['threshold']['threshold']:.2f} accepts {out['threshold']['accepted']:.1%} of validation cells at "
-          f"{out['threshold']['accuracy']:.1%}")
+          f"{chosen['threshold']:.2f} accepts {chosen['accepted']:.1%} of validation cells at {accuracy}")
     return out
 
 
