@@ -15,11 +15,18 @@ from pathlib import Path
 import numpy as np
 
 # ---- classes -------------------------------------------------------------------------------------
-WBC_CLASSES: tuple[str, ...] = ("neutrophil", "eosinophil", "lymphocyte", "monocyte")
+# The five white-cell classes of a differential (they count to 100/200), the flagged nucleated cells reported
+# beside it (IG as % of WBC, NRBC per 100 WBC), and the context cells of the smear. Order is the output order.
+WBC_CLASSES: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
+FLAGGED_CLASSES: tuple[str, ...] = ("ig", "nrbc")  # immature granulocyte; nucleated red cell (erythroblast)
 CONTEXT_CLASSES: tuple[str, ...] = ("rbc", "platelet")
-CLASSES: tuple[str, ...] = WBC_CLASSES + CONTEXT_CLASSES
+NUCLEATED_CLASSES: tuple[str, ...] = WBC_CLASSES + FLAGGED_CLASSES  # what a WBC-kind box may be
+CLASSES: tuple[str, ...] = NUCLEATED_CLASSES + CONTEXT_CLASSES
 NUM_CLASSES = len(CLASSES)
 UNIDENTIFIED = "unidentified"
+# Calibrated top probability below which a WBC-kind cell goes to review (UNIDENTIFIED). Chosen by
+# `leukograph evaluate` from the auto-accept curve on validation cells (docs/results/evaluation.json).
+UNIDENTIFIED_THRESHOLD = 0.96
 CELL_KINDS: tuple[str, ...] = ("wbc", "rbc", "platelet")  # what the localiser says a box is
 
 # ---- limits --------------------------------------------------------------------------------------

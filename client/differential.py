@@ -2,11 +2,16 @@
 
 Counting rules (what a technologist needs to know when reading the numbers):
 
-* Only WBC classes (`contract.WBC_CLASSES`) enter the percentages. Their denominator, `n_wbc`, is the number of
-  *identified* WBCs; a sample is complete when `n_wbc` reaches the target (100 or 200).
-* A WBC the classifier is not sure about (`label_cell` gives `contract.UNIDENTIFIED`) goes to a separate review
-  bucket. Review cells are NOT in the percentages and do not count towards the target; they are listed for the
-  technologist to verify or reclassify.
+* Only the five WBC classes (`contract.WBC_CLASSES`: neutrophil, eosinophil, basophil, lymphocyte, monocyte) enter
+  the percentages. Their denominator, `n_wbc`, is the number of *identified* WBCs of those five classes; a sample
+  is complete when `n_wbc` reaches the target (100 or 200).
+* Flagged cells (`contract.FLAGGED_CLASSES`) are reported beside the 100, as lab instruments do:
+  - immature granulocytes (IG) as a percentage of white cells: 100 * n_ig / (n_wbc + n_ig), with its Wilson
+    interval (IGs are white cells, but they are not one of the five counted classes);
+  - NRBC per 100 WBC: 100 * n_nrbc / n_wbc (nucleated red cells are not white cells and are not in the 100).
+* A nucleated cell the classifier is not sure about (`label_cell` gives `contract.UNIDENTIFIED`) goes to a separate
+  review bucket. Review cells are NOT in the percentages and do not count towards the target; they are listed for
+  the technologist to verify or reclassify.
 * Platelets are reported per 100 WBC, over all WBCs seen (identified + review), the way analysers report
   non-WBC findings. Red cells are counted but not reported per 100 WBC.
 * Intervals are Wilson score intervals from `scipy.stats.binomtest` (n = 100, p = 5% gives 2.2-11.2%).
@@ -23,15 +28,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from leukograph.client.contract import CELL_KINDS, CLASSES, NUM_CLASSES, UNIDENTIFIED, WBC_CLASSES
+from leukograph.client.contract import (
+    CELL_KINDS,
+    CLASSES,
+    NUCLEATED_CLASSES,
+    NUM_CLASSES,
+    UNIDENTIFIED,
+    UNIDENTIFIED_THRESHOLD,
+    WBC_CLASSES,
+)
 
 TARGETS: tuple[int, ...] = (100, 200)  # the usual manual-differential sizes
 DEFAULT_TARGET = 100
-# The confidence rule: a WBC-kind cell whose top class probability is below this goes to review.
-DEFAULT_THRESHOLD = 0.6
+# The confidence rule: a WBC-kind cell whose calibrated top class probability is below this goes to review.
+DEFAULT_THRESHOLD = UNIDENTIFIED_THRESHOLD
 CONFIDENCE_LEVEL = 0.95
 PLATELET = "platelet"
 RBC = "rbc"
+IG = "ig"
+NRBC = "nrbc"
 
 
 def label_cell(probs: np.ndarray | Sequence[float], threshold: float = DEFAULT_THRESHOLD,
@@ -39,11 +54,12 @@ def label_cell(probs: np.ndarray | Sequence[float], threshold: float = DEFAULT_T
     """The label a cell is counted under: its argmax class, or UNIDENTIFIED for a WBC-kind cell that is unsure.
 
     probs: NUM_CLASSES probabilities in `contract.CLASSES` order. kind: what the localiser says the box is
-    (`contract.CELL_KINDS`); None means "trust the classifier" (kind = WBC when the argmax is a WBC class).
-    A WBC-kind cell goes to review (UNIDENTIFIED) when its top probability is below `threshold`, or when the
-    classifier's argmax is not a WBC class. A cell the localiser calls RBC or platelet but the classifier calls a
-    WBC class also goes to review: when localiser and classifier disagree, a technologist decides, and the cell is
-    never counted as a WBC unseen. Other non-WBC cells get their argmax class. This is the only place the rule lives.
+    (`contract.CELL_KINDS`); None means "trust the classifier" (kind = WBC when the argmax is a nucleated class:
+    the five WBC classes, IG or NRBC). A WBC-kind cell goes to review (UNIDENTIFIED) when its top probability is
+    below `threshold`, or when the classifier's argmax is not a nucleated class. A cell the localiser calls RBC or
+    platelet but the classifier calls a nucleated class also goes to review: when localiser and classifier
+    disagree, a technologist decides, and the cell is never counted unseen. Other non-WBC cells get their argmax
+    class. This is the only place the rule lives.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.shape != (NUM_CLASSES,):
@@ -54,10 +70,10 @@ def label_cell(probs: np.ndarray | Sequence[float], threshold: float = DEFAULT_T
         raise ValueError(f"unknown cell kind {kind!r}; expected one of {CELL_KINDS}")
     best = int(np.argmax(p))
     label = CLASSES[best]
-    wbc_kind = kind == "wbc" if kind is not None else label in WBC_CLASSES
-    if wbc_kind and (label not in WBC_CLASSES or p[best] < threshold):
+    wbc_kind = kind == "wbc" if kind is not None else label in NUCLEATED_CLASSES
+    if wbc_kind and (label not in NUCLEATED_CLASSES or p[best] < threshold):
         return UNIDENTIFIED
-    if not wbc_kind and label in WBC_CLASSES:
+    if not wbc_kind and label in NUCLEATED_CLASSES:
         return UNIDENTIFIED
     return label
 
@@ -96,7 +112,7 @@ class ClassRow:
 @dataclass(frozen=True)
 class DifferentialSummary:
     target: int
-    n_wbc: int  # identified WBCs: the denominator of the percentages
+    n_wbc: int  # identified WBCs of the five classes: the denominator of the percentages
     n_unidentified: int  # review bucket, not in the percentages
     n_platelets: int
     n_rbc: int
@@ -104,6 +120,12 @@ class DifferentialSummary:
     complete: bool
     confidence: float
     rows: tuple[ClassRow, ...]
+    n_ig: int = 0  # immature granulocytes, not in the 100
+    ig_percent: float | None = None  # of white cells: 100 * n_ig / (n_wbc + n_ig)
+    ig_ci_low: float | None = None
+    ig_ci_high: float | None = None
+    n_nrbc: int = 0  # nucleated red cells, not in the 100
+    nrbc_per_100_wbc: float | None = None  # 100 * n_nrbc / n_wbc
 
     def row(self, name: str) -> ClassRow:
         return next(r for r in self.rows if r.name == name)
@@ -113,6 +135,8 @@ class DifferentialSummary:
         out["rows"] = [asdict(r) for r in self.rows]
         out["ci_method"] = "wilson"
         out["percent_denominator"] = "identified WBCs (n_wbc); unidentified cells are excluded"
+        out["ig_denominator"] = "white cells (n_wbc + n_ig)"
+        out["nrbc_denominator"] = "per 100 identified WBCs (n_wbc), not in the 100"
         return out
 
 
@@ -159,7 +183,7 @@ class Differential:
             self._track_labels[track_id] = label
             self._counts[label] += 1
             return True
-        if previous == UNIDENTIFIED and label in WBC_CLASSES:
+        if previous == UNIDENTIFIED and label in NUCLEATED_CLASSES:
             self._track_labels[track_id] = label
             self._counts[UNIDENTIFIED] -= 1
             self._counts[label] += 1
@@ -238,11 +262,16 @@ class Differential:
                 ci_low=100.0 * ci[0] if ci else None,
                 ci_high=100.0 * ci[1] if ci else None))
         all_wbc = n + self.n_unidentified
+        n_ig, n_nrbc = self._counts[IG], self._counts[NRBC]
+        ig_ci = wilson_interval(n_ig, n + n_ig, self.confidence)
         return DifferentialSummary(
             target=self.target, n_wbc=n, n_unidentified=self.n_unidentified, n_platelets=self.n_platelets,
             n_rbc=self._counts[RBC],
             platelets_per_100_wbc=100.0 * self.n_platelets / all_wbc if all_wbc else None,
-            complete=self.is_complete, confidence=self.confidence, rows=tuple(rows))
+            complete=self.is_complete, confidence=self.confidence, rows=tuple(rows),
+            n_ig=n_ig, ig_percent=100.0 * n_ig / (n + n_ig) if n + n_ig else None,
+            ig_ci_low=100.0 * ig_ci[0] if ig_ci else None, ig_ci_high=100.0 * ig_ci[1] if ig_ci else None,
+            n_nrbc=n_nrbc, nrbc_per_100_wbc=100.0 * n_nrbc / n if n else None)
 
     def to_markdown(self) -> str:
         """A table a technologist reads: class, count, %, 95% CI; then review and platelet lines."""
@@ -257,8 +286,13 @@ class Differential:
         lines.append(f"| **WBC identified** | **{s.n_wbc}** | {total} | target {s.target} |")
         status = "complete" if s.complete else f"incomplete: {self.remaining} more WBC to count"
         per100 = "-" if s.platelets_per_100_wbc is None else f"{s.platelets_per_100_wbc:.1f}"
+        ig = ("-" if s.ig_percent is None
+              else f"{s.ig_percent:.1f}% of white cells ({s.ig_ci_low:.1f}-{s.ig_ci_high:.1f})")
+        nrbc = "-" if s.nrbc_per_100_wbc is None else f"{s.nrbc_per_100_wbc:.1f} per 100 WBC"
         lines += [
             "",
+            f"- Immature granulocytes (IG, not in the 100): {s.n_ig}, {ig}.",
+            f"- NRBC (not in the 100): {s.n_nrbc}, {nrbc}.",
             f"- Status: {status}.",
             f"- Unidentified (for review, NOT in the percentages): {s.n_unidentified}.",
             f"- Platelets: {s.n_platelets} ({per100} per 100 WBC, identified + review).",

@@ -14,6 +14,10 @@ Method (on a copy downscaled to WORK_SIDE):
 * Scale comes from the image itself: the image size sets the lobe-merging radius and the WBC/platelet
   area split (WBCs are a sizeable fraction of a frame and most of a single-cell crop); the RBC disc radii
   come from the distance transform. Black pixels (augmentation fill) are excluded everywhere.
+* Another lab's colour: when the first pass finds no WBC, the image is white-balanced against its own
+  background (each channel's bright percentile, BACKGROUND_PERCENTILE, is mapped to BACKGROUND_TARGET) and
+  localised again. A yellow, blue-grey, pink or dim background then looks like the fitted one. Images where the
+  first pass finds a WBC are untouched, so results on the fitted sources do not move.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ RBC_MIN_RADIUS_FRAC = 0.05  # distance-transform peak below this fraction of sqr
 RBC_PEAK_SEP = 1.1  # two RBC peaks closer than this times the larger radius are one cell
 RBC_BOX_SCALE = 1.3  # RBC box half-side = peak distance * this
 WBC_SCORE_AREA = 2.0  # WBC score saturates at this multiple of WBC_MIN_AREA_FRAC
+BACKGROUND_PERCENTILE = 97  # per channel, over valid pixels: the smear's background (brightest common colour)
+BACKGROUND_TARGET = 212.0  # ... is mapped to this neutral grey (BCCD training frames' background is ~210)
+MAX_BALANCE_GAIN = 4.0  # white-balance gains are clipped to [1 / this, this]
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float,
     ys, xs = np.nonzero(peak)
     if xs.size == 0:
         return []
-    radii = dist[ys, xs]
+    radii = np.minimum(dist[ys, xs], unit)  # a mask without background has "infinite" distances: no cell is larger
     order = np.lexsort((xs, ys, -radii))  # largest first, ties by position: deterministic
     kept: list[tuple[float, float, float]] = []
     for i in order:
@@ -145,11 +152,33 @@ def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float,
     return kept
 
 
+def white_balance(image: np.ndarray) -> np.ndarray:
+    """The image with each channel scaled so that its background (BACKGROUND_PERCENTILE of the non-black pixels)
+    becomes BACKGROUND_TARGET: a neutral background whatever the lamp, camera or stain cast."""
+    valid = image.max(axis=2) > BLACK_L_MAX
+    if valid.sum() < 16:
+        return image
+    background = np.percentile(image[valid], BACKGROUND_PERCENTILE, axis=0).astype(np.float32)
+    gain = np.clip(BACKGROUND_TARGET / np.maximum(background, 1.0), 1.0 / MAX_BALANCE_GAIN, MAX_BALANCE_GAIN)
+    return np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
 def localize(image_rgb: np.ndarray) -> Cells:
-    """Boxes for the WBCs, RBCs and platelets in an RGB uint8 image (full frame, 4-class image or crop)."""
+    """Boxes for the WBCs, RBCs and platelets in an RGB uint8 image (full frame, 4-class image or crop).
+
+    A second pass on the white-balanced image runs only when the first finds no WBC."""
     image = _as_rgb_uint8(image_rgb)
     if image is None or min(image.shape[:2]) < MIN_SIDE:
         return Cells.empty()
+    first = _localize(image)
+    if (first.kinds == WBC).any():
+        return first
+    second = _localize(white_balance(image))
+    return second if (second.kinds == WBC).any() else first
+
+
+def _localize(image: np.ndarray) -> Cells:
+    """One localisation pass on a validated RGB uint8 image."""
     h, w = image.shape[:2]
     factor = min(1.0, WORK_SIDE / max(h, w))
     small = image if factor == 1.0 else cv2.resize(

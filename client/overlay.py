@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from leukograph.client.contract import UNIDENTIFIED, WBC_CLASSES
+from leukograph.client.contract import NUCLEATED_CLASSES, UNIDENTIFIED
 from leukograph.client.errors import UserError
 
 # RGB colours per label (frames are RGB until written).
@@ -23,6 +23,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "eosinophil": (255, 120, 0),
     "lymphocyte": (0, 200, 80),
     "monocyte": (230, 200, 0),
+    "basophil": (140, 40, 200),
+    "ig": (0, 220, 220),
+    "nrbc": (160, 80, 40),
     "rbc": (200, 60, 60),
     "platelet": (120, 120, 120),
     UNIDENTIFIED: (255, 0, 255),
@@ -40,7 +43,7 @@ def draw_cells(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], confid
     for i, (box, label) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), labels)):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         colour = COLOURS.get(label, (255, 255, 255))
-        wbc = label in WBC_CLASSES or label == UNIDENTIFIED
+        wbc = label in NUCLEATED_CLASSES or label == UNIDENTIFIED
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, 2 * thin if wbc else thin)
         if not wbc and label == "rbc":
             continue  # dozens of red cells: boxes only, text would hide the smear

@@ -16,6 +16,7 @@ from leukograph.client.images import read_image
 from leukograph.training.datasets import load_bccd, load_four_class, split_frames
 
 CLI = [sys.executable, "-m", "leukograph.client.cli", "classify"]
+MIN_PBC_SAMPLE_ACCURACY = 0.8  # 5-class accuracy on a PBC test sample (the full figure is in docs/results)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -107,3 +108,39 @@ def test_bad_single_input_is_one_line(case: str, tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("leukograph classify: error:"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_single_cell_images_get_an_image_level_white_cell_class(tmp_path: Path) -> None:
+    """The field other labs' single-cell images are scored on: `white_cell.class`, one of the five WBC classes,
+    in --json and in the text line; on real PBC test images (never trained on) it names the cell's class."""
+    from leukograph.client.contract import NUCLEATED_CLASSES, WBC_CLASSES
+    from leukograph.training.datasets import load_pbc
+
+    images = [img for img in load_pbc() if img.split == "test" and img.label in WBC_CLASSES][::10]
+    result = run_cli(*(str(img.path) for img in images), "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(img.path) for img in images]
+    for record in records:
+        white = record["white_cell"]
+        assert white["class"] in WBC_CLASSES and white["label"] in NUCLEATED_CLASSES
+        assert white["found_by"] == "localiser" and record["cells"][white["cell_index"]]["kind"] == "wbc"
+        assert 0.0 <= white["probability"] <= 1.0
+    correct = [r["white_cell"]["class"] == img.label for r, img in zip(records, images)]
+    assert np.mean(correct) >= MIN_PBC_SAMPLE_ACCURACY, np.mean(correct)
+    text = run_cli(str(images[0].path))
+    assert text.stdout.startswith(f"{images[0].path}: white cell: {records[0]['white_cell']['class']} (")
+
+
+def test_no_white_cell_found_falls_back_to_the_centre(tmp_path: Path) -> None:
+    """An image where the localiser finds no cell still gets a white-cell answer, from the centred square."""
+    path = tmp_path / "plain.png"
+    cv2.imwrite(str(path), np.full((120, 160, 3), 200, np.uint8))
+    result = run_cli(str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["cells"] == []
+    white = record["white_cell"]
+    assert white["found_by"] == "fallback" and white["cell_index"] is None
+    assert white["box"] == [44.0, 24.0, 116.0, 96.0]  # a 72 px square: 60% of the shorter side, centred
+    assert "no WBC box found: fallback" in run_cli(str(path)).stdout

@@ -7,14 +7,23 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from leukograph.client.images import read_image
 from leukograph.training.datasets import (
+    PBC_FOLDER_CLASS,
+    content_splits,
     fetch_bccd,
     held_out_frames,
     load_bccd,
     load_four_class,
+    load_pbc,
+    load_txl,
     parse_labels_csv,
+    parse_yolo,
+    pbc_split,
+    sha1_of,
     split_frames,
 )
 
@@ -31,9 +40,10 @@ def test_bccd_counts_and_quirks() -> None:
     mixed = frames["BloodImage_00242"]
     assert mixed.frame_label is None
     assert all(b.label is None for b in mixed.boxes if b.kind == "wbc")
-    # the empty row has a WBC box with an unknown label; basophils are unlabelled (documented choice)
+    # the empty row has a WBC box with an unknown label; BCCD's 3 basophil frames are labelled basophil
     assert frames["BloodImage_00117"].frame_label is None
-    assert frames["BloodImage_00171"].wbc_labels == ["BASOPHIL"] and frames["BloodImage_00171"].frame_label is None
+    assert frames["BloodImage_00171"].wbc_labels == ["BASOPHIL"]
+    assert frames["BloodImage_00171"].frame_label == "basophil"
 
 
 def test_labels_csv_multi_label_spacing(tmp_path: Path) -> None:
@@ -69,6 +79,13 @@ def test_training_cell_sets_exclude_held_out_frames() -> None:
     held = held_out_frames()
     assert sets.train and sets.val
     assert not any(c.source_frame in held for c in sets.train + sets.val)
+    # no PBC or TXL-PBC test content either, by content hash
+    test_content = {digest for digest, part, _ in content_splits() if part == "test"}
+    used = {c.source_frame.split(":", 1)[1] for c in sets.train + sets.val if c.source in ("pbc", "txl-pbc",
+                                                                                           "txl-raabin-wbc",
+                                                                                           "txl-bcdd")}
+    assert used and not used & test_content
+    assert {c.source for c in sets.train} >= {"bccd", "4class", "pbc"}
 
 
 def test_fetch_bccd_from_local_archive(tmp_path: Path) -> None:
@@ -100,3 +117,72 @@ def test_unknown_split_is_refused(split: str) -> None:
 
     with pytest.raises(UserError):
         load_four_class(split=split)
+
+
+def test_pbc_loader_and_content_split() -> None:
+    images = load_pbc()
+    assert len(images) == 2200
+    by_class: dict[str, dict[str, int]] = {}
+    for img in images:
+        by_class.setdefault(img.label, {}).setdefault(img.split, 0)
+        by_class[img.label][img.split] += 1
+    assert set(by_class) == set(PBC_FOLDER_CLASS.values()) == {"neutrophil", "eosinophil", "basophil", "lymphocyte",
+                                                               "monocyte", "ig", "nrbc", "platelet"}
+    for counts in by_class.values():  # stratified: the same 41 / 41 / 193 in each class of 275
+        assert counts == {"test": 41, "val": 41, "train": 193}
+    assert all(img.path.parent.name == "erythroblast" for img in images if img.label == "nrbc")
+    # the recorded hashes are the bytes' hashes (checked on a sample: the split is decided by them)
+    for img in images[::97]:
+        assert sha1_of(img.path) == img.sha1
+    # deterministic and decided by content alone: the same hashes in any order give the same split
+    digests = {name: [img.sha1 for img in images if img.label == name] for name in by_class}
+    shuffled = {name: list(reversed(values)) for name, values in digests.items()}
+    assert pbc_split(digests) == pbc_split(shuffled) == {img.sha1: img.split for img in images}
+
+
+def test_txl_quirks() -> None:
+    images = load_txl()
+    assert len(images) == 1046
+    by_name = {img.path.stem: img for img in images}
+    # JPEG data behind a .png name, and RGBA PNGs: both read as RGB
+    raabin = next(img for img in images if img.source == "Raabin-WBC")
+    assert raabin.path.suffix == ".png" and raabin.path.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert read_image(raabin.path).shape == (575, 575, 3)
+    bcdd = next(img for img in images if img.source == "BCDD")
+    assert bcdd.path.read_bytes()[:4] == b"\x89PNG" and read_image(bcdd.path).shape == (256, 256, 3)
+    # duplicated label lines are dropped: LY_10361 has 6 raw WBC lines for one box
+    wbc_counts = [sum(b.kind == "wbc" for b in img.boxes) for img in images]
+    assert max(wbc_counts) == 2 and wbc_counts.count(0) == 5
+    # boxes are in pixels, inside the image
+    for img in images[::50]:
+        height, width = img.size
+        assert all(0 <= b.box[0] < b.box[2] <= width and 0 <= b.box[1] < b.box[3] <= height
+                   for b in img.boxes)
+    # PBC-derived white cells carry their PBC class; others have none
+    assert all(b.label in PBC_FOLDER_CLASS.values() for img in images if img.source == "PBC" for b in img.boxes
+               if b.kind == "wbc")
+    assert all(b.label is None for img in images if img.source != "PBC" for b in img.boxes if b.kind == "wbc")
+    assert by_name  # names are unique
+
+
+def test_parse_yolo_drops_duplicate_lines(tmp_path: Path) -> None:
+    label = tmp_path / "x.txt"
+    label.write_text("0 0.5 0.5 0.2 0.4\n0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n\n")
+    boxes = parse_yolo(label, height=100, width=200)
+    assert [kind for kind, _ in boxes] == ["wbc", "rbc"]
+    assert np.allclose(boxes[0][1], (80.0, 30.0, 120.0, 70.0))
+
+
+def test_every_content_hash_is_in_one_split_across_sources() -> None:
+    """BCCD, 4-class, PBC and TXL-PBC: identical bytes never sit in two splits (test never meets train/val)."""
+    rows = content_splits()
+    splits_of: dict[str, set[str]] = {}
+    for digest, part, _ in rows:
+        splits_of.setdefault(digest, set()).add(part)
+    crossing = {digest: parts for digest, parts in splits_of.items() if len(parts - {"unused"}) > 1}
+    assert not crossing
+    # the overlap is real: 83 PBC files are also TXL-PBC images, and each pair shares its split
+    pbc = {img.sha1: img.split for img in load_pbc()}
+    shared = [img for img in load_txl() if img.sha1 in pbc]
+    assert len(shared) == 83 and all(img.split == pbc[img.sha1] for img in shared)
+    assert sum(img.split != img.upstream_split for img in shared) > 0  # the content rule overrode upstream splits

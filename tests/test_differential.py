@@ -74,7 +74,7 @@ def test_empty_and_target_200() -> None:
     with pytest.raises(ValueError):
         Differential(target=0)
     with pytest.raises(ValueError):
-        Differential().add("basophil")
+        Differential().add("smudge")
 
 
 def test_label_cell_threshold_rule() -> None:
@@ -88,7 +88,7 @@ def test_label_cell_threshold_rule() -> None:
     assert label_cell(_probs("platelet", 0.3), 0.6) == "platelet"
     # a WBC box the classifier calls a red cell: localiser and classifier disagree -> review
     assert label_cell(_probs("rbc", 0.99), 0.6, kind="wbc") == UNIDENTIFIED
-    assert label_cells(np.stack([_probs("neutrophil", 0.95), _probs("eosinophil", 0.4)]), DEFAULT_THRESHOLD,
+    assert label_cells(np.stack([_probs("neutrophil", 0.99), _probs("eosinophil", 0.4)]), DEFAULT_THRESHOLD,
                        ["wbc", "wbc"]) == ["neutrophil", UNIDENTIFIED]
     with pytest.raises(ValueError):
         label_cell(np.ones(NUM_CLASSES - 1) / 5, 0.6)
@@ -133,3 +133,46 @@ def test_localiser_and_classifier_disagreement_goes_to_review() -> None:
     rbc[CLASSES.index("rbc")] = 1.0
     assert label_cell(rbc, 0.6, kind="rbc") == "rbc"
     assert label_cell(rbc, 0.6, kind="wbc") == UNIDENTIFIED
+
+
+def test_ig_and_nrbc_are_reported_beside_the_hundred() -> None:
+    """Five classes count to 100; IG is a % of white cells, NRBC per 100 WBC, neither in the 100."""
+    labels = (["neutrophil"] * 55 + ["eosinophil"] * 3 + ["basophil"] * 2 + ["lymphocyte"] * 32 + ["monocyte"] * 8
+              + ["ig"] * 4 + ["nrbc"] * 6 + [UNIDENTIFIED] * 3)
+    diff = Differential.from_labels(labels, target=100)
+    s = diff.summary()
+    assert [r.name for r in s.rows] == ["neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte"]
+    assert s.n_wbc == 100 and s.complete and diff.remaining == 0
+    assert sum(r.count for r in s.rows) == 100 and sum(r.percent for r in s.rows) == pytest.approx(100.0)
+    assert s.n_ig == 4 and s.ig_percent == pytest.approx(100 * 4 / 104)
+    ref = binomtest(4, 104).proportion_ci(method="wilson")
+    assert (s.ig_ci_low, s.ig_ci_high) == pytest.approx((100 * ref.low, 100 * ref.high))
+    assert s.n_nrbc == 6 and s.nrbc_per_100_wbc == pytest.approx(6.0)
+    assert s.n_unidentified == 3
+    d = s.to_dict()
+    assert d["n_ig"] == 4 and d["nrbc_per_100_wbc"] == pytest.approx(6.0)
+    text = diff.to_markdown()
+    assert "Immature granulocytes (IG, not in the 100): 4, 3.8% of white cells" in text
+    assert "NRBC (not in the 100): 6, 6.0 per 100 WBC" in text
+    # IG and NRBC never complete a sample
+    flagged_only = Differential.from_labels(["ig"] * 150 + ["nrbc"] * 150, target=100)
+    assert flagged_only.n_wbc == 0 and not flagged_only.is_complete
+    # a confident IG / NRBC on a WBC box is counted under its class; unsure goes to review
+    assert label_cell(_probs("ig", 0.9), 0.6, kind="wbc") == "ig"
+    assert label_cell(_probs("nrbc", 0.9), 0.6, kind="wbc") == "nrbc"
+    assert label_cell(_probs("nrbc", 0.4), 0.6, kind="wbc") == UNIDENTIFIED
+    assert label_cell(_probs("ig", 0.9), 0.6, kind="rbc") == UNIDENTIFIED
+
+
+def test_unidentified_threshold_is_the_validation_choice() -> None:
+    """The contract's threshold is the one `leukograph train` chose on the validation auto-accept curve."""
+    import json
+
+    from leukograph.client.contract import UNIDENTIFIED_THRESHOLD
+    from leukograph.deploy.paths import WEIGHTS_DIR
+
+    calibration = json.loads((WEIGHTS_DIR / "calibration.json").read_text())
+    assert pytest.approx(calibration["threshold"]["threshold"]) == UNIDENTIFIED_THRESHOLD
+    assert DEFAULT_THRESHOLD == UNIDENTIFIED_THRESHOLD
+    point = next(p for p in calibration["auto_accept_curve"] if p["threshold"] == calibration["threshold"]["threshold"])
+    assert point["accepted"] == calibration["threshold"]["accepted"]

@@ -153,3 +153,50 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     assert result["per_kind"]["wbc"]["recall"] >= 0.98
     assert result["four_class_test"]["images"] == 40
     assert result["crops"]["crops"] == 72
+
+
+def _centre_wbc_found(image: np.ndarray) -> bool:
+    from leukograph.training.cells import centre_box_index
+
+    cells = localize(image)
+    return centre_box_index(cells.boxes[cells.kinds == WBC], *image.shape[:2]) >= 0
+
+
+def test_pbc_white_cells_are_found() -> None:
+    """Target: >= 99% of PBC images of the nucleated classes have a WBC box on the centred cell (all 1,925)."""
+    from leukograph.client.contract import NUCLEATED_CLASSES
+    from leukograph.training.datasets import load_pbc
+
+    images = [img for img in load_pbc() if img.label in NUCLEATED_CLASSES]
+    found = [_centre_wbc_found(read_image(img.path)) for img in images]
+    assert len(found) == 1925 and np.mean(found) >= 0.99, np.mean(found)
+
+
+@pytest.mark.parametrize("cast", ["yellow", "blue-grey", "pink", "dim"])
+def test_other_labs_backgrounds(cast: str) -> None:
+    """Yellow, blue-grey, pink or dim backgrounds (lamp, camera, stain): the white cell is still found."""
+    from leukograph.training.datasets import load_four_class, load_pbc
+
+    gain, offset = {"yellow": ((1.0, 0.97, 0.7), (10, 5, -20)), "blue-grey": ((0.85, 0.9, 1.0), (-10, 0, 10)),
+                    "pink": ((1.0, 0.85, 0.95), (15, -5, 5)), "dim": ((0.7, 0.7, 0.7), (0, 0, 0))}[cast]
+    pbc = [img for img in load_pbc() if img.label not in ("platelet",)][::40]
+    four = list(load_four_class(split="TEST"))[::120]
+
+    def shifted(path: Path) -> np.ndarray:
+        image = read_image(path).astype(np.float32) * np.array(gain) + np.array(offset)
+        return np.clip(image, 0, 255).astype(np.uint8)
+
+    assert np.mean([_centre_wbc_found(shifted(img.path)) for img in pbc]) >= 0.95
+    assert np.mean([(localize(shifted(img.path)).kinds == WBC).any() for img in four]) >= 0.95
+
+
+@pytest.mark.parametrize("scale", [0.15, 1.6])
+def test_white_cells_30_to_300_px(scale: float) -> None:
+    """PBC white cells are ~190 px across: scaled to ~30 px (a 40x field) and ~300 px (a 100x oil crop)."""
+    from leukograph.training.datasets import load_pbc
+
+    pbc = [img for img in load_pbc() if img.label not in ("platelet",)][::40]
+    found = [_centre_wbc_found(cv2.resize(read_image(img.path), None, fx=scale, fy=scale,
+                                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR))
+             for img in pbc]
+    assert np.mean(found) >= 0.95, np.mean(found)

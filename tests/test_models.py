@@ -59,7 +59,10 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
             dense = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)), 1)
             served, labels = CellGraphStage(gnn)(embeddings, b, frame_size)
         assert torch.allclose(pyg, dense, atol=1e-6), (pyg - dense).abs().max()
-        assert torch.equal(served, dense) and torch.equal(labels, dense.argmax(1).to(torch.int32))
+        # the served stage is calibrated: softmax(logits / temperature), same argmax
+        calibrated = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)) / gnn.temperature, 1)
+        assert gnn.temperature != 1.0 and torch.allclose(served, calibrated, atol=1e-6)
+        assert torch.equal(labels, dense.argmax(1).to(torch.int32))
 
 
 def test_knn_graph_shape_and_degree(held_out_images) -> None:
@@ -100,3 +103,50 @@ def test_crop_outside_frame_is_black(held_out_images) -> None:
     image = held_out_images[0]
     crop = crop_cells(torch.from_numpy(image), torch.tensor([[-200.0, -200.0, -100.0, -100.0]]))
     assert crop.abs().max() == 0
+
+
+def test_stored_training_crop_centre_is_the_served_crop(held_out_images) -> None:
+    """Training keeps a wider STORE_SIZE view on the served sampling grid: its centre is exactly the served crop."""
+    from leukograph.training.cells import crops_for
+    from leukograph.training.models import STORE_PAD, STORE_SIZE
+
+    image = held_out_images[1]
+    boxes = localize(image).boxes
+    stored = crops_for(image, boxes)
+    served = crops_for(image, boxes, size=CROP_SIZE, zoom=1.0)
+    assert stored.shape == (len(boxes), STORE_SIZE, STORE_SIZE, 3)
+    centre = stored[:, STORE_PAD:STORE_PAD + CROP_SIZE, STORE_PAD:STORE_PAD + CROP_SIZE].astype(int)
+    assert np.abs(centre - served.astype(int)).max() <= 1  # the same samples; at most a rounding step apart
+
+
+def test_colour_standardisation_cancels_gain_and_offset_and_matches_onnx(held_out_images, tmp_path) -> None:
+    """The per-crop colour standardisation runs in the exported graph: ONNX Runtime equals PyTorch, and a per-channel
+    gain and offset of the whole frame (another lamp, camera or stain cast) barely moves the embedding."""
+    import onnxruntime as ort
+
+    from leukograph.client.contract import CROP_EMBEDDER
+    from leukograph.training.export import export_stage
+    from leukograph.training.models import CropEmbedder, standardise_colour
+
+    crops = torch.rand(5, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(0))
+    shifted = crops * torch.tensor([0.8, 1.1, 0.9]).view(1, 3, 1, 1) + torch.tensor([0.05, -0.02, 0.1]).view(1, 3, 1, 1)
+    assert torch.allclose(standardise_colour(crops), standardise_colour(shifted), atol=1e-3)
+    standard = standardise_colour(crops)
+    assert torch.allclose(standard.mean((2, 3)), torch.zeros(5, 3), atol=1e-5)
+    assert torch.allclose(standard.std((2, 3), unbiased=False), torch.ones(5, 3), atol=1e-3)
+
+    embedder = CropEmbedder().eval()
+    stage = CropEmbedderStage(embedder).eval()
+    path = export_stage(stage, CROP_EMBEDDER, tmp_path / "crop_embedder.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = held_out_images[2]
+    boxes = localize(image).boxes
+    onnx_embeddings, _ = session.run(None, {"FRAME": image, "BOXES": boxes})
+    with torch.no_grad():
+        torch_embeddings, _ = stage(torch.from_numpy(image), torch.from_numpy(boxes))
+    assert np.abs(onnx_embeddings - torch_embeddings.numpy()).max() < 1e-4
+    # whole-frame colour cast (inside the valid range): the embedding moves far less than between cells
+    cast = np.clip(image.astype(np.float32) * np.array([0.85, 1.0, 1.1]) + np.array([10.0, 0.0, -10.0]), 0, 255)
+    cast_embeddings, _ = session.run(None, {"FRAME": cast.astype(np.uint8), "BOXES": boxes})
+    between_cells = np.abs(onnx_embeddings[:, None] - onnx_embeddings[None]).mean()
+    assert np.abs(cast_embeddings - onnx_embeddings).mean() < 0.1 * between_cells

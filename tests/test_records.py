@@ -95,7 +95,7 @@ def test_frame_is_atomic(tmp_path: Path) -> None:
     assert store.record_frame("S1", 0, _frame(0))  # the retry is new
     assert len(store.cells("S1")) == 4 and state.differential.n_wbc == 2
     with pytest.raises(ValueError, match="unknown label"):
-        store.record_frame("S1", 1, [CellRecord((0, 0, 5, 5), "wbc", "basophil")])
+        store.record_frame("S1", 1, [CellRecord((0, 0, 5, 5), "wbc", "smudge")])
     assert len(store.frames("S1")) == 1
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 CLI = [sys.executable, "-m", "leukograph.client.cli", "train"]
-SMOKE = ["--max-images", "16", "--batch-size", "32", "--gnn-epochs", "1", "--baseline-epochs", "1", "--threads", "1",
-         "--workers", "0"]
+SMOKE = ["--max-images", "16", "--batch-size", "32", "--gnn-epochs", "1", "--baseline-epochs", "1", "--threads", "1"]
 
 
 def test_smoke_training_and_resume(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Labelled cell graphs for training and evaluation, built with the serving localiser and crop geometry.
 
-Every image (a BCCD frame or a 4-class image) becomes a `FrameCells`: the localiser's boxes and kinds, a node label
-per box, and the 64x64 crops cut by `models.crop_cells` (the function inside the served crop_embedder graph).
+Every image (a BCCD frame, a 4-class image, a PBC crop or a TXL-PBC image) becomes a `FrameCells`: the localiser's
+boxes and kinds, a node label per box, and uint8 crops cut by `models.crop_cells` (the function inside the served
+crop_embedder graph) at STORE_SIZE over a STORE_ZOOM wider region: `served_crops` is exactly the served crop.
 
 Node labels:
 * BCCD frame: localiser boxes are matched to VOC boxes (IoU >= MATCH_IOU); a matched box takes the VOC label (WBC
@@ -9,6 +10,10 @@ Node labels:
   (BCCD's RBC boxes are incomplete); an unmatched WBC box is unknown.
 * 4-class image: its WBC boxes take the folder class (the source frame has a single label); context boxes keep
   their localiser kind.
+* PBC image (one centred cell): the box holding the image centre (nearest to it when several do) takes the
+  folder class; other WBC-kind boxes are unknown; context boxes keep their localiser kind.
+* TXL-PBC image: like BCCD, against its YOLO boxes; a WBC takes its PBC class for PBC-derived images, else
+  unknown (Raabin-WBC and BCDD have no subtype here).
 Unknown labels are -1 and ignored by the losses.
 """
 
@@ -29,8 +34,8 @@ from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SI
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
 from leukograph.deploy.paths import CACHE_DIR
-from leukograph.training.datasets import BccdFrame, FourClassImage
-from leukograph.training.models import crop_cells
+from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
+from leukograph.training.models import STORE_PAD, STORE_SIZE, STORE_ZOOM, crop_cells
 
 MATCH_IOU = 0.3
 IGNORE = -1
@@ -39,22 +44,28 @@ KIND_TO_CLASS = {CELL_KINDS.index("rbc"): CLASSES.index("rbc"), CELL_KINDS.index
 
 @dataclass
 class FrameCells:
-    image_id: str  # BloodImage_00001 or 4class/TRAIN/EOSINOPHIL/_0_1616.jpeg
-    source_frame: str  # BCCD frame the image comes from (grouping key for splits)
-    frame_label: int  # WBC class index of the image (4-class / BCCD frame label), or -1
+    image_id: str  # BloodImage_00001, 4class/TRAIN/EOSINOPHIL/_0_1616.jpeg, pbc/..., txl/...
+    source_frame: str  # grouping key for splits (BCCD frame, or the image's own id)
+    frame_label: int  # class index of the image (4-class / BCCD frame label / PBC folder), or -1
     frame_size: tuple[int, int]  # height, width
     boxes: np.ndarray  # float32 [N,4]
     kinds: np.ndarray  # int64 [N] localiser kind
     labels: np.ndarray  # int64 [N] class index or -1
-    crops: np.ndarray  # uint8 [N,S,S,3]
+    crops: np.ndarray  # uint8 [N,STORE_SIZE,STORE_SIZE,3]; the centre CROP_SIZE square is the served crop
+    source: str = "bccd"  # bccd | 4class | pbc | txl-raabin-wbc | txl-pbc | txl-bcdd
+
+    @property
+    def served_crops(self) -> np.ndarray:
+        """uint8 [N,CROP_SIZE,CROP_SIZE,3]: exactly what the served crop_embedder cuts (a view, no copy)."""
+        return self.crops[:, STORE_PAD:STORE_PAD + CROP_SIZE, STORE_PAD:STORE_PAD + CROP_SIZE]
 
 
-def crops_for(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """uint8 [N,S,S,3] crops exactly as the served crop_embedder cuts them."""
+def crops_for(image: np.ndarray, boxes: np.ndarray, size: int = STORE_SIZE, zoom: float = STORE_ZOOM) -> np.ndarray:
+    """uint8 [N,size,size,3] crops on the served crop_embedder's sampling grid (default: the wider stored view)."""
     if len(boxes) == 0:
-        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        return np.zeros((0, size, size, 3), np.uint8)
     with torch.no_grad():
-        crops = crop_cells(torch.from_numpy(image), torch.from_numpy(boxes.astype(np.float32)))
+        crops = crop_cells(torch.from_numpy(image), torch.from_numpy(boxes.astype(np.float32)), size=size, zoom=zoom)
     return (crops.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -73,7 +84,7 @@ def bccd_cells(frame: BccdFrame) -> FrameCells:
         labels[det] = gt_labels[gt]
     label = frame.frame_label
     return FrameCells(frame.frame_id, frame.frame_id, CLASSES.index(label) if label else IGNORE,
-                      image.shape[:2], found.boxes, found.kinds, labels, crops_for(image, found.boxes))
+                      image.shape[:2], found.boxes, found.kinds, labels, crops_for(image, found.boxes), "bccd")
 
 
 def four_class_cells(item: FourClassImage) -> FrameCells:
@@ -83,18 +94,68 @@ def four_class_cells(item: FourClassImage) -> FrameCells:
     labels[found.kinds == CELL_KINDS.index("wbc")] = CLASSES.index(item.label)
     image_id = f"4class/{item.split}/{item.path.parent.name}/{item.path.name}"
     return FrameCells(image_id, item.source_frame, CLASSES.index(item.label), image.shape[:2], found.boxes,
-                      found.kinds, labels, crops_for(image, found.boxes))
+                      found.kinds, labels, crops_for(image, found.boxes), "4class")
+
+
+def centre_box_index(boxes: np.ndarray, height: int, width: int) -> int:
+    """The box holding the image centre (the nearest centre among several), or -1 when none does."""
+    if len(boxes) == 0:
+        return -1
+    cx, cy = width / 2.0, height / 2.0
+    holds = (boxes[:, 0] <= cx) & (cx <= boxes[:, 2]) & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3])
+    if not holds.any():
+        return -1
+    distance = np.hypot((boxes[:, 0] + boxes[:, 2]) / 2 - cx, (boxes[:, 1] + boxes[:, 3]) / 2 - cy)
+    return int(np.argmin(np.where(holds, distance, np.inf)))
+
+
+def pbc_cells(item: PbcImage) -> FrameCells:
+    image = read_image(item.path)
+    found = localize(image)
+    labels = _context_labels(found.kinds)
+    labels[found.kinds == CELL_KINDS.index("wbc")] = IGNORE
+    centre = centre_box_index(found.boxes, *image.shape[:2])
+    if centre >= 0:
+        labels[centre] = CLASSES.index(item.label)
+    return FrameCells(f"pbc/{item.path.parent.name}/{item.path.name}", f"pbc:{item.sha1}", CLASSES.index(item.label),
+                      image.shape[:2], found.boxes, found.kinds, labels, crops_for(image, found.boxes), "pbc")
+
+
+def txl_cells(item: TxlImage) -> FrameCells:
+    image = read_image(item.path)  # RGBA PNGs lose their alpha channel here
+    found = localize(image)
+    labels = _context_labels(found.kinds)
+    labels[found.kinds == CELL_KINDS.index("wbc")] = IGNORE
+    gt_boxes = np.array([b.box for b in item.boxes], np.float32).reshape(-1, 4)
+    gt_labels = [CLASSES.index(b.label) if b.label in CLASSES else IGNORE for b in item.boxes]
+    for det, gt in greedy_pairs(box_iou(found.boxes, gt_boxes), MATCH_IOU):
+        labels[det] = gt_labels[gt]
+    wbc_labels = {b.label for b in item.boxes if b.kind == "wbc"}
+    frame_label = CLASSES.index(next(iter(wbc_labels))) if len(wbc_labels) == 1 and None not in wbc_labels else IGNORE
+    return FrameCells(f"txl/{item.upstream_split}/{item.path.name}", f"txl:{item.sha1}", frame_label,
+                      image.shape[:2], found.boxes, found.kinds, labels, crops_for(image, found.boxes),
+                      "txl-" + item.source.lower())
+
+
+def cells_of(item: BccdFrame | FourClassImage | PbcImage | TxlImage) -> FrameCells:
+    if isinstance(item, BccdFrame):
+        return bccd_cells(item)
+    if isinstance(item, FourClassImage):
+        return four_class_cells(item)
+    if isinstance(item, PbcImage):
+        return pbc_cells(item)
+    return txl_cells(item)
 
 
 def _cache_key(name: str, ids: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(inspect.getsource(localize_module).encode())
-    digest.update(f"{CROP_SIZE}/{CROP_MARGIN}/{MATCH_IOU}".encode())
+    digest.update(f"{CROP_SIZE}/{CROP_MARGIN}/{MATCH_IOU}/{STORE_SIZE}/{STORE_ZOOM}/v2".encode())
     digest.update("\n".join(ids).encode())
     return f"{name}-{digest.hexdigest()[:16]}"
 
 
-def build_cells(items: Iterable[BccdFrame | FourClassImage], name: str, cache: bool = True,
+def build_cells(items: Iterable[BccdFrame | FourClassImage | PbcImage | TxlImage], name: str, cache: bool = True,
                 progress: bool = True) -> list[FrameCells]:
     """Localise, label and crop every item; cached under .cache/ keyed by the localiser source and the items."""
     items = list(items)
@@ -102,8 +163,7 @@ def build_cells(items: Iterable[BccdFrame | FourClassImage], name: str, cache: b
     path = CACHE_DIR / f"{_cache_key(name, ids)}.pt"
     if cache and path.exists():
         return [FrameCells(**record) for record in torch.load(path, weights_only=False)]
-    out = [bccd_cells(item) if isinstance(item, BccdFrame) else four_class_cells(item)
-           for item in tqdm(items, desc=f"cells {name}", disable=not progress, leave=False)]
+    out = [cells_of(item) for item in tqdm(items, desc=f"cells {name}", disable=not progress, leave=False)]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save([vars(record) for record in out], path.with_suffix(".tmp"))

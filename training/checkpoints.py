@@ -7,6 +7,7 @@ optimizer state to stay small; everything else is kept, so each file says how it
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,13 @@ from leukograph.client.errors import UserError
 from leukograph.training.models import CellGraphNet, CropEmbedder, SeedBaseline
 
 CNN_FILE, GNN_FILE, BASELINE_FILE = "cnn.pt", "gnn.pt", "baseline.pt"
+CALIBRATION_FILE = "calibration.json"  # temperatures and the unidentified threshold, fitted on validation
+
+
+def load_calibration(weights_dir: Path) -> dict:
+    """calibration.json of a weights folder ({} when absent: temperature 1, uncalibrated)."""
+    path = weights_dir / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _plain(value: Any) -> Any:
@@ -64,7 +72,8 @@ def load_models(weights_dir: Path) -> tuple[CropEmbedder, CellGraphNet, dict]:
     gnn = CellGraphNet(**gnn_ckpt["config"])
     gnn.load_state_dict(gnn_ckpt["model"])
     meta = {"cnn": {k: cnn_ckpt[k] for k in ("epoch", "args", "metrics")},
-            "gnn": {k: gnn_ckpt[k] for k in ("epoch", "args", "metrics")}}
+            "gnn": {k: gnn_ckpt[k] for k in ("epoch", "args", "metrics")},
+            "calibration": load_calibration(weights_dir)}
     return embedder.eval(), gnn.eval(), meta
 
 

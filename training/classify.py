@@ -3,6 +3,13 @@
 The same localiser and the same two stages (in-graph crop + CNN, dense GNN) that Triton serves, chained by
 `leukograph.deploy.runners.run_pipeline` over two `TorchRunner`s.
 Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(path)` return the JSON objects.
+
+Every image also gets one image-level answer, `white_cell`: the class of its most white-cell-like cell (the cell
+with the largest probability over the nucleated classes among the localiser's WBC boxes). `class` is one of the
+five WBC classes; `label` is the nucleated class (it may be `ig` or `nrbc`, flagged beside the differential).
+Fallback when the localiser finds no WBC box: the image's cells plus a centred square (CENTRE_FALLBACK of the
+shorter side: single-cell images are centred on their cell) are classified together, and the most white-cell-like
+of them answers; `found_by` says "fallback".
 """
 
 from __future__ import annotations
@@ -16,14 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukograph.client.contract import CELL_GRAPH, CELL_KINDS, CLASSES, CROP_EMBEDDER, EMBEDDINGS, NUM_CLASSES, PROBS
+from leukograph.client.contract import (
+    CELL_GRAPH,
+    CELL_KINDS,
+    CLASSES,
+    CROP_EMBEDDER,
+    EMBEDDINGS,
+    NUCLEATED_CLASSES,
+    NUM_CLASSES,
+    PROBS,
+    WBC_CLASSES,
+)
 from leukograph.client.errors import UserError
 from leukograph.client.images import ImageError, list_images, read_image, safe_name
-from leukograph.client.localize import Cells, localize
+from leukograph.client.localize import WBC, Cells, localize
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
+
+CENTRE_FALLBACK = 0.6  # side of the fallback box, as a fraction of the image's shorter side
 
 
 @dataclass
@@ -58,8 +77,41 @@ class Classifier:
         prediction = self.predict(image)
         return cells_json(prediction.cells, prediction.probs)
 
+    def white_cell(self, image: np.ndarray, prediction: Prediction) -> dict:
+        """The image-level answer: the most white-cell-like WBC box, or the fallback when there is none."""
+        is_wbc = prediction.cells.kinds == WBC
+        if is_wbc.any():
+            return white_cell_json(prediction.cells, prediction.probs, np.flatnonzero(is_wbc), "localiser")
+        height, width = image.shape[:2]
+        side = CENTRE_FALLBACK * min(height, width)
+        centre = np.array([[(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2]],
+                          np.float32)
+        cells = Cells(np.concatenate([prediction.cells.boxes, centre]),
+                      np.concatenate([prediction.cells.kinds, [WBC]]).astype(np.int64),
+                      np.concatenate([prediction.cells.scores, [0.0]]).astype(np.float32))
+        widened = self.predict(image, cells)
+        result = white_cell_json(cells, widened.probs, np.arange(len(cells)), "fallback")
+        if result["cell_index"] == len(prediction.cells):
+            result["cell_index"] = None  # the centred square, not one of the listed cells
+        return result
+
     def classify_path(self, path: str | Path) -> dict:
-        return {"path": str(path), "cells": self.classify_image(read_image(path))}
+        image = read_image(path)
+        prediction = self.predict(image)
+        return {"path": str(path), "white_cell": self.white_cell(image, prediction),
+                "cells": cells_json(prediction.cells, prediction.probs)}
+
+
+def white_cell_json(cells: Cells, probs: np.ndarray, candidates: np.ndarray, found_by: str) -> dict:
+    """The candidate with the largest nucleated-class probability: its WBC class (5 classes), nucleated label."""
+    nucleated = probs[candidates, :len(NUCLEATED_CLASSES)].sum(1)
+    index = int(candidates[int(np.argmax(nucleated))])
+    p = probs[index]
+    wbc = int(np.argmax(p[:len(WBC_CLASSES)]))
+    label = int(np.argmax(p[:len(NUCLEATED_CLASSES)]))
+    return {"class": WBC_CLASSES[wbc], "probability": round(float(p[wbc]), 5), "label": NUCLEATED_CLASSES[label],
+            "label_probability": round(float(p[label]), 5), "cell_index": index,
+            "box": [round(float(v), 1) for v in cells.boxes[index]], "found_by": found_by}
 
 
 def cells_json(cells: Cells, probs: np.ndarray) -> list[dict]:
@@ -85,9 +137,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _summary_line(result: dict) -> str:
+    white = result["white_cell"]
+    flag = f", flagged {white['label']} ({white['label_probability']:.2f})" if white["label"] != white["class"] else ""
+    fallback = ", no WBC box found: fallback" if white["found_by"] == "fallback" else ""
     wbc = [c for c in result["cells"] if c["kind"] == "wbc"]
-    labels = ", ".join(f"{c['label']} ({max(c['probs'].values()):.2f})" for c in wbc) or "no WBC"
-    return f"{safe_name(result['path'])}: {len(result['cells'])} cells; WBC: {labels}"
+    labels = ", ".join(f"{c['label']} ({max(c['probs'].values()):.2f})" for c in wbc) or "none"
+    return (f"{safe_name(result['path'])}: white cell: {white['class']} ({white['probability']:.2f}){flag}{fallback}; "
+            f"{len(result['cells'])} cells; WBC boxes: {labels}")
 
 
 def main(args: argparse.Namespace) -> int:

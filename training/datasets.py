@@ -1,20 +1,30 @@
-"""The two real datasets, their quirks, and splits grouped by source frame.
+"""The real datasets, their quirks, and deterministic splits.
 
 Torch-free on purpose: the localiser evaluation and the client tests read the same indexes.
 
 * `bccd/`: 364 640x480 frames, VOC boxes (WBC/RBC/Platelets), `labels.csv` with the frame's WBC subtype.
 * `blood-cells-4class/`: 12,515 images that are augmented, 320x240 copies of ~342 BCCD frames.
   `derived/provenance.csv` maps each image to its source frame.
+* `pbc/`: 2,200 CellaVision single-cell crops (MGG stain), 275 per class; `erythroblast` is our `nrbc`.
+* `txl-pbc/`: YOLO WBC/RBC/platelet boxes on Raabin-WBC, PBC and BCDD images (JPEG data named .png, RGBA PNGs,
+  duplicated label lines, images without a WBC box). PBC-derived images carry their PBC class.
 
-Split policy (see README "Data"): frames behind 4-class TEST/TEST_SIMPLE are the *held-out* frames. They are
-never trained on nor used for early stopping or model selection. Validation is carved from the remaining
-frames, grouped by frame and stratified by class.
+Split policy (README "Data"):
+* BCCD / 4-class: frames behind 4-class TEST/TEST_SIMPLE are the *held-out* frames (the test split). They are
+  never trained on nor used for early stopping or model selection. Validation is carved from the remaining
+  frames, grouped by frame and stratified by class.
+* PBC: per class, files sorted by the SHA-1 of their bytes; the first 15% are test, the next 15% validation, the
+  rest train. The split is therefore a function of the content, stratified by class.
+* TXL-PBC: an image whose bytes are also a PBC file takes that file's split (content decides); every other image
+  keeps TXL-PBC's upstream split. `content_splits` lists every file's split by SHA-1 so that a test can check that
+  no content sits in two splits across all sources.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import random
 import shutil
 import tarfile
@@ -33,9 +43,8 @@ BCCD_SOURCE_URL = "https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/m
 LABELS_CSV_URL = "https://raw.githubusercontent.com/dhruvp/wbc-classification/master/labels.csv"
 
 VOC_KIND = {"WBC": "wbc", "RBC": "rbc", "Platelets": "platelet"}
-# Basophil has 3 frames in all of BCCD: too few to learn or to evaluate. Such WBCs get no training label
-# (they are ignored by the loss) and 4-class data has no basophil folder. See README "Data".
-IGNORED_SUBTYPES = {"BASOPHIL"}
+# BCCD has 3 basophil frames (2 with a single box): labelled basophil, but the class is learnt from PBC.
+IGNORED_SUBTYPES: set[str] = set()
 HELD_OUT_SOURCES = {"TEST", "TEST+TEST_SIMPLE"}
 FOUR_CLASS_SPLITS = ("TRAIN", "TEST", "TEST_SIMPLE")
 
@@ -257,6 +266,125 @@ def fetch_bccd(dest: Path, source: str = BCCD_SOURCE_URL, labels_source: str = L
         raise UserError(f"BCCD frames saved, but labels.csv could not be downloaded from {labels_source}: {exc}") \
             from None
     return target
+
+
+# ---- PBC and TXL-PBC ----------------------------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
+PBC_FOLDER_CLASS = {"neutrophil": "neutrophil", "eosinophil": "eosinophil", "basophil": "basophil",
+                    "lymphocyte": "lymphocyte", "monocyte": "monocyte", "ig": "ig", "erythroblast": "nrbc",
+                    "platelet": "platelet"}
+PBC_TEST_FRACTION = 0.15
+PBC_VAL_FRACTION = 0.15
+TXL_KINDS = {0: "wbc", 1: "rbc", 2: "platelet"}  # classes.txt
+
+
+@dataclass(frozen=True)
+class PbcImage:
+    path: Path
+    label: str  # a contract.CLASSES name (erythroblast -> nrbc)
+    pbc_label: str  # file-name prefix: SNE, BNE, MY, ...
+    sha1: str  # of the file's bytes
+    split: str  # train | val | test
+
+
+@dataclass(frozen=True)
+class TxlImage:
+    path: Path
+    source: str  # Raabin-WBC | PBC | BCDD
+    upstream_split: str  # TXL-PBC's own split
+    split: str  # ours: the PBC split for content shared with pbc/, else upstream_split
+    sha1: str
+    size: tuple[int, int]  # height, width
+    boxes: tuple[BoxLabel, ...]  # de-duplicated label lines in pixels; WBC label = PBC class or None
+
+
+def sha1_of(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def pbc_split(sha1s_by_class: dict[str, list[str]]) -> dict[str, str]:
+    """sha1 -> split: per class, sorted by sha1, first 15% test, next 15% validation, the rest train."""
+    out: dict[str, str] = {}
+    for digests in sha1s_by_class.values():
+        ordered = sorted(digests)
+        n_test = round(len(ordered) * PBC_TEST_FRACTION)
+        n_val = round(len(ordered) * PBC_VAL_FRACTION)
+        for i, digest in enumerate(ordered):
+            out[digest] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
+
+
+@cache
+def load_pbc(root: Path | None = None) -> tuple[PbcImage, ...]:
+    """All staged PBC files with their class and content-decided split (derived/files.csv gives the sha1)."""
+    base = _require(data_root(root) / "pbc", "PBC dataset")
+    with open(_require(base / "derived" / "files.csv", "PBC files.csv"), newline="") as fh:
+        rows = [row for row in csv.DictReader(fh) if row["class"] in PBC_FOLDER_CLASS]
+    by_class: dict[str, list[str]] = {}
+    for row in rows:
+        by_class.setdefault(row["class"], []).append(row["sha1"])
+    split = pbc_split(by_class)
+    return tuple(PbcImage(base / row["file"], PBC_FOLDER_CLASS[row["class"]], row["pbc_label"], row["sha1"],
+                          split[row["sha1"]]) for row in sorted(rows, key=lambda r: r["file"]))
+
+
+def parse_yolo(path: Path, height: int, width: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """YOLO label lines -> [(kind, x1, y1, x2, y2 pixels)], exact duplicate lines dropped, order kept."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for line in path.read_text().splitlines():
+        parts = tuple(line.split())
+        if len(parts) != 5 or parts in seen:
+            continue
+        seen.add(parts)
+        kind = TXL_KINDS.get(int(parts[0]))
+        cx, cy, bw, bh = (float(v) for v in parts[1:])
+        if kind is None or bw <= 0 or bh <= 0:
+            continue
+        # clamped to the image: 6-decimal YOLO values land a hair outside at the edges
+        out.append((kind, (max((cx - bw / 2) * width, 0.0), max((cy - bh / 2) * height, 0.0),
+                           min((cx + bw / 2) * width, float(width)), min((cy + bh / 2) * height, float(height)))))
+    return out
+
+
+@cache
+def load_txl(root: Path | None = None) -> tuple[TxlImage, ...]:
+    """All staged TXL-PBC images with de-duplicated boxes and our split (PBC's for content shared with pbc/)."""
+    base = _require(data_root(root) / "txl-pbc", "TXL-PBC dataset")
+    pbc_splits = {img.sha1: img.split for img in load_pbc(root)}
+    images = []
+    with open(_require(base / "derived" / "images.csv", "TXL-PBC images.csv"), newline="") as fh:
+        for row in csv.DictReader(fh):
+            path = base / row["file"]
+            height, width = int(row["height"]), int(row["width"])
+            label_path = base / "labels" / row["split"] / f"{path.stem}.txt"
+            pbc_class = PBC_FOLDER_CLASS.get(row["pbc_class"]) if row["pbc_class"] else None
+            boxes = tuple(BoxLabel(box, kind, (pbc_class if kind == "wbc" else kind))
+                          for kind, box in parse_yolo(label_path, height, width))
+            images.append(TxlImage(path, row["source"], row["split"], pbc_splits.get(row["sha1"], row["split"]),
+                                   row["sha1"], (height, width), boxes))
+    return tuple(images)
+
+
+def frame_split_name(frame_id: str, split: FrameSplit) -> str:
+    """A BCCD / 4-class source frame's split in the common vocabulary (held-out frames are test)."""
+    if frame_id in split.held_out:
+        return "test"
+    return "val" if frame_id in split.val else "train" if frame_id in split.train else "unused"
+
+
+def content_splits(root: Path | None = None) -> list[tuple[str, str, str]]:
+    """(sha1 of bytes, split, "source:path") for every image of every source, to check that no content is in two
+    splits. BCCD and 4-class images hash their files; PBC and TXL-PBC hashes come from derived/ CSVs (their
+    bytes are checked against those in the tests)."""
+    frames = split_frames(root)
+    out = [(sha1_of(f.image_path), frame_split_name(f.frame_id, frames), f"bccd:{f.frame_id}") for f in load_bccd(root)]
+    for name in FOUR_CLASS_SPLITS:
+        out += [(sha1_of(img.path), "test" if name != "TRAIN" else frame_split_name(img.source_frame, frames),
+                 f"4class:{img.path}") for img in load_four_class(root, name)]
+    out += [(img.sha1, img.split, f"pbc:{img.path}") for img in load_pbc(root)]
+    out += [(img.sha1, img.split, f"txl:{img.path}") for img in load_txl(root)]
+    return out
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -3,9 +3,13 @@
 Laid out like torchvision's references/classification: `get_args_parser()`, `main(args)`, `train_one_epoch`,
 `evaluate`, and checkpoints that carry model, optimizer, epoch, args and metrics (`--resume` continues a run).
 
-Data: BCCD frames and 4-class TRAIN images whose source frame is in the training split. Model selection uses the
-validation frames (carved from training frames, grouped by frame). Held-out frames (4-class TEST sources) are
-never read here.
+Data: BCCD frames, a per-class subset of 4-class TRAIN images whose source frame is in the training split, PBC's
+train part and TXL-PBC's train images (datasets.py has the split rules). Model selection uses the validation parts
+(mean per-source macro-F1 over nucleated cells). Test parts (4-class TEST frames, PBC test, TXL-PBC test) are never
+read here. After training, temperatures are fitted on validation (calibration.json) and the "unidentified"
+threshold is chosen from the validation auto-accept curve.
+
+Crops stay uint8 (STORE_SIZE views) and are augmented per batch (augment.py): peak memory stays small.
 """
 
 from __future__ import annotations
@@ -18,68 +22,64 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score
 from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader as GraphLoader
 from tqdm import tqdm
 
-from leukograph.client.contract import CLASSES, WBC_CLASSES
+from leukograph.client.contract import CLASSES, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
-from leukograph.client.images import read_image
 from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.training.augment import augment_batch
 from leukograph.training.cells import IGNORE, FrameCells, build_cells
 from leukograph.training.checkpoints import (
     BASELINE_FILE,
+    CALIBRATION_FILE,
     CNN_FILE,
     GNN_FILE,
     load_checkpoint,
     save_checkpoint,
 )
-from leukograph.training.datasets import load_bccd, load_four_class, split_frames
-from leukograph.training.models import CellGraphNet, CropEmbedder, SeedBaseline, knn_edge_index, node_inputs
+from leukograph.training.datasets import (
+    frame_split_name,
+    load_bccd,
+    load_four_class,
+    load_pbc,
+    load_txl,
+    split_frames,
+)
+from leukograph.training.embedding import embed_frames
+from leukograph.training.metrics import (
+    auto_accept_curve,
+    baseline_images,
+    cell_metrics,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    labelled_nucleated,
+    macro_f1,
+)
+from leukograph.training.models import (
+    BASELINE_CLASSES,
+    STORE_ZOOM,
+    CellGraphNet,
+    CropEmbedder,
+    SeedBaseline,
+    knn_edge_index,
+    node_inputs,
+)
 
-NUM_WBC = len(WBC_CLASSES)
-CONTEXT_PER_IMAGE = 1  # RBC/platelet crops drawn per image per CNN epoch (they are many and easy)
-CONTEXT_LOSS_WEIGHT = 0.2  # GNN loss weight of RBC/platelet nodes relative to WBC nodes
-
-
-def crop_augmentation() -> A.Compose:
-    """Smear-appropriate augmentation of 64x64 crops: any orientation, small scale/shift, stain and colour jitter."""
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=0.5),
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-20, 20), border_mode=cv2.BORDER_CONSTANT,
-                 fill=0, p=0.7),
-        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=20, val_shift_limit=12, p=0.7),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-        A.RandomGamma(gamma_limit=(85, 115), p=0.3),
-        A.GaussianBlur(blur_limit=(3, 3), p=0.1),
-    ])
-
-
-def to_tensor(crops: np.ndarray) -> torch.Tensor:
-    """uint8 [N,S,S,3] -> float [N,3,S,S] in 0..1 (what crop_cells produces in-graph)."""
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-
-
-def macro_f1_wbc(targets: np.ndarray, predictions: np.ndarray) -> float:
-    return float(f1_score(targets, predictions, labels=list(range(NUM_WBC)), average="macro", zero_division=0))
-
-
-def image_prediction(probs: np.ndarray) -> tuple[int, int]:
-    """An image's WBC class from its cells' probabilities: the most WBC-like cell (largest total WBC probability)
-    and its most likely WBC class. Returns (class index or -1 without cells, cell index or -1)."""
-    if len(probs) == 0:
-        return -1, -1
-    cell = int(np.argmax(probs[:, :NUM_WBC].sum(1)))
-    return int(np.argmax(probs[cell, :NUM_WBC])), cell
+NUM_NUCLEATED = len(NUCLEATED_CLASSES)
+CONTEXT_SHARE = 0.35  # chance that an image gives one RBC/platelet crop to a CNN epoch (they are many and easy)
+CONTEXT_LOSS_WEIGHT = 0.2  # GNN loss weight of RBC/platelet nodes relative to white-cell nodes
+FOUR_CLASS_PER_CLASS = 600  # 4-class TRAIN images kept per class: ~10k augmented copies of ~270 frames otherwise
+CLASS_BALANCE_POWER = 0.5  # CNN epochs draw a crop of class c with weight n_c ** -power (0 = as is, 1 = balanced)
+SOURCE_GROUPS = {"bccd": ("bccd", "4class"), "pbc": ("pbc", "txl-pbc")}  # what --exclude-source drops
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -89,49 +89,87 @@ class CellSets:
     val: list[FrameCells]
 
 
-def load_cell_sets(data_root: Path | None, max_images: int | None, seed: int) -> CellSets:
+def _four_class_subset(data_root, held_out: frozenset[str], seed: int) -> list:
+    """Up to FOUR_CLASS_PER_CLASS non-held-out 4-class TRAIN images per class, deterministic."""
+    rng = random.Random(seed)
+    by_class: dict[str, list] = {}
+    for img in load_four_class(data_root, "TRAIN"):
+        if img.source_frame not in held_out:
+            by_class.setdefault(img.label, []).append(img)
+    return [img for name in sorted(by_class) for img in
+            sorted(rng.sample(by_class[name], min(len(by_class[name]), FOUR_CLASS_PER_CLASS)), key=lambda i: i.path)]
+
+
+def load_cell_sets(data_root: Path | None, max_images: int | None, seed: int,
+                   exclude_source: str | None = None) -> CellSets:
+    """Training and validation cells of every source (datasets.py has the split rules). Test parts are never read:
+    4-class TEST frames, PBC test files and TXL-PBC images whose content or upstream split is test."""
     split = split_frames(data_root, seed=seed)
     bccd = [f for f in load_bccd(data_root) if f.frame_id not in split.held_out]
-    four = [img for img in load_four_class(data_root, "TRAIN") if img.source_frame not in split.held_out]
+    four = _four_class_subset(data_root, split.held_out, seed)
+    pbc = [img for img in load_pbc(data_root) if img.split != "test"]
+    pbc_content = {img.sha1 for img in load_pbc(data_root)}
+    txl = [img for img in load_txl(data_root) if img.split != "test" and img.sha1 not in pbc_content]
     if max_images:  # smoke runs: a deterministic handful of each
         rng = random.Random(seed)
-        bccd = rng.sample(bccd, min(len(bccd), max_images))
-        four = rng.sample(four, min(len(four), max_images))
-    cells = build_cells(bccd, "bccd-trainval") + build_cells(four, "4class-trainval")
+        bccd, four, pbc, txl = (rng.sample(items, min(len(items), max_images)) for items in (bccd, four, pbc, txl))
+    cells = (build_cells(bccd, "bccd-trainval") + build_cells(four, "4class-trainval")
+             + build_cells(pbc, "pbc-trainval") + build_cells(txl, "txl-trainval"))
+    if exclude_source:
+        cells = [c for c in cells if c.source not in SOURCE_GROUPS[exclude_source]]
     assert not any(c.source_frame in split.held_out for c in cells), "held-out frame in training data"
-    return CellSets(train=[c for c in cells if c.source_frame in split.train],
-                    val=[c for c in cells if c.source_frame in split.val])
+    split_of = {f"pbc:{img.sha1}": img.split for img in pbc} | {f"txl:{img.sha1}": img.split for img in txl}
+
+    def part(cell: FrameCells) -> str:
+        if cell.source_frame in split_of:
+            return split_of[cell.source_frame]
+        return frame_split_name(cell.source_frame, split)
+
+    return CellSets(train=[c for c in cells if part(c) == "train"], val=[c for c in cells if part(c) == "val"])
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """Labelled crops for one CNN epoch: every labelled WBC crop, plus a few context crops per image."""
+class CropSampler:
+    """The CNN's crops: every labelled nucleated-cell crop plus a context crop from CONTEXT_SHARE of the images, drawn
+    per epoch with class weights n_c ** -CLASS_BALANCE_POWER (PBC's rare classes against BCCD's many neutrophils).
+    Holds (frame, cell) indices only: crops stay uint8 in the frames and are converted per batch."""
 
-    def __init__(self, frames: list[FrameCells], augment: bool, rng: np.random.Generator) -> None:
-        self.items: list[tuple[np.ndarray, int]] = []
-        for frame in frames:
-            wbc = np.flatnonzero((frame.labels >= 0) & (frame.labels < NUM_WBC))
-            context = np.flatnonzero(frame.labels >= NUM_WBC)
-            chosen = rng.choice(context, min(CONTEXT_PER_IMAGE, len(context)), replace=False) if len(context) else []
-            self.items += [(frame.crops[i], int(frame.labels[i])) for i in (*wbc, *chosen)]
-        self.transform = crop_augmentation() if augment else None
+    def __init__(self, frames: list[FrameCells]) -> None:
+        self.frames = frames
+        self.nucleated: list[tuple[int, int]] = []
+        self.context: list[list[int]] = []
+        for f, frame in enumerate(frames):
+            wanted = (frame.labels >= 0) & (frame.labels < NUM_NUCLEATED)
+            self.nucleated += [(f, int(i)) for i in np.flatnonzero(wanted)]
+            self.context.append(np.flatnonzero(frame.labels >= NUM_NUCLEATED).tolist())
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def epoch(self, rng: np.random.Generator) -> list[tuple[int, int]]:
+        items = list(self.nucleated)
+        for f, context in enumerate(self.context):
+            if context and rng.random() < CONTEXT_SHARE:
+                items.append((f, int(rng.choice(context))))
+        labels = np.array([self.frames[f].labels[i] for f, i in items])
+        counts = np.bincount(labels, minlength=len(CLASSES)).astype(np.float64)
+        weights = counts[labels] ** -CLASS_BALANCE_POWER
+        chosen = rng.choice(len(items), size=len(items), replace=True, p=weights / weights.sum())
+        return [items[i] for i in chosen]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        crop, label = self.items[index]
-        if self.transform is not None:
-            crop = self.transform(image=crop)["image"]
-        return to_tensor(crop[None])[0], label
+    def batch(self, items: list[tuple[int, int]]) -> tuple[np.ndarray, torch.Tensor]:
+        crops = np.stack([self.frames[f].crops[i] for f, i in items])
+        labels = torch.tensor([int(self.frames[f].labels[i]) for f, i in items])
+        return crops, labels
 
 
 # ---- CNN -----------------------------------------------------------------------------------------------------
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
-                    label_smoothing: float = 0.1) -> float:
+def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
+                    batch_size: int, seed: int, label_smoothing: float = 0.1) -> float:
     model.train()
+    rng = np.random.default_rng(seed + epoch)
+    generator = torch.Generator().manual_seed(seed + epoch)
+    items = sampler.epoch(rng)
     total, count = 0.0, 0
-    for crops, labels in tqdm(loader, desc=f"cnn epoch {epoch}", leave=False):
-        _, logits = model(crops)
+    for start in tqdm(range(0, len(items), batch_size), desc=f"cnn epoch {epoch}", leave=False):
+        crops, labels = sampler.batch(items[start:start + batch_size])
+        _, logits = model(augment_batch(crops, generator, STORE_ZOOM))
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,49 +181,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 @torch.no_grad()
-def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False,
-                 batch: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(embeddings, CNN probabilities) per frame, in eval mode; optionally on augmented crops."""
-    model.eval()
-    transform = crop_augmentation() if augment else None
-    crops = np.concatenate([f.crops for f in frames]) if frames else np.zeros((0, 64, 64, 3), np.uint8)
-    if transform is not None:
-        crops = np.stack([transform(image=c)["image"] for c in crops]) if len(crops) else crops
-    embeddings, probs = [], []
-    for start in range(0, len(crops), batch):
-        emb, logits = model(to_tensor(crops[start:start + batch]))
-        embeddings.append(emb.numpy())
-        probs.append(torch.softmax(logits, 1).numpy())
-    embeddings_all = np.concatenate(embeddings) if embeddings else np.zeros((0, model.classifier.in_features))
-    probs_all = np.concatenate(probs) if probs else np.zeros((0, len(CLASSES)))
-    out, start = [], 0
-    for frame in frames:
-        n = len(frame.labels)
-        out.append((embeddings_all[start:start + n], probs_all[start:start + n]))
-        start += n
-    return out
-
-
-def evaluate(frames: list[FrameCells], probs_per_frame: list[np.ndarray]) -> dict[str, float]:
-    """Validation metrics on WBC classes: per labelled WBC cell, and per image (the image-level decision)."""
-    cell_true, cell_pred, image_true, image_pred = [], [], [], []
-    for frame, probs in zip(frames, probs_per_frame):
-        wbc = (frame.labels >= 0) & (frame.labels < NUM_WBC)
-        cell_true += frame.labels[wbc].tolist()
-        cell_pred += probs[wbc][:, :NUM_WBC].argmax(1).tolist()
-        if frame.frame_label >= 0:
-            image_true.append(frame.frame_label)
-            image_pred.append(image_prediction(probs)[0])
-    return {
-        "cell_accuracy": float(accuracy_score(cell_true, cell_pred)) if cell_true else 0.0,
-        "cell_macro_f1": macro_f1_wbc(np.array(cell_true), np.array(cell_pred)) if cell_true else 0.0,
-        "image_accuracy": float(accuracy_score(image_true, image_pred)) if image_true else 0.0,
-        "image_macro_f1": macro_f1_wbc(np.array(image_true), np.array(image_pred)) if image_true else 0.0,
-        "cells": len(cell_true),
-        "images": len(image_true),
-    }
-
-
 def _resume_state(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, dict]:
     if not path.exists():
         return 0, {}
@@ -214,7 +209,7 @@ def _fit(name: str, model: nn.Module, epochs: int, steps_per_epoch: int, lr: flo
         started = time.time()
         loss = run_epoch(model, optimizer, scheduler, epoch)
         val = validate(model)
-        score = val["image_macro_f1"] if val["images"] else val["cell_macro_f1"]
+        score = val["score"]
         line = {"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(v, 4) for k, v in val.items()},
                 "seconds": round(time.time() - started, 1)}
         print(f"{name} " + json.dumps(line))
@@ -232,17 +227,15 @@ def _fit(name: str, model: nn.Module, epochs: int, steps_per_epoch: int, lr: flo
 def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropEmbedder:
     config = {"width": args.cnn_width}
     model = CropEmbedder(**config)
-    rng = np.random.default_rng(args.seed)
-    steps = -(-len(CropDataset(cells.train, False, rng)) // args.batch_size)
+    sampler = CropSampler(cells.train)
+    # an epoch's size varies with the context draw: schedule for the largest possible epoch
+    steps = -(-(len(sampler.nucleated) + sum(bool(c) for c in sampler.context)) // args.batch_size)
 
     def run_epoch(model, optimizer, scheduler, epoch):
-        dataset = CropDataset(cells.train, augment=True, rng=np.random.default_rng(args.seed + epoch))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False,
-                                             num_workers=args.workers, persistent_workers=False)
-        return train_one_epoch(model, loader, optimizer, scheduler, epoch)
+        return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed)
 
     def validate(model):
-        return evaluate(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
+        return cell_metrics(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
 
     best = _fit("cnn", model, args.cnn_epochs, steps, args.lr, args.weight_decay, run_dir, args, config, run_epoch,
                 validate)
@@ -264,7 +257,7 @@ def graph_data(frames: list[FrameCells], embedded: list[tuple[np.ndarray, np.nda
 
 def _gnn_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     known = labels != IGNORE
-    weights = torch.where(labels[known] < NUM_WBC, 1.0, CONTEXT_LOSS_WEIGHT)
+    weights = torch.where(labels[known] < NUM_NUCLEATED, 1.0, CONTEXT_LOSS_WEIGHT)
     losses = F.cross_entropy(logits[known], labels[known], reduction="none", label_smoothing=0.05)
     return (losses * weights).sum() / weights.sum().clamp(min=1e-6)
 
@@ -280,8 +273,9 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
     to trust the CNN's over-confident view of crops it was trained on."""
     train_frames = [f for f in cells.train if len(f.labels)]
     val_frames = [f for f in cells.val if len(f.labels)]
-    train_graphs = [g for _ in range(args.gnn_views)
-                    for g in graph_data(train_frames, embed_frames(embedder, train_frames, augment=True))]
+    train_graphs = [g for view in range(args.gnn_views)
+                    for g in graph_data(train_frames, embed_frames(embedder, train_frames, augment=True,
+                                                                   seed=args.seed + view))]
     val_graphs = graph_data(val_frames, embed_frames(embedder, val_frames))
     config = {"hidden": args.gnn_hidden, "layers": args.gnn_layers}
     model = CellGraphNet(**config)
@@ -298,11 +292,11 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + loss.item(), count + 1
         return total / max(count, 1)
 
     def validate(model):
-        return evaluate(val_frames, gnn_probs(model, val_graphs))
+        return cell_metrics(val_frames, gnn_probs(model, val_graphs))
 
     best = _fit("gnn", model, args.gnn_epochs, steps, args.gnn_lr, args.weight_decay, run_dir, args, config,
                 run_epoch, validate)
@@ -310,13 +304,44 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
     return model.eval()
 
 
+@torch.no_grad()
+def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_dir: Path, release_dir: Path) -> dict:
+    """Temperatures for the CNN-only and CNN+GNN logits fitted on validation cells, ECE before/after, and the
+    "unidentified" threshold chosen from the validation auto-accept curve of the calibrated CNN+GNN."""
+    val_frames = [f for f in cells.val if len(f.labels)]
+    embedded = embed_frames(embedder, val_frames)
+    graphs = graph_data(val_frames, embedded)
+    gnn.eval()
+    gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
+    cnn_logits = [embedder.classifier(torch.from_numpy(e).float()).numpy() for e, _ in embedded]
+    out: dict = {"validation_cells": 0}
+    for name, logits in (("cnn", cnn_logits), ("gnn", gnn_logits)):
+        truth, stacked, _ = labelled_nucleated(val_frames, logits)
+        temperature = fit_temperature(stacked, truth)
+        out[f"{name}_temperature"] = temperature
+        for tag, t in (("raw", 1.0), ("calibrated", temperature)):
+            probs = torch.softmax(torch.from_numpy(stacked) / t, 1).numpy()
+            confidence, correct = probs.max(1), probs.argmax(1) == truth
+            out[f"{name}_ece_{tag}"] = expected_calibration_error(confidence, correct)
+            if name == "gnn" and tag == "calibrated":
+                curve = auto_accept_curve(confidence, correct)
+                out["auto_accept_curve"] = curve
+                out["threshold"] = choose_threshold(curve)
+        out["validation_cells"] = int(len(truth))
+    gnn.temperature.fill_(out["gnn_temperature"])  # served PROBS are calibrated: the buffer travels in gnn.pt
+    best = load_checkpoint(run_dir / "gnn_best.pt")
+    best["model"] = gnn.state_dict()
+    torch.save(best, run_dir / "gnn_best.pt")
+    release_dir.mkdir(parents=True, exist_ok=True)
+    (release_dir / CALIBRATION_FILE).write_text(json.dumps(out, indent=2) + "\n")
+    chosen = out["threshold"]
+    accuracy = "n/a" if chosen["accuracy"] is None else f"{chosen['accuracy']:.1%}"
+    print(f"calibration: T_cnn {out['cnn_temperature']:.2f}, T_gnn {out['gnn_temperature']:.2f}, threshold "
+          f"{chosen['threshold']:.2f} accepts {chosen['accepted']:.1%} of validation cells at {accuracy}")
+    return out
+
+
 # ---- seed baseline --------------------------------------------------------------------------------------------
-def baseline_images(paths: list[Path], size: int = 64) -> torch.Tensor:
-    """The seed paper's input: the whole image resized to size x size, RGB in 0..1."""
-    images = np.stack([cv2.resize(read_image(p), (size, size), interpolation=cv2.INTER_AREA) for p in paths])
-    return to_tensor(images)
-
-
 def train_baseline(args: argparse.Namespace, run_dir: Path) -> SeedBaseline:
     split = split_frames(args.data_root, seed=args.seed)
     items = [img for img in load_four_class(args.data_root, "TRAIN") if img.source_frame not in split.held_out]
@@ -325,8 +350,8 @@ def train_baseline(args: argparse.Namespace, run_dir: Path) -> SeedBaseline:
     train_items = [i for i in items if i.source_frame in split.train]
     val_items = [i for i in items if i.source_frame in split.val]
     x_train, x_val = baseline_images([i.path for i in train_items]), baseline_images([i.path for i in val_items])
-    y_train = torch.tensor([CLASSES.index(i.label) for i in train_items])
-    y_val = np.array([CLASSES.index(i.label) for i in val_items])
+    y_train = torch.tensor([BASELINE_CLASSES.index(i.label) for i in train_items])
+    y_val = np.array([BASELINE_CLASSES.index(i.label) for i in val_items])
     model = SeedBaseline()
     steps = -(-len(x_train) // args.batch_size)
 
@@ -350,8 +375,8 @@ def train_baseline(args: argparse.Namespace, run_dir: Path) -> SeedBaseline:
         model.eval()
         predictions = model(x_val).argmax(1).numpy() if len(x_val) else np.array([], int)
         acc = float(accuracy_score(y_val, predictions)) if len(y_val) else 0.0
-        f1 = macro_f1_wbc(y_val, predictions) if len(y_val) else 0.0
-        return {"image_accuracy": acc, "image_macro_f1": f1, "images": len(y_val), "cell_macro_f1": f1}
+        f1 = macro_f1(y_val, predictions, list(range(len(BASELINE_CLASSES)))) if len(y_val) else 0.0
+        return {"image_accuracy": acc, "image_macro_f1": f1, "images": len(y_val), "score": f1}
 
     best = _fit("baseline", model, args.baseline_epochs, steps, 1e-3, 0.0, run_dir, args, {}, run_epoch, validate)
     model.load_state_dict(best["model"])
@@ -378,8 +403,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--workers", type=int, default=1, help="augmentation worker processes")
     parser.add_argument("--max-images", type=int, default=None, help="smoke run: use only this many images per set")
+    parser.add_argument("--exclude-source", choices=sorted(SOURCE_GROUPS), default=None,
+                        help="leave one source out: bccd (BCCD + 4-class) or pbc (PBC + TXL-PBC's PBC images)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -410,7 +436,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.time()
     released: list[tuple[str, str]] = []
     if "cnn" in stages or "gnn" in stages:
-        cells = load_cell_sets(args.data_root, args.max_images, args.seed)
+        cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
         print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
               f"({time.time() - started:.0f} s)")
         if "cnn" in stages:
@@ -422,8 +448,9 @@ def main(args: argparse.Namespace) -> int:
             embedder.load_state_dict(ckpt["model"])
             embedder.eval()
         if "gnn" in stages:
-            train_gnn(cells, embedder, args, run_dir)
+            gnn = train_gnn(cells, embedder, args, run_dir)
             released.append(("gnn", GNN_FILE))
+            calibrate(cells, embedder, gnn, run_dir, args.release_dir)
     if "baseline" in stages:
         train_baseline(args, run_dir)
         released.append(("baseline", BASELINE_FILE))

@@ -1,0 +1,176 @@
+"""Batch augmentation of stored crops for another lab's microscope: stain, scale and optics, vectorised in torch.
+
+Input: uint8 [B, STORE_SIZE, STORE_SIZE, 3] crops (a STORE_ZOOM wider view than the served crop, same pixel grid).
+Output: float [B, 3, CROP_SIZE, CROP_SIZE] in 0..1, what `crop_cells` produces in the served graph.
+
+What varies between labs, and what stands in for it here:
+* geometry: any rotation and flip; the box's size and centre (scale 0.8-1.25, shift +-8%) as a localiser on
+  another image would draw it;
+* magnification and camera resolution: down-sampling to 45-100% and back (a 40x field's white cell is 30-60 px,
+  a 100x oil crop's 300 px; both reach the CNN at CROP_SIZE);
+* stain: HED (haematoxylin / eosin / DAB optical density) scale and shift, hue rotation, saturation, per-channel gain,
+  brightness, contrast, gamma, grayscale;
+* optics: Gaussian blur (focus), sensor noise, JPEG compression, vignetting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from leukograph.client.contract import CROP_SIZE
+
+# RGB <-> HED stain matrices (Ruifrok & Johnston, as in scikit-image's rgb2hed).
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # rows: stain OD
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+OD_FLOOR = 1.0 / 255.0
+
+
+def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def _chance(generator: torch.Generator, n: int, p: float) -> Tensor:
+    return torch.rand(n, generator=generator) < p
+
+
+def geometry(crops: Tensor, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:
+    """Random rotation, flip, scale and shift of [B,3,S,S] (a `zoom` times wider view) -> [B,3,CROP_SIZE,CROP_SIZE]."""
+    n = crops.shape[0]
+    angle = _uniform(generator, n, 0.0, 2 * math.pi)
+    scale = torch.exp(_uniform(generator, n, math.log(1 - 0.2 * strength), math.log(1 + 0.25 * strength)))
+    flip = torch.where(_chance(generator, n, 0.5), -1.0, 1.0)
+    shift = _uniform(generator, 2 * n, -0.08 * strength, 0.08 * strength).view(n, 2)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    base = scale / zoom  # the served view spans 1/zoom of the stored one
+    theta = torch.stack([torch.stack([cos * base * flip, -sin * base, shift[:, 0] / zoom], 1),
+                         torch.stack([sin * base * flip, cos * base, shift[:, 1] / zoom], 1)], 1)
+    grid = F.affine_grid(theta, [n, 3, CROP_SIZE, CROP_SIZE], align_corners=False)
+    return F.grid_sample(crops, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def centre(crops: Tensor, zoom: float) -> Tensor:
+    """The served view of stored crops without augmentation (exact: same sampling grid)."""
+    pad = (crops.shape[-1] - CROP_SIZE) // 2
+    return crops[:, :, pad:pad + CROP_SIZE, pad:pad + CROP_SIZE]
+
+
+def resolution(x: Tensor, generator: torch.Generator, p: float = 0.35, low: float = 0.45) -> Tensor:
+    """Down-sample a random share of the batch to 45-100% and back up (lower magnification or camera resolution:
+    a 40x field's white cell of 30-60 px fills ~45-90% of the crop's pixels)."""
+    chosen = torch.nonzero(_chance(generator, x.shape[0], p)).flatten()
+    if len(chosen) == 0:
+        return x
+    out = x.clone()
+    for group in chosen.chunk(4):  # four factors per batch keep it vectorised
+        factor = float(_uniform(generator, 1, low, 1.0))
+        side = max(8, round(CROP_SIZE * factor))
+        small = F.interpolate(x[group], size=(side, side), mode="area")
+        out[group] = F.interpolate(small, size=(CROP_SIZE, CROP_SIZE), mode="bilinear", align_corners=False)
+    return out
+
+
+def stain(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tensor:
+    """Stain and colour jitter of float RGB [B,3,H,W] in 0..1 (strength scales every range; 0 = identity)."""
+    n = x.shape[0]
+    s = strength
+    # HED: scale and shift each stain's optical density
+    od = -torch.log(x.clamp(min=OD_FLOOR))
+    hed = torch.einsum("bchw,cd->bdhw", od, _HED_FROM_RGB)
+    use = _chance(generator, n, 0.8).float().view(n, 1, 1, 1)
+    alpha = 1 + use * _uniform(generator, 3 * n, -0.35 * s, 0.35 * s).view(n, 3, 1, 1)
+    beta = use * _uniform(generator, 3 * n, -0.04 * s, 0.04 * s).view(n, 3, 1, 1)
+    od = torch.einsum("bdhw,dc->bchw", hed * alpha + beta, _RGB_FROM_HED)
+    x = torch.exp(-od).clamp(0, 1)
+    # hue rotation and saturation in YIQ
+    yiq = torch.einsum("bchw,dc->bdhw", x, _RGB_TO_YIQ)
+    hue = _uniform(generator, n, -0.6 * s, 0.6 * s) * _chance(generator, n, 0.7).float()  # radians (+-34 deg)
+    sat = 1 + _uniform(generator, n, -0.5 * s, 0.5 * s) * _chance(generator, n, 0.7).float()
+    cos, sin = torch.cos(hue) * sat, torch.sin(hue) * sat
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos.view(n, 1, 1) * i - sin.view(n, 1, 1) * q,
+                       sin.view(n, 1, 1) * i + cos.view(n, 1, 1) * q], 1)
+    x = torch.einsum("bdhw,cd->bchw", yiq, _YIQ_TO_RGB).clamp(0, 1)
+    # per-channel gain (white balance), brightness / contrast, gamma
+    gain = 1 + _uniform(generator, 3 * n, -0.25 * s, 0.3 * s).view(n, 3, 1, 1) * _chance(generator, n, 0.8).float(
+    ).view(n, 1, 1, 1)
+    x = (x * gain).clamp(0, 1)
+    contrast = 1 + _uniform(generator, n, -0.3 * s, 0.3 * s).view(n, 1, 1, 1)
+    brightness = _uniform(generator, n, -0.15 * s, 0.15 * s).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+    gamma = torch.exp(_uniform(generator, n, -0.45 * s, 0.45 * s)).view(n, 1, 1, 1)
+    x = x.clamp(min=1e-4) ** gamma
+    gray = _chance(generator, n, 0.1 * min(s, 1.0)).view(n, 1, 1, 1)
+    luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+    return torch.where(gray, luma, x).clamp(0, 1)
+
+
+def _gaussian_kernel(sigma: float) -> Tensor:
+    radius = max(1, math.ceil(2.5 * sigma))
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(xs ** 2) / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
+def optics(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tensor:
+    """Blur, vignetting, noise and JPEG compression of float RGB [B,3,H,W] in 0..1."""
+    n, _, h, w = x.shape
+    blurred = _chance(generator, n, 0.3 * min(strength, 1.0))
+    if blurred.any():
+        sigma = float(_uniform(generator, 1, 0.5, 0.5 + 1.0 * strength))
+        k = _gaussian_kernel(sigma)
+        pad = len(k) // 2
+        y = x[blurred]
+        y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="replicate"), k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+        x = x.clone()
+        x[blurred] = y
+    vignette = _chance(generator, n, 0.3).float() * _uniform(generator, n, 0.0, 0.35 * strength)
+    ys = torch.linspace(-1, 1, h).view(1, h, 1)
+    xs = torch.linspace(-1, 1, w).view(1, 1, w)
+    offset = _uniform(generator, 2 * n, -0.5, 0.5).view(n, 2, 1, 1)
+    radius2 = ((xs - offset[:, 0]) ** 2 + (ys - offset[:, 1]) ** 2) / 2
+    x = x * (1 - vignette.view(n, 1, 1) * radius2).unsqueeze(1)
+    noise = _chance(generator, n, 0.4).float() * _uniform(generator, n, 0.0, 0.04 * strength)
+    x = (x + torch.randn(x.shape, generator=generator) * noise.view(n, 1, 1, 1)).clamp(0, 1)
+    jpeg = torch.nonzero(_chance(generator, n, 0.3 * min(strength, 1.0))).flatten().tolist()
+    if jpeg:
+        qualities = _uniform(generator, len(jpeg), 20, 90).round().int().tolist()
+        x = x.clone()
+        for index, quality in zip(jpeg, qualities):
+            image = (x[index].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            bgr = np.ascontiguousarray(image[:, :, ::-1])
+            ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok:
+                decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].copy()
+                x[index] = torch.from_numpy(decoded).permute(2, 0, 1).float() / 255.0
+    return x
+
+
+def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:
+    """uint8 stored crops [B,S,S,3] -> augmented float [B,3,CROP_SIZE,CROP_SIZE] in 0..1."""
+    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    x = geometry(x, generator, zoom, strength)
+    x = resolution(x, generator)
+    x = stain(x, generator, strength)
+    return optics(x, generator, strength).contiguous()
+
+
+def stored_to_served(crops: np.ndarray, zoom: float) -> Tensor:
+    """uint8 stored crops [B,S,S,3] -> float served view [B,3,CROP_SIZE,CROP_SIZE], no augmentation."""
+    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return centre(x, zoom).contiguous()
+
+
+def stain_shift(crops: Tensor, strength: float, seed: int) -> Tensor:
+    """A deterministic synthetic stain shift of served crops [B,3,S,S] (evaluation under shifts of growing strength)."""
+    generator = torch.Generator().manual_seed(seed)
+    return stain(crops, generator, strength)

@@ -1,0 +1,42 @@
+"""The CNN over a set of frames' stored crops: the one place training and evaluation embed cells.
+
+Stored crops are cut by the same in-graph `crop_cells` geometry the served crop_embedder uses (a wider view whose
+centre is the served crop; `stored_to_served` takes it), so these embeddings are the served ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from leukograph.client.contract import CLASSES
+from leukograph.training.augment import augment_batch, stain_shift, stored_to_served
+from leukograph.training.cells import FrameCells
+from leukograph.training.models import STORE_ZOOM, CropEmbedder
+
+
+@torch.no_grad()
+def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False, batch: int = 128,
+                 seed: int = 0, stain_strength: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
+    the served crops under a deterministic synthetic stain shift of `stain_strength`)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    index = [(f, i) for f, frame in enumerate(frames) for i in range(len(frame.labels))]
+    embeddings, probs = [], []
+    for start in range(0, len(index), batch):
+        crops = np.stack([frames[f].crops[i] for f, i in index[start:start + batch]])
+        x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
+        if stain_strength > 0:
+            x = stain_shift(x, stain_strength, seed + start)
+        emb, logits = model(x)
+        embeddings.append(emb.numpy())
+        probs.append(torch.softmax(logits, 1).numpy())
+    embeddings_all = np.concatenate(embeddings) if embeddings else np.zeros((0, model.classifier.in_features))
+    probs_all = np.concatenate(probs) if probs else np.zeros((0, len(CLASSES)))
+    out, start = [], 0
+    for frame in frames:
+        n = len(frame.labels)
+        out.append((embeddings_all[start:start + n], probs_all[start:start + n]))
+        start += n
+    return out
