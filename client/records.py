@@ -267,7 +267,8 @@ class ResultStore:
             if existed:
                 problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
                 if problems != ["ok"]:
-                    raise DatabaseProblem(f"result database {self.path} is damaged: {'; '.join(problems)}")
+                    details = "; ".join(" ".join(line.split()) for p in problems for line in str(p).splitlines())
+                    raise DatabaseProblem(f"result database {self.path} is damaged: {details}")
             self._init_schema()
         finally:
             os.close(folder_fd)  # releases the flock

@@ -47,6 +47,7 @@ from leukograph.training.models import (
     crop_cells,
     dense_mean_adjacency,
     node_inputs,
+    standardise_colour,
 )
 from leukograph.training.train import CONTEXT_LOSS_WEIGHT
 
@@ -141,7 +142,7 @@ class Adapter(nn.Module):
         crops = crop_cells(torch.from_numpy(frame.image), torch.from_numpy(frame.boxes))
         e = self.embedder
         with torch.set_grad_enabled(self.full and torch.is_grad_enabled()):
-            return e.features((crops - e.mean) / e.std)
+            return e.features(standardise_colour(crops))
 
     def logits(self, frame: VerifiedFrame, features: torch.Tensor | None = None) -> torch.Tensor:
         feats = self.features(frame) if features is None else features
