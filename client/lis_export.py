@@ -88,7 +88,8 @@ class ResultLine:
 
 def result_lines(differential: dict[str, Any]) -> list[ResultLine]:
     """One line per class of the differential summary (`Differential.summary().to_dict()` rows), in
-    `contract.WBC_CLASSES` order. Empty when no white cell was identified (nothing to report)."""
+    `contract.WBC_CLASSES` order, then IG (% of white cells) and NRBC (per 100 WBC) when the sample has any.
+    Empty when no white cell was identified (nothing to report)."""
     rows = {r["name"]: r for r in differential["rows"]}
     lines = []
     for name in WBC_CLASSES:
@@ -104,6 +105,17 @@ def result_lines(differential: dict[str, Any]) -> list[ResultLine]:
             unit, unit_display = loinc.unit, loinc.unit_display
         lines.append(ResultLine(name, code, display, hl7_sys, fhir_sys, unit, unit_display,
                                 round(float(row["percent"]), 1), int(row["count"]), row["ci_low"], row["ci_high"]))
+    # Flagged nucleated cells, reported beside the 100 as lab instruments do: IG as % of white cells, NRBC per 100 WBC.
+    flagged = (("ig", "ig_percent", "n_ig", "ig_ci_low", "ig_ci_high"),
+               ("nrbc", "nrbc_per_100_wbc", "n_nrbc", None, None))
+    for name, value_key, count_key, low_key, high_key in flagged:
+        value, loinc = differential.get(value_key), LOINC_BY_CLASS[name]
+        if value is None or not differential.get(count_key):
+            continue
+        lines.append(ResultLine(name, loinc.code, loinc.display, LOINC_SYSTEM_HL7, LOINC_SYSTEM_FHIR, loinc.unit,
+                                loinc.unit_display, round(float(value), 1), int(differential[count_key]),
+                                differential.get(low_key) if low_key else None,
+                                differential.get(high_key) if high_key else None))
     return lines
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from leukograph.client.contract import CLASSES, CROP_MARGIN, UNIDENTIFIED, WBC_CLASSES
+from leukograph.client.contract import CLASSES, CROP_MARGIN, NUCLEATED_CLASSES, UNIDENTIFIED
 from leukograph.client.differential import PLATELET, RBC, Differential
 from leukograph.client.errors import UserError
 
@@ -65,8 +65,9 @@ MAX_REVIEWER_LENGTH = 80
 
 
 def review_choices() -> tuple[str, ...]:
-    """What a reviewer may give a cell: every WBC class of the contract, then the two choices that leave the count."""
-    return (*WBC_CLASSES, *REVIEW_ONLY_CHOICES)
+    """What a reviewer may give a cell: the five WBC classes and the flagged IG and NRBC (the contract's nucleated
+    classes), then the two choices that leave the count."""
+    return (*NUCLEATED_CLASSES, *REVIEW_ONLY_CHOICES)
 
 
 _SCHEMA = """
@@ -234,7 +235,7 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 def keeps_thumbnail(kind: str, label: str) -> bool:
     """Every white cell (localiser kind wbc, or a WBC class label) and every unidentified cell."""
-    return kind == "wbc" or label in WBC_CLASSES or label == UNIDENTIFIED
+    return kind == "wbc" or label in NUCLEATED_CLASSES or label == UNIDENTIFIED
 
 
 @dataclass(frozen=True)
@@ -469,7 +470,7 @@ class ReviewStore:
         with their verified labels. Recording order."""
         chosen: dict[Any, sqlite3.Row] = {}
         for r in self._raw_cells(sample_id):
-            if not r["counted"] or not (r["label"] in WBC_CLASSES or r["label"] == UNIDENTIFIED):
+            if not r["counted"] or not (r["label"] in NUCLEATED_CLASSES or r["label"] == UNIDENTIFIED):
                 continue
             key = ("track", r["track_id"]) if r["track_id"] is not None else ("cell", r["frame_index"],
                                                                               r["cell_index"])
@@ -516,7 +517,7 @@ class ReviewStore:
         diff.add(PLATELET, recorded.counts[PLATELET])
         diff.add(RBC, recorded.counts[RBC])
         for cell in self.gallery(sample_id):
-            if cell.label in WBC_CLASSES or cell.label == UNIDENTIFIED:
+            if cell.label in NUCLEATED_CLASSES or cell.label == UNIDENTIFIED:
                 diff.add(cell.label)
         return diff
 
@@ -691,7 +692,7 @@ class ReviewStore:
             if signed_only and self.signoff(sample_id) is None:
                 continue
             for cell in self.gallery(sample_id):
-                if cell.label in WBC_CLASSES:
+                if cell.label in NUCLEATED_CLASSES:
                     out.append({"sample_id": sample_id, **cell.to_dict()})
         return out
 
@@ -700,7 +701,7 @@ def agreement(cells: Sequence[GalleryCell]) -> list[dict[str, Any]]:
     """Pre-classification agreement per class (as CellaVision reports it): of the cells the model put in a class,
     how many the reviewer kept and how many changed (and to what). Unreviewed cells count as kept."""
     rows = []
-    for name in (*WBC_CLASSES, UNIDENTIFIED):
+    for name in (*NUCLEATED_CLASSES, UNIDENTIFIED):
         mine = [c for c in cells if c.pre_label == name]
         kept = sum(c.label == c.pre_label for c in mine)
         changed_to: dict[str, int] = {}

@@ -388,17 +388,21 @@ def test_review_in_the_browser(streamed_db: Path, review_server: str, browser, t
     assert order.obr.obr_25.to_er7() == "F"
     obx = [o.obx for o in order.oru_r01_observation]
     rows = {r["name"]: r for r in verified["differential"]["rows"]}
-    assert len(obx) == len(WBC_CLASSES)
+    diff = verified["differential"]
+    flagged = {"ig": diff["ig_percent"], "nrbc": diff["nrbc_per_100_wbc"]}  # reported beside the 100 when present
+    present = {name for name, count in (("ig", diff["n_ig"]), ("nrbc", diff["n_nrbc"])) if count}
+    assert len(obx) == len(WBC_CLASSES) + len(present)
     for segment in obx:
         code = segment.obx_3.to_er7().split("^")[0]
-        name = next(n for n in WBC_CLASSES if code in (f"LG-{n}",) or _loinc(n) == code)
-        assert float(segment.obx_5.to_er7()) == pytest.approx(rows[name]["percent"], abs=0.05)
+        name = next(n for n in (*WBC_CLASSES, *present) if code in (f"LG-{n}",) or _loinc(n) == code)
+        expected = rows[name]["percent"] if name in rows else flagged[name]
+        assert float(segment.obx_5.to_er7()) == pytest.approx(expected, abs=0.05)
         assert segment.obx_11.to_er7() == "F"
     fhir = tmp_path / "result.json"
     assert run_cli("report", SAMPLE, "--db", str(streamed_db), "--fhir", str(fhir)).returncode == 0
     bundle = Bundle.model_validate_json(fhir.read_text())
     resources = [e.resource for e in bundle.entry]
-    assert resources[0].status == "final" and len(resources) == 1 + len(WBC_CLASSES)
+    assert resources[0].status == "final" and len(resources) == 1 + len(WBC_CLASSES) + len(present)
     assert resources[0].get_resource_type() == "DiagnosticReport"
     report = json.loads(run_cli("report", SAMPLE, "--db", str(streamed_db), "--json", "-").stdout)
     assert report["verification"]["audit"] == json.loads(json.dumps(audit))

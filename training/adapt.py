@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leukograph.client.contract import CLASSES, CONTEXT_CLASSES, WBC_CLASSES
+from leukograph.client.contract import CLASSES, CONTEXT_CLASSES, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.client.review_store import ReviewStore, decode_jpeg
 from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR, WEIGHTS_ENV
@@ -54,7 +54,7 @@ from leukograph.training.train import CONTEXT_LOSS_WEIGHT
 MIN_VERIFIED = 50  # training cells below which adapt refuses
 FULL_CNN_MIN = 400  # training cells from which the whole CNN is fine-tuned
 HOLDOUT_FRACTION = 0.2
-NUM_WBC = len(WBC_CLASSES)
+NUM_WBC = len(NUCLEATED_CLASSES)  # the nucleated classes a reviewer verifies (5 WBC, IG, NRBC)
 
 
 @dataclass
@@ -87,7 +87,7 @@ def load_verified_frames(db: Path, samples: list[str] | None = None) -> list[Ver
         for sample_id in chosen:
             verified: dict[int, dict[int, int]] = {}
             for cell in review.gallery(sample_id):
-                if cell.label in WBC_CLASSES:
+                if cell.label in NUCLEATED_CLASSES:
                     verified.setdefault(cell.frame_index, {})[cell.cell_index] = CLASSES.index(cell.label)
             for frame_index, by_cell in sorted(verified.items()):
                 try:

@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from leukograph.client.contract import UNIDENTIFIED, WBC_CLASSES
+from leukograph.client.contract import NUCLEATED_CLASSES, UNIDENTIFIED
 from leukograph.client.errors import UserError
 from leukograph.client.lis_export import audit_csv, export_input, fhir_bundle, hl7_message, require_results
 from leukograph.client.review_store import (
@@ -155,7 +155,7 @@ def create_app(db_path: str | Path, token: str | None = None, allowed_hosts: set
         return templates.TemplateResponse(request, "sample.html", {
             "sample": sample, "csrf_token": csrf_token, "choices": choices,
             "config": json.dumps({"sample": sample_id, "csrf": csrf_token, "choices": list(review_choices()),
-                                  "wbc": list(WBC_CLASSES), "unidentified": UNIDENTIFIED,
+                                  "wbc": list(NUCLEATED_CLASSES), "unidentified": UNIDENTIFIED,
                                   "review_only": list(REVIEW_ONLY_CHOICES), "titles": CHOICE_TITLES},
                                  ).replace("<", "\\u003c")})  # safe inside <script>
 
