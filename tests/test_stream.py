@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from leukograph.client import contract
+from leukograph.client.contract import CLASSES
 from leukograph.client.differential import DEFAULT_THRESHOLD, Differential, label_cells
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
@@ -194,15 +195,23 @@ def test_rerun_of_the_same_folder_records_nothing_twice(triton_server: TritonSer
     assert summary["differential"] == full_run["summary"]["differential"]
 
 
+TARGET_THRESHOLD = 0.5
+
+
 def test_target_stops_the_stream(triton_server: TritonServer, full_run: dict, png_folder: Path) -> None:
     """--target T stops right after the frame whose cells bring the identified WBC count to T."""
     with ResultStore(full_run["db"], create=False) as store:
         cells = store.cells(full_run["sample"])
+    # A lenient review threshold, so that these ten frames hold enough identified WBCs to stop part-way; the labels
+    # are those the stream gives at that threshold, from the recorded probabilities.
     diff = Differential(target=10**6)
     cumulative = []
     for index in range(N_FRAMES):
-        for c in (c for c in cells if c["frame_index"] == index):
-            diff.observe(c["label"], c["track_id"])
+        frame_cells = [c for c in cells if c["frame_index"] == index]
+        probs = np.array([[c["probs"][name] for name in CLASSES] for c in frame_cells]).reshape(-1, len(CLASSES))
+        labels = label_cells(probs, TARGET_THRESHOLD, [c["kind"] for c in frame_cells])
+        for c, label in zip(frame_cells, labels):
+            diff.observe(label, c["track_id"])
         cumulative.append(diff.n_wbc)
     if cumulative[-1] < 2:
         pytest.skip(f"the served model identifies {cumulative[-1]} WBC in {N_FRAMES} frames; need >= 2")
@@ -211,14 +220,16 @@ def test_target_stops_the_stream(triton_server: TritonServer, full_run: dict, pn
     assert stop_index < N_FRAMES - 1 or cumulative[-2] < target
     summary_path = full_run["work"] / "target.json"
     result = run_stream(triton_server, png_folder, full_run["db"], "target-sample", "--target", str(target),
-                        "--max-in-flight", "1", "--json-summary", str(summary_path))
+                        "--max-in-flight", "1", "--threshold", str(TARGET_THRESHOLD), "--json-summary",
+                        str(summary_path))
     assert result.returncode == 0, result.stderr
     summary = load_summary(summary_path)
     assert summary["stop_reason"].startswith("target reached")
     assert summary["differential"]["complete"] and summary["differential"]["n_wbc"] == target
     assert summary["frames"]["recorded"] == stop_index + 1
     # A second run of a complete sample stops at once.
-    again = run_stream(triton_server, png_folder, full_run["db"], "target-sample", "--target", str(target))
+    again = run_stream(triton_server, png_folder, full_run["db"], "target-sample", "--target", str(target),
+                       "--threshold", str(TARGET_THRESHOLD))
     assert again.returncode == 0, again.stderr
     assert "sample already complete" in again.stdout
 
