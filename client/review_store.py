@@ -233,9 +233,14 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def in_review(label: str) -> bool:
+    """A label the review station shows and the verified differential counts: a nucleated class or unidentified."""
+    return label in NUCLEATED_CLASSES or label == UNIDENTIFIED
+
+
 def keeps_thumbnail(kind: str, label: str) -> bool:
-    """Every white cell (localiser kind wbc, or a WBC class label) and every unidentified cell."""
-    return kind == "wbc" or label in NUCLEATED_CLASSES or label == UNIDENTIFIED
+    """Every white cell (localiser kind wbc, or a nucleated class label) and every unidentified cell."""
+    return kind == "wbc" or in_review(label)
 
 
 @dataclass(frozen=True)
@@ -470,7 +475,7 @@ class ReviewStore:
         with their verified labels. Recording order."""
         chosen: dict[Any, sqlite3.Row] = {}
         for r in self._raw_cells(sample_id):
-            if not r["counted"] or not (r["label"] in NUCLEATED_CLASSES or r["label"] == UNIDENTIFIED):
+            if not r["counted"] or not in_review(r["label"]):
                 continue
             key = ("track", r["track_id"]) if r["track_id"] is not None else ("cell", r["frame_index"],
                                                                               r["cell_index"])
@@ -517,7 +522,7 @@ class ReviewStore:
         diff.add(PLATELET, recorded.counts[PLATELET])
         diff.add(RBC, recorded.counts[RBC])
         for cell in self.gallery(sample_id):
-            if cell.label in NUCLEATED_CLASSES or cell.label == UNIDENTIFIED:
+            if in_review(cell.label):
                 diff.add(cell.label)
         return diff
 
