@@ -17,7 +17,7 @@
 # `run` writes docs/bench/gpu/bench.json (+ PNGs, results.md) and copies them to $RESULTS_COPY_DIR when that is set.
 # Environment: PYTHON (default python3), WHEELS (.whl), SITE (/tmp/leukograph-site), BENCH_OUT (docs/bench/gpu),
 # BENCH_ARGS (extra `leukograph bench` arguments), LEUKOGRAPH_WEIGHTS (pack: which checkpoints to carry),
-# BENCH_DEVICE (cuda; `cpu` rehearses the whole script on a CPU machine, as done here before any GPU run).
+# GPU_PYTHON (3.12), BENCH_DEVICE (cuda; `cpu` rehearses the whole script on a CPU machine, as done here before any GPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,15 +26,37 @@ SITE=${SITE:-/tmp/leukograph-site}
 CARRY=.cache/bench-gpu
 BENCH_OUT=${BENCH_OUT:-docs/bench/gpu}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+GPU_PYTHON=${GPU_PYTHON:-3.12}  # the GPU machine's Python (its stub is the one kept)
 
 pack() {
   local py=.venv/bin/python
   [ -x "$py" ] || py=$PYTHON
   mkdir -p "$WHEELS" "$CARRY/frames" "$CARRY/weights"
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" --implementation cp \
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" \
     nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson==1.25 "protobuf>=6.30,<7"
+  # Only the GPU machine's Python stub travels: drop the other stubs and the bundled libpython3.13 that only the
+  # 3.13 stub links (13 MB), so wheels, frames and the repository fit what such a machine accepts.
+  "$py" - "$WHEELS"/nvidia_pytriton-*.whl "$GPU_PYTHON" <<'EOF'
+import sys, zipfile
+from pathlib import Path
+wheel, keep = Path(sys.argv[1]), sys.argv[2]
+def dropped(name: str) -> bool:
+    stub = "/python_backend_stubs/" in name and f"/python_backend_stubs/{keep}/" not in name
+    return stub or name.startswith("nvidia_pytriton.libs/libpython3")
+trimmed = wheel.with_suffix(".trim")
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as dst:
+    for info in src.infolist():
+        if dropped(info.filename):
+            continue
+        data = src.read(info)
+        if info.filename.endswith(".dist-info/RECORD"):
+            rows = data.decode().splitlines(keepends=True)
+            data = "".join(r for r in rows if not dropped(r.split(",", 1)[0])).encode()
+        dst.writestr(info, data)
+trimmed.replace(wheel)
+EOF
   # The BCCD held-out frames (the GPU machine has no ../shared) and the checkpoints to serve.
   "$py" - "$CARRY/frames" <<'EOF'
 import shutil, sys

@@ -31,3 +31,9 @@ def data_root(cli_value: str | os.PathLike | None = None) -> Path:
 WEIGHTS_DIR = Path(os.environ.get(WEIGHTS_ENV) or PACKAGE_ROOT / "training" / "weights").expanduser().resolve()
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 CACHE_DIR = Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache").expanduser().resolve()
+
+
+def shown_path(path: Path) -> str:
+    """A path as the repository's docs and help texts show it: relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)

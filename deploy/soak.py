@@ -228,16 +228,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.readme_from is not None:
-        from leukograph.deploy.paths import REPO_ROOT
+        from leukograph.deploy.paths import shown_path
         from leukograph.deploy.readme import replace_section
 
         try:
             result = json.loads(args.readme_from.read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read {args.readme_from}: {exc}") from None
-        path = args.readme_from.resolve()
-        shown = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-        changed = replace_section("soak", readme_body(result, shown))
+        changed = replace_section("soak", readme_body(result, shown_path(args.readme_from)))
         print(f"README soak figures {'updated' if changed else 'unchanged'} from {args.readme_from}")
         return 0
     if args.minutes is None or not 0 < args.minutes <= MAX_MINUTES:

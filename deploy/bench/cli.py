@@ -11,7 +11,7 @@ from leukograph.client.errors import UserError
 from leukograph.deploy.bench.constants import DEFAULT_OUT, QUICK_OUT, README, README_SECTION, SCHEMA, TRANSPORTS
 from leukograph.deploy.bench.report import markdown, readme_table, write_outputs
 from leukograph.deploy.bench.run import run_benchmark
-from leukograph.deploy.paths import REPO_ROOT
+from leukograph.deploy.paths import shown_path
 from leukograph.deploy.readme import replace_section
 
 
@@ -41,8 +41,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: 4 frames, concurrency 1, cells 1 and 8 (seconds); output in .cache/")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help=f"where bench.json, PNGs and results.md go (default {DEFAULT_OUT.relative_to(REPO_ROOT)}"
-                             f", --quick: {QUICK_OUT.relative_to(REPO_ROOT)})")
+                        help=f"where bench.json, PNGs and results.md go (default {shown_path(DEFAULT_OUT)}"
+                             f", --quick: {shown_path(QUICK_OUT)})")
     parser.add_argument("--weights", type=Path, default=None,
                         help="checkpoints (default $LEUKOGRAPH_WEIGHTS or training/weights)")
     parser.add_argument("--backend", choices=("onnxruntime", "pytorch"), default="onnxruntime",

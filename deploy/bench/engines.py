@@ -23,7 +23,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.runners import BaseRunner, OrtRunner, TorchRunner, TritonRunner, TrtRunner
+from leukograph.deploy.runners import ORT_CPU, BaseRunner, OrtRunner, TorchRunner, TritonRunner, TrtRunner
 from leukograph.deploy.runners.base import Tensors
 
 Runners = list[BaseRunner]
@@ -35,9 +35,9 @@ def triton_runners(url: str, transport: str) -> Runners:
     return [TritonRunner(url, protocol, shm == "shm", name="triton")]
 
 
-def ort_runners(repository: Path, threads: int) -> Runners:
+def ort_runners(repository: Path, threads: int, provider: str = ORT_CPU) -> Runners:
     """The two exported ONNX files in ONNX Runtime, in-process, no server (sessions are thread-safe)."""
-    return [OrtRunner(stage_path(repository, stage, MODEL_FILES["onnxruntime"]), stage, threads)
+    return [OrtRunner(stage_path(repository, stage, MODEL_FILES["onnxruntime"]), stage, threads, provider=provider)
             for stage in (CROP_EMBEDDER, CELL_GRAPH)]
 
 

@@ -51,7 +51,7 @@ from leukograph.deploy.bench.profile import start_pyspy, stub_pids, summarize_py
 from leukograph.deploy.bench.repository import prepare_repository
 from leukograph.deploy.bench.statistics import server_version, stats_snapshot
 from leukograph.deploy.paths import WEIGHTS_DIR
-from leukograph.deploy.runners import TOLERANCES, Sample, compare, run_pipeline
+from leukograph.deploy.runners import ORT_CUDA, TOLERANCES, Sample, compare, ort_cuda_status, run_pipeline
 
 
 @dataclass
@@ -212,6 +212,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 ("onnxruntime in-process (2 threads)", "ort", lambda k: ort_runners(repository, 2), (1,),
                  {"threads": 2}),
             ]
+            cuda_reason = ort_cuda_status()
+            if cuda_reason is None:
+                baselines.append(("onnxruntime CUDA in-process", "ort",
+                                  lambda k: ort_runners(repository, args.ort_threads, ORT_CUDA), (1, 2),
+                                  {"provider": ORT_CUDA}))
+            else:
+                not_run.append({"name": "onnxruntime CUDA in-process", "reason": cuda_reason})
             if weights is not None:
                 device = args.torch_device
                 batched = torch_runners(weights, threads_torch, device)

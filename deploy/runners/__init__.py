@@ -5,9 +5,17 @@ client's `TritonPipelineClient`. `run_pipeline(runners, frame, boxes)` chains th
 against another with a `Tolerance` per compute dtype. Used by `classify`, engine verification and the benchmark.
 """
 
-from leukograph.deploy.runners.backends import OrtRunner, TorchRunner, TritonRunner, TrtRunner
+from leukograph.deploy.runners.backends import (
+    ORT_CPU,
+    ORT_CUDA,
+    OrtRunner,
+    TorchRunner,
+    TritonRunner,
+    TrtRunner,
+    ort_cuda_status,
+)
 from leukograph.deploy.runners.base import BaseRunner, Tensors, run_pipeline
 from leukograph.deploy.runners.compare import TOLERANCES, Comparison, Sample, Tolerance, compare
 
-__all__ = ["TOLERANCES", "BaseRunner", "Comparison", "OrtRunner", "Sample", "Tensors", "Tolerance", "TorchRunner",
-           "TritonRunner", "TrtRunner", "compare", "run_pipeline"]
+__all__ = ["ORT_CPU", "ORT_CUDA", "TOLERANCES", "BaseRunner", "Comparison", "OrtRunner", "Sample", "Tensors",
+           "Tolerance", "TorchRunner", "TritonRunner", "TrtRunner", "compare", "ort_cuda_status", "run_pipeline"]

@@ -14,11 +14,28 @@ from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PROBS, St
 from leukograph.client.errors import UserError
 from leukograph.deploy.runners.base import BaseRunner, Tensors
 
+ORT_CPU, ORT_CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def ort_cuda_status() -> str | None:
+    """None when ONNX Runtime here has its CUDA execution provider, else why not."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return f"onnxruntime not importable: {exc}"
+    if ORT_CUDA not in ort.get_available_providers():
+        providers = ", ".join(ort.get_available_providers())
+        return (f"onnxruntime {ort.__version__} has no {ORT_CUDA} (providers: {providers}; the onnxruntime-gpu "
+                "package built for this CUDA is needed)")
+    return None
+
 
 class OrtRunner(BaseRunner):
-    """One stage's ONNX file in ONNX Runtime on the CPU (fp32, fp16 or QDQ int8 graphs: same inputs and outputs)."""
+    """One stage's ONNX file in ONNX Runtime (fp32, fp16 or QDQ int8 graphs: same inputs and outputs), on the CPU or,
+    with `provider=ORT_CUDA`, on the GPU (CPU kept as ONNX Runtime's fallback for ops CUDA lacks)."""
 
-    def __init__(self, path: Path, stage: StageSpec, threads: int = 1, name: str | None = None) -> None:
+    def __init__(self, path: Path, stage: StageSpec, threads: int = 1, name: str | None = None,
+                 provider: str = ORT_CPU) -> None:
         super().__init__(stage, name)
         import onnxruntime as ort
 
@@ -29,7 +46,8 @@ class OrtRunner(BaseRunner):
         options.inter_op_num_threads = 1
         self.path = Path(path)
         self.threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = [ORT_CPU] if provider == ORT_CPU else [provider, ORT_CPU]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         got = [i.name for i in self.session.get_inputs()]
         if got != stage.input_names:
             raise ValueError(f"{path} has inputs {got}, the contract says {stage.input_names}")
