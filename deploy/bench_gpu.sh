@@ -81,6 +81,23 @@ run() {
     ln -sfn "$PWD/${part#*:}" "$SITE/leukograph/${part%%:*}"
   done
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  # The python-backend stub embeds libpython and ignores PYTHONPATH: a .pth file in the interpreter's own and its
+  # base installation's site-packages shows it $SITE and the venv's packages (removed again on exit).
+  local pth_files
+  pth_files=$("$PYTHON" - "$SITE" <<'EOF'
+import site, sys, sysconfig
+from pathlib import Path
+lines = [sys.argv[1], *site.getsitepackages()]
+base = sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_prefix})
+for folder in dict.fromkeys([*site.getsitepackages(), base]):
+    if Path(folder).is_dir():
+        pth = Path(folder) / "zz-leukograph-bench.pth"
+        pth.write_text("\n".join(lines) + "\n")
+        print(pth)
+EOF
+)
+  # shellcheck disable=SC2064  # expand now: the list is fixed
+  trap "rm -f $(echo "$pth_files" | tr '\n' ' ')" EXIT
   "$PYTHON" - "$BENCH_DEVICE" <<'EOF'
 import sys
 import grpc, google.protobuf, numpy, torch

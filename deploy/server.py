@@ -58,13 +58,13 @@ SHM_DIR = Path("/dev/shm")
 
 def _pytriton_paths() -> tuple[Path, Path, str]:
     """(bundled tritonserver folder, its shared-library folder, pytriton version)."""
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import version
+    from importlib.util import find_spec
 
-        import pytriton
-    except ImportError:
-        raise UserError("nvidia-pytriton is not installed: pip install 'leukograph[serve]'") from None
-    package = Path(pytriton.__file__).resolve().parent
+    spec = find_spec("pytriton")  # located, not imported: only its bundled server is used, not its Python deps
+    if spec is None or spec.origin is None:
+        raise UserError("nvidia-pytriton is not installed: pip install 'leukograph[serve]'")
+    package = Path(spec.origin).resolve().parent
     bundled, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
     if not (bundled / "bin" / "tritonserver").exists():
         raise UserError(f"no tritonserver binary in {bundled}; reinstall nvidia-pytriton")
@@ -143,12 +143,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _tail(path: Path, lines: int = 15, errors: int = 10) -> str:
+    """The server log's error lines (Triton's `E` lines: why a model failed to load), then its last lines."""
     try:
         with path.open(errors="replace") as f:
-            return "".join(deque(f, maxlen=lines))
+            text = f.readlines()
     except OSError:
         return "(no log)"
+    error_lines = [line for line in text if line.startswith("E")][-errors:]
+    tail = list(deque(text, maxlen=lines))
+    return "".join([line for line in error_lines if line not in tail] + tail)
 
 
 class TritonServer:

@@ -98,7 +98,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         try:
             __import__(f"tritonclient.{protocol}")
             transports.append(transport)
-        except ImportError as exc:  # e.g. tritonclient.http needs geventhttpclient
+        except (ImportError, RuntimeError) as exc:  # tritonclient.http raises RuntimeError without gevent
             missing.append({"name": f"triton {transport}", "reason": f"tritonclient.{protocol} not importable: {exc}"})
     if not transports:
         raise UserError("no usable Triton transport: " + "; ".join(m["reason"] for m in missing))
