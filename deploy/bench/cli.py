@@ -75,6 +75,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--readme-from", type=Path, default=None,
                         help="only rewrite the README bench section from this bench.json")
     parser.add_argument("--readme", type=Path, default=README, help="README to update (default README.md)")
+    parser.add_argument("--readme-section", default=README_SECTION,
+                        help=f"README section to rewrite (default {README_SECTION}; the GPU figures: bench-gpu)")
     return parser
 
 
@@ -88,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"{args.readme_from} is not a {SCHEMA} file")
         details = os.path.relpath(Path(args.readme_from).resolve().parent / "results.md",
                                   Path(args.readme).resolve().parent)
-        changed = replace_section(README_SECTION, readme_table(result, details), Path(args.readme))
+        changed = replace_section(args.readme_section, readme_table(result, details), Path(args.readme))
         print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
         return 0
     if args.http_url and not args.grpc_url:
