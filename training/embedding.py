@@ -21,6 +21,7 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
     """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
     the served crops under a deterministic synthetic stain shift of `stain_strength`)."""
     model.eval()
+    device = next(model.parameters()).device  # crops are cut and augmented on the CPU, the CNN runs where it is
     generator = torch.Generator().manual_seed(seed)
     index = [(f, i) for f, frame in enumerate(frames) for i in range(len(frame.labels))]
     embeddings, probs = [], []
@@ -29,9 +30,9 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
         x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
         if stain_strength > 0:
             x = stain_shift(x, stain_strength, seed + start)
-        emb, logits = model(x)
-        embeddings.append(emb.numpy())
-        probs.append(torch.softmax(logits, 1).numpy())
+        emb, logits = model(x.to(device))
+        embeddings.append(emb.cpu().numpy())
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
     embeddings_all = np.concatenate(embeddings) if embeddings else np.zeros((0, model.classifier.in_features))
     probs_all = np.concatenate(probs) if probs else np.zeros((0, len(CLASSES)))
     out, start = [], 0

@@ -45,6 +45,7 @@ from leukograph.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from leukograph.training.cnn_pack import load_cnn_pack, save_cnn_pack
 from leukograph.training.datasets import (
     frame_split_name,
     load_bccd,
@@ -100,6 +101,11 @@ def _four_class_subset(data_root, held_out: frozenset[str], seed: int) -> list:
             sorted(rng.sample(by_class[name], min(len(by_class[name]), FOUR_CLASS_PER_CLASS)), key=lambda i: i.path)]
 
 
+def exclude(cells: list[FrameCells], source: str | None) -> list[FrameCells]:
+    """Leave one source out (SOURCE_GROUPS); None keeps every source."""
+    return [c for c in cells if c.source not in SOURCE_GROUPS[source]] if source else cells
+
+
 def load_cell_sets(data_root: Path | None, max_images: int | None, seed: int,
                    exclude_source: str | None = None) -> CellSets:
     """Training and validation cells of every source (datasets.py has the split rules). Test parts are never read:
@@ -113,10 +119,8 @@ def load_cell_sets(data_root: Path | None, max_images: int | None, seed: int,
     if max_images:  # smoke runs: a deterministic handful of each
         rng = random.Random(seed)
         bccd, four, pbc, txl = (rng.sample(items, min(len(items), max_images)) for items in (bccd, four, pbc, txl))
-    cells = (build_cells(bccd, "bccd-trainval") + build_cells(four, "4class-trainval")
-             + build_cells(pbc, "pbc-trainval") + build_cells(txl, "txl-trainval"))
-    if exclude_source:
-        cells = [c for c in cells if c.source not in SOURCE_GROUPS[exclude_source]]
+    cells = exclude(build_cells(bccd, "bccd-trainval") + build_cells(four, "4class-trainval")
+                    + build_cells(pbc, "pbc-trainval") + build_cells(txl, "txl-trainval"), exclude_source)
     assert not any(c.source_frame in split.held_out for c in cells), "held-out frame in training data"
     split_of = {f"pbc:{img.sha1}": img.split for img in pbc} | {f"txl:{img.sha1}": img.split for img in txl}
 
@@ -162,15 +166,17 @@ class CropSampler:
 # ---- CNN -----------------------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                     batch_size: int, seed: int, label_smoothing: float = 0.1) -> float:
+    """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are."""
     model.train()
+    device = next(model.parameters()).device
     rng = np.random.default_rng(seed + epoch)
     generator = torch.Generator().manual_seed(seed + epoch)
     items = sampler.epoch(rng)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(items), batch_size), desc=f"cnn epoch {epoch}", leave=False):
         crops, labels = sampler.batch(items[start:start + batch_size])
-        _, logits = model(augment_batch(crops, generator, STORE_ZOOM))
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        _, logits = model(augment_batch(crops, generator, STORE_ZOOM).to(device))
+        loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -226,7 +232,7 @@ def _fit(name: str, model: nn.Module, epochs: int, steps_per_epoch: int, lr: flo
 
 def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropEmbedder:
     config = {"width": args.cnn_width}
-    model = CropEmbedder(**config)
+    model = CropEmbedder(**config).to(args.device)
     sampler = CropSampler(cells.train)
     # an epoch's size varies with the context draw: schedule for the largest possible epoch
     steps = -(-(len(sampler.nucleated) + sum(bool(c) for c in sampler.context)) // args.batch_size)
@@ -395,7 +401,8 @@ def release(run_dir: Path, release_dir: Path, names: list[tuple[str, str]]) -> N
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train leukograph's models on CPU", add_help=add_help)
+    parser = argparse.ArgumentParser(description="Train leukograph's models (CPU; the CNN also on CUDA)",
+                                     add_help=add_help)
     parser.add_argument("--data-root", default=None, help="datasets (default $LEUKOGRAPH_DATA, ../shared/datasets)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="full checkpoints (for --resume)")
     parser.add_argument("--release-dir", type=Path, default=WEIGHTS_DIR, help="where the best weights are released")
@@ -403,6 +410,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="where the CNN trains: cpu (default) or cuda; augmentation "
+                        "runs on the CPU either way")
+    parser.add_argument("--save-cnn-pack", type=Path, default=None, metavar="PACK",
+                        help="write the CNN's training crops (JPEG) to PACK and stop, for a machine without the data")
+    parser.add_argument("--cnn-pack", type=Path, default=None, metavar="PACK",
+                        help="train the CNN (--stages cnn) from PACK instead of the datasets")
     parser.add_argument("--max-images", type=int, default=None, help="smoke run: use only this many images per set")
     parser.add_argument("--exclude-source", choices=sorted(SOURCE_GROUPS), default=None,
                         help="leave one source out: bccd (BCCD + 4-class) or pbc (PBC + TXL-PBC's PBC images)")
@@ -435,12 +448,26 @@ def main(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     released: list[tuple[str, str]] = []
-    if "cnn" in stages or "gnn" in stages:
+    if args.cnn_pack and stages != ["cnn"]:
+        raise UserError("--cnn-pack trains the CNN only: use --stages cnn (the GNN needs every cell of the datasets)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}")
+    if args.save_cnn_pack:
+        cells = load_cell_sets(args.data_root, args.max_images, args.seed)
+        save_cnn_pack(args.save_cnn_pack, cells.train, cells.val, args.seed)
+        return 0
+    if args.cnn_pack:
+        train, val = load_cnn_pack(args.cnn_pack)
+        cells = CellSets(train=exclude(train, args.exclude_source), val=exclude(val, args.exclude_source))
+        print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images from {args.cnn_pack}")
+        train_cnn(cells, args, run_dir)
+        released.append(("cnn", CNN_FILE))
+    elif "cnn" in stages or "gnn" in stages:
         cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
         print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
               f"({time.time() - started:.0f} s)")
         if "cnn" in stages:
-            embedder = train_cnn(cells, args, run_dir)
+            embedder = train_cnn(cells, args, run_dir).cpu()
             released.append(("cnn", CNN_FILE))
         else:
             ckpt = load_checkpoint(run_dir / "cnn_best.pt")

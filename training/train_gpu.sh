@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The CNN variants on a GPU machine that has torch with CUDA but not the datasets: seeds, leave-one-source-out and
+# widths, trained in parallel from the CNN pack, each with `leukograph train --stages cnn --cnn-pack ... --device cuda`.
+# The GNN stage and the evaluation then run where the datasets are (`leukograph train --stages gnn --output-dir RUN`
+# with the run's cnn_best.pt in RUN; `leukograph evaluate`).
+#
+#   leukograph train --stages cnn --save-cnn-pack .gpu/cnn-pack.pt   # where the datasets are (~45 MB)
+#   bash training/train_gpu.sh .gpu/cnn-pack.pt OUT_DIR               # on the GPU machine, in the repository root
+#
+# Writes OUT_DIR/cnn-<run>.pt (released checkpoints) and OUT_DIR/train-logs.txt. Environment: PYTHON (python3),
+# EPOCHS (40), THREADS (threads per run, 2), RUNS (default: all below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACK=${1:?usage: training/train_gpu.sh PACK OUT_DIR}
+OUT_DIR=${2:?usage: training/train_gpu.sh PACK OUT_DIR}
+PYTHON=${PYTHON:-python3}
+EPOCHS=${EPOCHS:-40}
+THREADS=${THREADS:-2}
+SITE=${SITE:-/tmp/leukograph-site}
+declare -A VARIANTS=(
+  [seed0]="--seed 0"
+  [seed1]="--seed 1"
+  [no-pbc]="--exclude-source pbc"
+  [no-bccd]="--exclude-source bccd"
+  [width24]="--cnn-width 24"
+  [width48]="--cnn-width 48"
+)
+RUNS=${RUNS:-"seed0 seed1 no-pbc no-bccd width24 width48"}
+
+# leukograph without installing it: the four packages under one namespace folder (paths resolve to this repo).
+mkdir -p "$SITE/leukograph" "$OUT_DIR"
+for part in client training build_engines deploy; do
+  ln -sfn "$PWD/$part" "$SITE/leukograph/$part"
+done
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+pids=()
+for run in $RUNS; do
+  # shellcheck disable=SC2086  # the variant's arguments are a list of words
+  "$PYTHON" -m leukograph.client.cli train --stages cnn --cnn-pack "$PACK" --device cuda --threads "$THREADS" \
+    --cnn-epochs "$EPOCHS" --output-dir "$work/$run" --release-dir "$work/$run-release" ${VARIANTS[$run]} \
+    > "$work/$run.log" 2>&1 &
+  pids+=("$!")
+done
+failed=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || failed=1
+done
+for run in $RUNS; do
+  { echo "== $run: ${VARIANTS[$run]}"; tr '\r' '\n' < "$work/$run.log" | grep -v -E '[0-9]+/[0-9]+ \[' || true; } \
+    >> "$OUT_DIR/train-logs.txt"
+  if [ -f "$work/$run-release/cnn.pt" ]; then
+    cp "$work/$run-release/cnn.pt" "$OUT_DIR/cnn-$run.pt"
+  else
+    echo "$run: no checkpoint" >&2
+    failed=1
+  fi
+done
+exit "$failed"
