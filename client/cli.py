@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("leukograph.training.classify", "localise and classify every cell in image files"),
     "fetch-data": ("leukograph.training.datasets", "download the public BCCD dataset"),
     "localize-eval": ("leukograph.training.localize_eval", "measure the cell localiser against BCCD boxes"),
+    "tradeoff": ("leukograph.training.tradeoff", "accuracy per source against ms per cell, per CNN checkpoint"),
     "generate-repo": ("leukograph.deploy.model_repository", "write Triton configs (onnxruntime or tensorrt)"),
     "serve": ("leukograph.deploy.server", "start a real CPU Triton server on the model repository"),
     "build-engines": ("leukograph.build_engines.build", "compile FP16 TensorRT engines (needs TensorRT)"),

@@ -38,3 +38,32 @@ def test_unknown_stage_is_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "leukograph train: error: unknown stage(s) ['transformer']; use cnn, gnn, baseline"
+
+
+def test_cnn_pack_trains_the_cnn_without_the_datasets(tmp_path: Path) -> None:
+    """The pack holds every labelled nucleated crop of the sampled images (JPEG); training from it needs no data."""
+    from leukograph.training.cnn_pack import load_cnn_pack
+    from leukograph.training.train import NUM_NUCLEATED, load_cell_sets
+
+    pack = tmp_path / "pack.pt"
+    made = subprocess.run([*CLI, *SMOKE, "--save-cnn-pack", str(pack)], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    train, val = load_cnn_pack(pack)
+    cells = load_cell_sets(None, 16, 0)
+    for packed, full in ((train, cells.train), (val, cells.val)):
+        wanted = sum(int(((f.labels >= 0) & (f.labels < NUM_NUCLEATED)).sum()) for f in full)
+        assert sum(int(((f.labels >= 0) & (f.labels < NUM_NUCLEATED)).sum()) for f in packed) == wanted
+        assert all(f.crops.dtype.name == "uint8" and f.crops.shape[1:] == full[0].crops.shape[1:] for f in packed)
+    trained = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--cnn-pack", str(pack),
+                              "--data-root", str(tmp_path / "no-datasets-here"), "--output-dir", str(tmp_path / "run"),
+                              "--release-dir", str(tmp_path / "release")], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert torch.load(tmp_path / "release" / "cnn.pt", weights_only=True)["epoch"] == 1
+
+
+def test_cnn_pack_refuses_the_gnn_stage(tmp_path: Path) -> None:
+    result = subprocess.run([*CLI, "--stages", "cnn,gnn", "--cnn-pack", str(tmp_path / "pack.pt"), "--output-dir",
+                             str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("leukograph train: error: --cnn-pack trains the CNN only: use --stages cnn "
+                                     "(the GNN needs every cell of the datasets)")
