@@ -38,6 +38,7 @@ from leukograph.client.contract import (  # noqa: E402
     UNIDENTIFIED_THRESHOLD,
     WBC_CLASSES,
 )
+from leukograph.client.errors import UserError  # noqa: E402
 from leukograph.client.images import read_image  # noqa: E402
 from leukograph.client.localize import WBC, localize  # noqa: E402
 from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR  # noqa: E402
@@ -406,12 +407,41 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {v['images']} | {v['wbc_boxes']} | {v['recall_iou50']:.3f} | {v['recall_iou10']:.3f} | "
                   f"{v['images_with_wbc']:.1%} |" for name, v in loc.items() if "recall_iou50" in v]
+    seeds = report.get("seeds")
+    if seeds:
+        lines += ["", "Does the graph help? CNN-only against CNN+GNN, per seed (each seed's CNN and GNN trained "
+                  "separately; the first is the committed model):", "", seed_table(seeds).rstrip()]
     loso = report.get("leave_one_source_out")
     if loso:
         lines += ["", "Leave one source out (trained without the source, tested on it; target >= 75%):", "",
                   "| trained without | tested on | CNN only | CNN+GNN |", "|---|---|---|---|"]
         lines += [f"| {row['without']} | {row['tested_on']} | {_pct(row.get('CNN only'))} | "
                   f"{_pct(row.get('CNN+GNN'))} |" for row in loso]
+    return "\n".join(lines) + "\n"
+
+
+SEED_COLUMNS = (
+    ("4-class TEST images", lambda r, m: r["4class_test"]["images"][m]["accuracy"]),
+    ("per source frame", lambda r, m: r["4class_test"]["frames"][m]["accuracy"]),
+    ("TEST_SIMPLE", lambda r, m: r["4class_test_simple"]["images"][m]["accuracy"]),
+    ("BCCD held-out WBC nodes", lambda r, m: r["bccd_heldout"][m]["wbc_nodes"]["accuracy"]),
+    ("PBC test, 5 WBC", lambda r, m: r["pbc_test"]["wbc_images"][m]["accuracy"]),
+    ("PBC test, 7 nucleated", lambda r, m: r["pbc_test"]["images"][m]["accuracy"]),
+    ("PBC under stain shift 1", lambda r, m: r["stain_shift"]["pbc_test"][m][r["stain_shift"]["strengths"].index(1.0)]),
+    ("PBC under stain shift 2", lambda r, m: r["stain_shift"]["pbc_test"][m][r["stain_shift"]["strengths"].index(2.0)]),
+)
+
+
+def seed_table(reports: dict[str, dict]) -> str:
+    """CNN-only against CNN+GNN for each seed's evaluation, and the GNN's gain per seed (percentage points)."""
+    header = "| seed | model | " + " | ".join(title for title, _ in SEED_COLUMNS) + " |"
+    lines = [header, "|---|---|" + "---|" * len(SEED_COLUMNS)]
+    for seed, report in reports.items():
+        values = {m: [get(report, m) for _, get in SEED_COLUMNS] for m in CELL_MODELS}
+        for m in CELL_MODELS:
+            lines.append(f"| {seed} | {m} | " + " | ".join(f"{v:.1%}" for v in values[m]) + " |")
+        gains = [(g - c) * 100 for c, g in zip(values["CNN only"], values["CNN+GNN"])]
+        lines.append(f"| {seed} | GNN gain (points) | " + " | ".join(f"{v:+.1f}" for v in gains) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -469,6 +499,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help="where results go; the README table is rewritten only for the default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed-report", action="append", default=[], metavar="NAME=EVALUATION_JSON",
+                        help="another seed's evaluation.json (evaluate --weights ITS_DIR --output-dir ...): adds the "
+                             "CNN-only vs CNN+GNN table across seeds")
     parser.add_argument("--loso", action="append", default=[], metavar="SOURCE=WEIGHTS_DIR",
                         help="leave-one-source-out weights trained without SOURCE (bccd or pbc); repeatable")
     return parser
@@ -516,6 +549,16 @@ def main(args: argparse.Namespace) -> int:
     }
     if args.loso:
         report["leave_one_source_out"] = leave_one_source_out(args.loso, args.data_root, threshold)
+    if args.seed_report:
+        report["seeds"] = {"committed": {k: report[k] for k in ("4class_test", "4class_test_simple", "bccd_heldout",
+                                                                "pbc_test", "stain_shift")}}
+        for spec in args.seed_report:
+            name, _, path = spec.partition("=")
+            try:
+                other = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise UserError(f"--seed-report {spec}: cannot read {path}: {exc}") from None
+            report["seeds"][name] = {k: other[k] for k in report["seeds"]["committed"]}
     report["seconds"] = round(time.time() - started, 1)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
