@@ -478,8 +478,9 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- **BCCD has no IG or NRBC labels and only 3 basophil frames: basophil, IG and NRBC are learnt from PBC "
         "(one lab, one stain, normal donors only).** Expect them to be the least reliable classes on other labs.", "",
         "## Training", "",
-        f"`leukograph train` (seed 0, CPU) took {seconds} wall time for the CNN and GNN in the run that produced "
-        "these weights. Augmentation per batch (training/augment.py): any rotation/flip, box scale 0.8-1.25 and "
+        *([f"- {line}" for line in train_summary.get("recipe", [])] + [""] if train_summary else []),
+        f"The last `leukograph train` run behind these weights took {seconds} wall time (the recipe above says which "
+        "stages ran where). Augmentation per batch (training/augment.py): any rotation/flip, box scale 0.8-1.25 and "
         "shift, resolution 30-100%, HED stain jitter, hue, saturation, per-channel gain, brightness/contrast, gamma, "
         "grayscale, blur, noise, JPEG, vignetting. Model selection: best mean per-source validation macro-F1 "
         f"(CNN {val.get('cnn', {}).get('score', 0):.3f}, CNN+GNN {val.get('gnn', {}).get('score', 0):.3f}).", "",
