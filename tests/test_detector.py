@@ -65,6 +65,17 @@ def test_graph_passes_op_check_with_constant_topk(onnx_path: Path) -> None:
     assert [o.name for o in model.graph.output] == CELL_DETECTOR.output_names
 
 
+def test_tensorrt_profile_covers_the_frame_range(onnx_path: Path, tmp_path: Path) -> None:
+    """build_engines' profiles give the detector's FRAME min/opt/max from the contract; its FP16 graph passes the op
+    check too."""
+    from leukograph.build_engines.profiles import make_profiles
+    from leukograph.client.contract import MAX_FRAME_SIDE, MIN_FRAME_SIDE
+
+    shapes = make_profiles().shapes(CELL_DETECTOR)["FRAME"]
+    assert shapes == ((MIN_FRAME_SIDE, MIN_FRAME_SIDE, 3), (480, 640, 3), (MAX_FRAME_SIDE, MAX_FRAME_SIDE, 3))
+    assert check_trt_compat(fp16.convert_file(onnx_path, tmp_path, fp32_after=DETECTOR_FP32_AFTER)) == []
+
+
 def test_fp32_parity_with_pytorch(onnx_path: Path, frames: list[np.ndarray]) -> None:
     detector = OnnxDetector(onnx_path, threads=1)
     stage = DetectorStage(load_detector(WEIGHTS_DIR)).eval()

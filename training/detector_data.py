@@ -32,6 +32,7 @@ ALL_TRUSTED = np.ones(len(CELL_KINDS), bool)
 WBC_ONLY_TRUSTED = np.array([kind == "wbc" for kind in CELL_KINDS])
 ZOOM_RANGE = (0.5, 2.0)  # scale augmentation relative to the frame stretched to the working size
 ASPECT_JITTER = 0.15
+ROTATE_CHANCE = 0.5  # any angle (4-class images are rotated copies of BCCD frames)
 BLACK_FILL_CHANCE = 0.25  # some sources pad with black (4-class images); the rest with the image's background
 MIN_VISIBLE = 0.4  # a box cut by the view keeps its label when this share of it is still inside
 GAUSSIAN_ALPHA = 0.54  # TTFNet: sigma = alpha * side / 6
@@ -87,11 +88,10 @@ def bccd_samples(frame_ids: frozenset[str], root: Path | None = None,
     return out
 
 
-def txl_samples(split: str, root: Path | None = None) -> list[DetectionSample]:
+def txl_samples(split: str, root: Path | None = None, limit: int | None = None) -> list[DetectionSample]:
     out = []
-    for img in load_txl(root):
-        if img.split != split:
-            continue
+    chosen = [img for img in load_txl(root) if img.split == split]
+    for img in chosen[:: max(1, len(chosen) // limit)][:limit] if limit else chosen:
         boxes, kinds = _arrays([(b.kind, b.box) for b in img.boxes])
         out.append(DetectionSample(img.path.stem, img.source, read_image(img.path), boxes, kinds, ALL_TRUSTED))
     return out
@@ -100,11 +100,10 @@ def txl_samples(split: str, root: Path | None = None) -> list[DetectionSample]:
 def training_samples(root: Path | None = None, limit: int | None = None) -> list[DetectionSample]:
     """BCCD training frames + TXL-PBC train split (held-out BCCD frames are never among them)."""
     frames = split_frames(root)
-    train_ids = frames.train - frames.held_out
-    samples = bccd_samples(frozenset(train_ids), root) + txl_samples("train", root)
-    if limit:
-        samples = samples[:: max(1, len(samples) // limit)][:limit]
-    return samples
+    train_ids = sorted(frames.train - frames.held_out)
+    if limit:  # a smoke test: decode only what it uses
+        train_ids = train_ids[:: max(1, len(train_ids) // max(1, limit // 2))][: max(1, limit // 2)]
+    return bccd_samples(frozenset(train_ids), root) + txl_samples("train", root, limit and limit - len(train_ids))
 
 
 def _background(image: np.ndarray) -> tuple[float, float, float]:
@@ -116,7 +115,7 @@ def _background(image: np.ndarray) -> tuple[float, float, float]:
 def random_view(sample: DetectionSample, rng: np.random.Generator,
                 size: int = DETECTOR_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An augmented size x size uint8 view: the image stretched to the working size (as served), zoomed x0.5-x2,
-    aspect jitter, shifted, flipped; out-of-view area filled with the background (or black). Boxes follow."""
+    aspect jitter, shifted, flipped, rotated; out-of-view area filled with the background (or black). Boxes follow."""
     h, w = sample.image.shape[:2]
     zoom = float(np.exp(rng.uniform(*np.log(ZOOM_RANGE))))
     aspect = float(np.exp(rng.uniform(-ASPECT_JITTER, ASPECT_JITTER)))
@@ -129,14 +128,24 @@ def random_view(sample: DetectionSample, rng: np.random.Generator,
     spread_y = abs(abs(sy) * h - size) / 2
     tx = size / 2 + rng.uniform(-spread_x, spread_x) - sx * w / 2
     ty = size / 2 + rng.uniform(-spread_y, spread_y) - sy * h / 2
-    matrix = np.array([[sx, 0, tx], [0, sy, ty]], np.float64)
+    matrix = np.array([[sx, 0, tx], [0, sy, ty], [0, 0, 1]], np.float64)
+    angle = rng.uniform(-np.pi, np.pi) if rng.random() < ROTATE_CHANCE else 0.0
+    cos, sin = np.cos(angle), np.sin(angle)
+    centre = size / 2
+    rotation = np.array([[cos, -sin, centre - cos * centre + sin * centre],
+                         [sin, cos, centre - sin * centre - cos * centre], [0, 0, 1]])
+    matrix = (rotation @ matrix)[:2]
     fill = (0.0, 0.0, 0.0) if rng.random() < BLACK_FILL_CHANCE else _background(sample.image)
     view = cv2.warpAffine(sample.image, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    # a cell is the ellipse inscribed in its box: the rotated box is that ellipse's bounding box
     b = sample.boxes.astype(np.float64)
-    xs = b[:, [0, 2]] * sx + tx
-    ys = b[:, [1, 3]] * sy + ty
-    boxes = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1)
+    centres = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, np.ones(len(b))], 1) @ matrix.T
+    half_w, half_h = (b[:, 2] - b[:, 0]) / 2 * abs(sx), (b[:, 3] - b[:, 1]) / 2 * abs(sy)
+    extent_x = np.hypot(half_w * cos, half_h * sin)
+    extent_y = np.hypot(half_w * sin, half_h * cos)
+    boxes = np.stack([centres[:, 0] - extent_x, centres[:, 1] - extent_y, centres[:, 0] + extent_x,
+                      centres[:, 1] + extent_y], 1)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     clipped = np.clip(boxes, 0, size)
     visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])

@@ -218,42 +218,61 @@ def white_cell_found(images: Sequence[np.ndarray], localizer: Callable[[np.ndarr
     return {"images": len(images), "wbc": {"found": hits / max(len(images), 1)}}
 
 
-def box_sets(root: str | None = None) -> list[BoxSet]:
-    """BCCD held-out frames against TXL-PBC's re-annotated boxes (the 37 marked evaluation-only) and against VOC (all
-    held-out frames), and
-    TXL-PBC's test split per source. Nothing here is ever trained on."""
-    from leukograph.training.datasets import held_out_frames, load_bccd, load_txl
+def box_sets(root: str | None = None, split: str = "test") -> list[BoxSet]:
+    """test: BCCD held-out frames against TXL-PBC's re-annotated boxes (the 37 marked evaluation-only) and against
+    VOC (all held-out frames), and TXL-PBC's test split per source. Nothing here is ever trained on.
+    val: the same for BCCD validation frames (re-annotated boxes where TXL-PBC has them) and TXL-PBC's val split,
+    for choosing between training runs without looking at the test sets."""
+    from leukograph.training.datasets import held_out_frames, load_bccd, load_txl, split_frames
     from leukograph.training.detector_data import TRAINING_ALLOWED, relabelled_boxes, relabelled_frames
 
-    held = held_out_frames(root)
+    if split not in ("test", "val"):
+        raise UserError(f"--split must be test or val, got {split!r}")
+    chosen = held_out_frames(root) if split == "test" else split_frames(root).val
     relabelled = relabelled_frames(root)
-    frames = [f for f in load_bccd(root) if f.frame_id in held]
+    frames = [f for f in load_bccd(root) if f.frame_id in chosen]
     images = {f.frame_id: read_image(f.image_path) for f in frames}
+    prefix = "bccd-held-out" if split == "test" else "bccd-val"
 
     def arrays(pairs: Sequence[tuple[str, Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:
         return (np.array([box for _, box in pairs], np.float64).reshape(-1, 4),
                 np.array([CELL_KINDS.index(kind) for kind, _ in pairs], np.int64))
 
-    sets = [BoxSet("bccd-held-out-relabelled", [
+    def has_relabelled(frame_id: str) -> bool:
+        use = relabelled.get(frame_id)
+        return use is not None and (use != TRAINING_ALLOWED if split == "test" else True)
+
+    sets = [BoxSet(f"{prefix}-relabelled", [
         (images[f.frame_id], *arrays(relabelled_boxes(f.frame_id, *images[f.frame_id].shape[:2], root=root)))
-        for f in frames if relabelled.get(f.frame_id, TRAINING_ALLOWED) != TRAINING_ALLOWED]),
-        BoxSet("bccd-held-out-voc", [(images[f.frame_id], *arrays([(b.kind, b.box) for b in f.boxes]))
-                                     for f in frames])]
-    test = [img for img in load_txl(root) if img.split == "test"]
-    for source in sorted({img.source for img in test}):
-        sets.append(BoxSet(f"txl-test-{source.lower()}", [
-            (read_image(img.path), *arrays([(b.kind, b.box) for b in img.boxes])) for img in test
+        for f in frames if has_relabelled(f.frame_id)]),
+        BoxSet(f"{prefix}-voc", [(images[f.frame_id], *arrays([(b.kind, b.box) for b in f.boxes])) for f in frames])]
+    txl = [img for img in load_txl(root) if img.split == split]
+    for source in sorted({img.source for img in txl}):
+        sets.append(BoxSet(f"txl-{split}-{source.lower()}", [
+            (read_image(img.path), *arrays([(b.kind, b.box) for b in img.boxes])) for img in txl
             if img.source == source]))
     return sets
 
 
-def pbc_images_not_trained_on(root: str | None = None, limit: int = 0) -> list[Path]:
-    """PBC images of the nucleated classes whose bytes are not among the detector's training images."""
+def four_class_images(root: str | None = None, split: str = "test", limit: int = 0) -> list[Path]:
+    """test: 4-class TEST; val: 4-class TRAIN images made from BCCD validation frames."""
+    from leukograph.training.datasets import load_four_class, split_frames
+
+    if split == "test":
+        return _evenly([img.path for img in load_four_class(root, "TEST")], limit)
+    val = split_frames(root).val
+    return _evenly([img.path for img in load_four_class(root, "TRAIN") if img.source_frame in val], limit)
+
+
+def pbc_images_not_trained_on(root: str | None = None, limit: int = 0, split: str = "test") -> list[Path]:
+    """test: PBC images of the nucleated classes whose bytes are not among the detector's training images (every
+    split of PBC's own; TXL-PBC's training images excluded). val: PBC's validation split only."""
     from leukograph.client.contract import NUCLEATED_CLASSES
     from leukograph.training.datasets import load_pbc, load_txl
 
     trained = {img.sha1 for img in load_txl(root) if img.split == "train"}
-    paths = [img.path for img in load_pbc(root) if img.label in NUCLEATED_CLASSES and img.sha1 not in trained]
+    paths = [img.path for img in load_pbc(root) if img.label in NUCLEATED_CLASSES and img.sha1 not in trained
+             and (split == "test" or img.split == "val")]
     return _evenly(paths, limit)
 
 
@@ -275,11 +294,10 @@ def speed(localizer: Callable[[np.ndarray], Any], images: Sequence[np.ndarray]) 
 
 
 def compare_localizers(localizers: Sequence[str], root: str | None = None, iou: float = 0.5, four_class: int = 0,
-                       pbc: int = 0, detector_path: Path = DETECTOR_ONNX, threads: int = 2) -> dict[str, Any]:
+                       pbc: int = 0, detector_path: Path = DETECTOR_ONNX, threads: int = 2,
+                       split: str = "test") -> dict[str, Any]:
     """Both localisers side by side on every set: {"sets": {set: {localiser: {kind: {ap50, recall, precision}}}},
     "frames_per_s": {localiser: ...}, "speed": {localiser: {p50_ms, ...}}}."""
-    from leukograph.training.datasets import load_four_class
-
     runners: dict[str, Callable[[np.ndarray], tuple[Cells, Cells]]] = {}
     for name in localizers:
         if name not in LOCALIZERS:
@@ -290,14 +308,15 @@ def compare_localizers(localizers: Sequence[str], root: str | None = None, iou: 
                          else _classical_ranked_and_accepted)
     result: dict[str, Any] = {"iou": iou, "sets": {}, "frames_per_s": {}, "speed": {},
                               "threads": {"classical": 1, "detector": threads}}
-    sets = box_sets(root)
+    sets = box_sets(root, split)
     for box_set in sets:
         result["sets"][box_set.name] = {name: score_box_set(box_set, run, iou) for name, run in runners.items()}
-    four = [read_image(img.path) for img in _evenly(list(load_four_class(root, "TEST")), four_class)]
-    result["sets"]["four-class-test"] = {name: white_cell_found(four, run, centred=False)
-                                         for name, run in runners.items()}
-    pbc_images = [read_image(path) for path in pbc_images_not_trained_on(root, pbc)]
-    result["sets"]["pbc"] = {name: white_cell_found(pbc_images, run, centred=True) for name, run in runners.items()}
+    four = [read_image(path) for path in four_class_images(root, split, four_class)]
+    result["sets"][f"four-class-{split}"] = {name: white_cell_found(four, run, centred=False)
+                                             for name, run in runners.items()}
+    pbc_images = [read_image(path) for path in pbc_images_not_trained_on(root, pbc, split)]
+    result["sets"]["pbc" if split == "test" else "pbc-val"] = {
+        name: white_cell_found(pbc_images, run, centred=True) for name, run in runners.items()}
     frames = [image for image, _, _ in sets[1].items]  # the 640x480 BCCD held-out frames
     threads_before = cv2.getNumThreads()
     cv2.setNumThreads(1)
@@ -384,14 +403,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--detector", default=str(DETECTOR_ONNX), help="the exported cell_detector ONNX file")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the detector")
     parser.add_argument("--pbc", type=int, default=0, help="number of PBC images to check (evenly spaced; 0 = all)")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="test sets (held-out frames, TXL-PBC test) or validation sets (to compare training runs)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     from leukograph.training.datasets import load_four_class
 
+    if args.readme and args.split != "test":
+        raise UserError("--readme writes the test-set figures; leave out --split val")
     if not 0 < args.iou <= 1:
         raise UserError(f"--iou must be in (0, 1], got {args.iou}")
+    if "detector" in args.localizers.split(",") and Path(args.detector) != DETECTOR_ONNX and not Path(
+            args.detector).exists():
+        raise UserError(f"no detector model at {args.detector}; run `leukograph export-detector` first")
     frames = select_frames(args.frames, args.data_root)
     images = [read_image(frame.image_path) for frame in frames]
     result = evaluate_localizer(frames, args.iou, images)
@@ -406,11 +432,11 @@ def main(args: argparse.Namespace) -> int:
     localizers = [name for name in args.localizers.split(",") if name]
     command = ["leukograph localize-eval"] + [f"--localizers {args.localizers}"] * (
         args.localizers != ",".join(LOCALIZERS)) + [f"--four-class {args.four_class}"] * (args.four_class > 0) + [
-        f"--pbc {args.pbc}"] * (args.pbc > 0)
+        f"--pbc {args.pbc}"] * (args.pbc > 0) + [f"--split {args.split}"] * (args.split != "test")
     comparison = None
     if localizers:
         comparison = compare_localizers(localizers, args.data_root, args.iou, args.four_class, args.pbc,
-                                        Path(args.detector), args.threads)
+                                        Path(args.detector), args.threads, args.split)
         result.update(comparison)
     print(table, file=sys.stderr if args.json == "-" else sys.stdout)
     if comparison is not None:
