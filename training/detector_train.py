@@ -156,7 +156,7 @@ def train(args: argparse.Namespace) -> Path | None:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the learned cell detector", add_help=add_help)
     parser.add_argument("--data-root", default=None, help="datasets folder (default $LEUKOGRAPH_DATA)")
-    parser.add_argument("--steps", type=int, default=1400, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=750, help="optimiser steps (the released weights: 750)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
