@@ -139,8 +139,21 @@ def topological_sort(model: onnx.ModelProto) -> None:
     model.graph.node.extend(copies)
 
 
+def nodes_after(model: onnx.ModelProto, op_type: str) -> list[str]:
+    """Names of the nodes at or after the first `op_type` node (topological order): e.g. a detector's post-processing
+    from its Sigmoid on, kept fp32 so that peak extraction compares values of one precision."""
+    start = next((i for i, node in enumerate(model.graph.node) if node.op_type == op_type), len(model.graph.node))
+    region: set[str] = set()
+    names: list[str] = []
+    for index, node in enumerate(model.graph.node):
+        if index == start or any(name in region for name in node.input):
+            region.update(node.output)
+            names.append(node.name)
+    return names
+
+
 def convert_model_to_fp16(model: onnx.ModelProto, op_block_list: list[str] | None = None,
-                          keep_coordinates_fp32: bool = True) -> onnx.ModelProto:
+                          keep_coordinates_fp32: bool = True, fp32_after: str | None = None) -> onnx.ModelProto:
     """fp16 weights and activations; float inputs/outputs stay fp32, integer ones (uint8 FRAME, int32 LABELS) as is;
     coordinate arithmetic stays fp32 unless `keep_coordinates_fp32` is False (the plain converter, for comparison)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -149,6 +162,8 @@ def convert_model_to_fp16(model: onnx.ModelProto, op_block_list: list[str] | Non
     for index, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{index}"  # the block list works by node name
     node_block_list = coordinate_nodes(model) if keep_coordinates_fp32 else None
+    if fp32_after is not None:
+        node_block_list = (node_block_list or []) + nodes_after(model, fp32_after)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number ... will be truncated to 1e-07/65504" per constant
         converted = convert_float_to_float16(model, keep_io_types=True,
@@ -171,10 +186,10 @@ def fp16_path(fp32_path: Path, out_dir: Path) -> Path:
 
 
 def convert_file(fp32_path: Path, out_dir: Path, op_block_list: list[str] | None = None,
-                 keep_coordinates_fp32: bool = True) -> Path:
+                 keep_coordinates_fp32: bool = True, fp32_after: str | None = None) -> Path:
     """Write the fp16 copy of `fp32_path` under `out_dir` (weights inline) and return its path."""
     model = onnx.load(str(fp32_path))
-    converted = convert_model_to_fp16(model, op_block_list, keep_coordinates_fp32)
+    converted = convert_model_to_fp16(model, op_block_list, keep_coordinates_fp32, fp32_after)
     path = fp16_path(fp32_path, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(converted, str(path), save_as_external_data=False)

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("leukograph.training.train", "train the CNN crop embedder and the cell-graph GNN"),
     "evaluate": ("leukograph.training.evaluate", "evaluate baseline, CNN-only and CNN+GNN on held-out data"),
     "export": ("leukograph.training.export", "export both stages to ONNX in the model repository"),
+    "train-detector": ("leukograph.training.detector_train", "train the learned cell detector (frames -> boxes)"),
+    "export-detector": ("leukograph.training.detector", "export the cell detector to ONNX in the model repository"),
     "classify": ("leukograph.training.classify", "localise and classify every cell in image files"),
     "fetch-data": ("leukograph.training.datasets", "download the public BCCD dataset"),
     "localize-eval": ("leukograph.training.localize_eval", "measure the cell localiser against BCCD boxes"),

@@ -121,6 +121,29 @@ PIPELINE = StageSpec(
 )
 STAGES: tuple[StageSpec, ...] = (CROP_EMBEDDER, CELL_GRAPH)
 
+# ---- detector stage (frame in, fixed-K padded cells out) -------------------------------------------
+# The learned detector sees the frame stretched to DETECTOR_SIZE x DETECTOR_SIZE and predicts, per output pixel
+# (stride DETECTOR_STRIDE), a score per kind, the cell's size and its sub-pixel centre. In-graph post-processing:
+# 3x3 max-pool peaks, TopK at the constant K = MAX_CELLS, sorted by score. Rows at and after CELL_COUNT (score below
+# DETECTOR_THRESHOLD) are padding: their SCORES are kept for AP, but no stage may treat them as cells.
+DETECTOR_SIZE = 256
+DETECTOR_STRIDE = 4
+DETECTOR_THRESHOLD = 0.3
+# An FP16 build keeps the post-processing fp32 from this op on (peak extraction compares each score with its 3x3
+# max: an fp16 copy of one side breaks the equality; box corners reach MAX_FRAME_SIDE).
+DETECTOR_FP32_AFTER = "Sigmoid"
+SCORES = TensorSpec("SCORES", "float32", (MAX_CELLS,))
+KINDS = TensorSpec("KINDS", "int32", (MAX_CELLS,))  # index into CELL_KINDS
+DETECTED_BOXES = TensorSpec("BOXES", "float32", (MAX_CELLS, 4))
+CELL_COUNT = TensorSpec("CELL_COUNT", "int32", (1,))  # rows [0, CELL_COUNT) are cells
+CELL_DETECTOR = StageSpec(
+    name="cell_detector",
+    inputs=(FRAME,),
+    outputs=(DETECTED_BOXES, SCORES, KINDS, CELL_COUNT),
+    description="learned detector: frame -> MAX_CELLS boxes/scores/kinds sorted by score, CELL_COUNT above threshold",
+    dynamic_axes={"FRAME": {0: "height", 1: "width"}},
+)
+
 # ---- model repository layout ---------------------------------------------------------------------
 VERSION_DIR = "1"  # every step serves one version
 CONFIG_FILE = "config.pbtxt"

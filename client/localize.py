@@ -244,3 +244,14 @@ def _localize(image: np.ndarray) -> Cells:
     out, kind_arr, score_arr = out[top], kind_arr[top], score_arr[top]
     order = np.lexsort((out[:, 0], out[:, 1], kind_arr))
     return Cells(np.ascontiguousarray(out[order]), kind_arr[order], score_arr[order])
+
+
+def detector_cells(boxes: np.ndarray, scores: np.ndarray, kinds: np.ndarray, count: np.ndarray | int,
+                   keep_padding: bool = False) -> Cells:
+    """The cell_detector stage's fixed-K outputs as Cells: rows [0, CELL_COUNT) are cells, the rest is padding
+    (kept only when `keep_padding`, e.g. to rank every candidate for average precision)."""
+    n = len(scores) if keep_padding else int(np.asarray(count).reshape(-1)[0])
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[:n]
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return Cells(boxes[valid], np.asarray(kinds).astype(np.int64)[:n][valid],
+                 np.asarray(scores, np.float32)[:n][valid])

@@ -145,7 +145,8 @@ def test_black_fill_creates_no_cells(held_out) -> None:
 def test_cli_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "localize.json"
     cli = Path(sys.executable).parent / "leukograph"
-    proc = subprocess.run([str(cli), "localize-eval", "--four-class", "40", "--json", str(out)],
+    proc = subprocess.run([str(cli), "localize-eval", "--four-class", "40", "--json", str(out),
+                           "--localizers", ""],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| wbc |" in proc.stdout and "frames/s" in proc.stdout

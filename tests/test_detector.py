@@ -1,0 +1,188 @@
+"""The learned cell detector: served graph (TensorRT-parser ops, fp32 parity with PyTorch, FP16 numerics in ONNX
+Runtime), fixed-K padding, AP, training and resume, and `localize-eval` on real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from leukograph.build_engines import fp16
+from leukograph.build_engines.onnx_ops import check_trt_compat
+from leukograph.client.boxes import box_iou
+from leukograph.client.contract import CELL_DETECTOR, CELL_KINDS, DETECTOR_FP32_AFTER, DETECTOR_THRESHOLD, MAX_CELLS
+from leukograph.client.images import read_image
+from leukograph.client.localize import detector_cells
+from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR
+from leukograph.training.detector import DETECTOR_WEIGHTS, DetectorStage, export_detector, load_detector
+from leukograph.training.localize_eval import OnnxDetector, average_precision, select_frames
+
+WBC = CELL_KINDS.index("wbc")
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_detector(load_detector(WEIGHTS_DIR), tmp_path_factory.mktemp("detector") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    """Held-out BCCD frames (640x480) plus one TXL-PBC test image of each other size (never trained on)."""
+    from leukograph.training.datasets import load_txl
+
+    images = [read_image(f.image_path) for f in select_frames("held-out")[:6]]
+    seen: set[tuple[int, int]] = set()
+    for img in load_txl():
+        if img.split == "test" and img.size not in seen:
+            seen.add(img.size)
+            images.append(read_image(img.path))
+    return images
+
+
+def test_weights_are_small_and_load() -> None:
+    path = WEIGHTS_DIR / DETECTOR_WEIGHTS
+    assert path.stat().st_size < 8_000_000
+    net = load_detector(WEIGHTS_DIR)
+    assert sum(p.numel() for p in net.parameters()) <= 2_000_000
+
+
+def test_graph_passes_op_check_with_constant_topk(onnx_path: Path) -> None:
+    model = onnx.load(str(onnx_path))
+    assert check_trt_compat(model) == []
+    topk = [n for n in model.graph.node if n.op_type == "TopK"]
+    assert len(topk) == 1
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                      if n.op_type == "Constant"})
+    assert int(np.asarray(constants[topk[0].input[1]]).reshape(-1)[0]) == MAX_CELLS
+    assert [o.name for o in model.graph.output] == CELL_DETECTOR.output_names
+
+
+def test_tensorrt_profile_covers_the_frame_range(onnx_path: Path, tmp_path: Path) -> None:
+    """build_engines' profiles give the detector's FRAME min/opt/max from the contract; its FP16 graph passes the op
+    check too."""
+    from leukograph.build_engines.profiles import make_profiles
+    from leukograph.client.contract import MAX_FRAME_SIDE, MIN_FRAME_SIDE
+
+    shapes = make_profiles().shapes(CELL_DETECTOR)["FRAME"]
+    assert shapes == ((MIN_FRAME_SIDE, MIN_FRAME_SIDE, 3), (480, 640, 3), (MAX_FRAME_SIDE, MAX_FRAME_SIDE, 3))
+    assert check_trt_compat(fp16.convert_file(onnx_path, tmp_path, fp32_after=DETECTOR_FP32_AFTER)) == []
+
+
+def test_fp32_parity_with_pytorch(onnx_path: Path, frames: list[np.ndarray]) -> None:
+    detector = OnnxDetector(onnx_path, threads=1)
+    stage = DetectorStage(load_detector(WEIGHTS_DIR)).eval()
+    for image in frames:
+        boxes, scores, kinds, count = detector.outputs(image)
+        assert boxes.shape == (MAX_CELLS, 4) and scores.shape == (MAX_CELLS,) and kinds.dtype == np.int32
+        with torch.no_grad():
+            ref = [t.numpy() for t in stage(torch.from_numpy(image))]
+        assert int(count[0]) == int(ref[3][0]) > 0
+        n = int(count[0])
+        np.testing.assert_allclose(scores[:n], ref[1][:n], atol=1e-4)
+        np.testing.assert_allclose(boxes[:n], ref[0][:n], atol=0.05)
+        assert (kinds[:n] == ref[2][:n]).all()
+        assert int(count[0]) == int((scores >= DETECTOR_THRESHOLD).sum())
+        assert (np.diff(scores) <= 1e-7).all()  # sorted: rows at and after CELL_COUNT are the padding
+
+
+def test_fp16_numerics_in_onnx_runtime(onnx_path: Path, frames: list[np.ndarray], tmp_path: Path) -> None:
+    half_path = fp16.convert_file(onnx_path, tmp_path, fp32_after=DETECTOR_FP32_AFTER)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(half_path)).graph.initializer)
+    half = OnnxDetector(half_path, threads=1)
+    full = OnnxDetector(onnx_path, threads=1)
+    for image in frames:
+        a, b = full.ranked_and_accepted(image)[1], half.ranked_and_accepted(image)[1]
+        confident = a.scores >= DETECTOR_THRESHOLD + 0.1  # cells clear of the threshold must all survive fp16
+        assert confident.any() and len(b)
+        iou = box_iou(a.boxes[confident], b.boxes)
+        assert (iou.max(axis=1) >= 0.9).all()
+        best = iou.argmax(axis=1)
+        assert (b.kinds[best] == a.kinds[confident]).all()
+        assert np.abs(b.scores[best] - a.scores[confident]).max(initial=0) < 0.05
+        assert abs(len(a) - len(b)) <= max(2, len(a) // 10)
+
+
+def test_padding_rows_are_dropped() -> None:
+    boxes = np.array([[10, 10, 50, 50], [60, 60, 90, 90], [0, 0, 0, 0]], np.float32)
+    scores = np.array([0.9, 0.5, 0.01], np.float32)
+    kinds = np.array([0, 1, 0], np.int32)
+    cells = detector_cells(boxes, scores, kinds, np.array([2], np.int32))
+    assert len(cells) == 2 and cells.kinds.dtype == np.int64
+    every = detector_cells(boxes, scores, kinds, np.array([2], np.int32), keep_padding=True)
+    assert len(every) == 2  # the degenerate padding box is never a cell
+    assert len(detector_cells(boxes, scores, kinds, np.array([0], np.int32))) == 0
+
+
+def test_average_precision_known_cases() -> None:
+    truth = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)]
+    perfect = [(truth[0], np.array([0.9, 0.8]))]
+    assert average_precision(perfect, truth) == pytest.approx(1.0)
+    # a false positive ranked first: precision 1/2 at recall 0.5 and 2/3 at recall 1 -> AP = 2/3
+    with_fp = [(np.array([[100, 100, 110, 110], [0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0.95, 0.9, 0.8]))]
+    assert average_precision(with_fp, truth) == pytest.approx(2 / 3)
+    assert average_precision([(np.zeros((0, 4)), np.zeros(0))], truth) == 0.0
+    assert np.isnan(average_precision(perfect, [np.zeros((0, 4))]))
+
+
+def test_detector_finds_the_white_cell_on_held_out_frames(onnx_path: Path) -> None:
+    """Every held-out BCCD frame's VOC white cell is found at IoU >= 0.5 (frames never trained on)."""
+    detector = OnnxDetector(onnx_path, threads=1)
+    frames = select_frames("held-out")[::6]
+    hits = total = 0
+    for frame in frames:
+        cells = detector.ranked_and_accepted(read_image(frame.image_path))[1]
+        wbc = cells.boxes[cells.kinds == WBC]
+        for b in frame.boxes:
+            if b.kind == "wbc":
+                total += 1
+                hits += bool(len(wbc)) and box_iou(wbc, np.array([b.box])).max() >= 0.5
+    assert total >= 10 and hits / total >= 0.9
+
+
+def test_train_two_steps_then_resume(tmp_path: Path) -> None:
+    cli = Path(sys.executable).parent / "leukograph"
+    args = [str(cli), "train-detector", "--limit", "8", "--steps", "3", "--batch-size", "2", "--threads", "1",
+            "--checkpoint-every", "5", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "d.pt")]
+    first = subprocess.run(args + ["--max-minutes", "0"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "stopped at step 1 of 3" in first.stdout and not (tmp_path / "d.pt").exists()
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 1" in resumed.stdout
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3
+    assert (tmp_path / "d.pt").exists()
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
+    cli = Path(sys.executable).parent / "leukograph"
+    proc = subprocess.run([str(cli), "train-detector", "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    proc = subprocess.run([str(cli), "localize-eval", "--detector", str(tmp_path / "missing.onnx"), "--json"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "export-detector" in proc.stderr
+
+
+def test_localize_eval_prints_both_localisers(onnx_path: Path) -> None:
+    cli = Path(sys.executable).parent / "leukograph"
+    proc = subprocess.run([str(cli), "localize-eval", "--four-class", "20", "--pbc", "20", "--detector",
+                           str(onnx_path), "--json"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    sets = result["sets"]
+    assert {"bccd-held-out-relabelled", "bccd-held-out-voc", "txl-test-pbc", "txl-test-raabin-wbc",
+            "txl-test-bcdd", "four-class-test", "pbc"} <= set(sets)
+    assert sets["bccd-held-out-relabelled"]["detector"]["images"] == 37
+    for name in ("classical", "detector"):
+        for kind in CELL_KINDS:
+            metrics = sets["bccd-held-out-voc"][name][kind]
+            assert {"ap50", "recall", "precision"} <= set(metrics) and 0 <= metrics["ap50"] <= 1
+        assert sets["four-class-test"][name]["images"] == 20 and sets["pbc"][name]["images"] == 20
+        assert result["frames_per_s"][name] > 0

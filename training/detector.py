@@ -1,0 +1,187 @@
+"""The learned cell detector: a small CenterNet-style network and its served graph.
+
+Network (`CellDetector`, ~0.9M parameters): the frame stretched to DETECTOR_SIZE x DETECTOR_SIZE, standardised per
+image (channel means removed, one global scale: a yellow or blue background looks like any other), a 5-level
+convolutional backbone (stride 2..32) with a top-down path back to stride DETECTOR_STRIDE, then one head giving per
+output pixel: 3 kind logits (wbc/rbc/platelet centre heatmaps), log width/height (in output pixels) and the
+sub-pixel centre offset.
+
+Served graph (`DetectorStage`): FRAME (HxWx3 uint8) in; Cast, Resize to the working size, the network, sigmoid,
+kind = ArgMax, peaks = score where 3x3 MaxPool equals it, TopK at the constant K = MAX_CELLS, Gathers of the size and
+offset at the peaks, boxes scaled back to the frame and clipped. Only ops TensorRT's ONNX parser takes; coordinate
+grids are constants (the working size is fixed), so no integer Div/Mod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leukograph.client.contract import (
+    CELL_DETECTOR,
+    CELL_KINDS,
+    DETECTOR_SIZE,
+    DETECTOR_STRIDE,
+    DETECTOR_THRESHOLD,
+    MAX_CELLS,
+    MODEL_FILES,
+    stage_path,
+)
+from leukograph.client.errors import UserError
+from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
+
+DETECTOR_WEIGHTS = "detector.pt"
+OUTPUT_SIDE = DETECTOR_SIZE // DETECTOR_STRIDE
+NUM_KINDS = len(CELL_KINDS)
+HEAD_CHANNELS = NUM_KINDS + 4  # kind logits, log w, log h, offset x, offset y
+HEAT_PRIOR = 0.05  # initial heatmap probability (focal-loss init)
+OPSET = 17
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels),
+                                  nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.body(x))
+
+
+def standardise(x: Tensor) -> Tensor:
+    """[B,3,H,W] in 0..1 -> channel means removed, divided by one global standard deviation per image."""
+    centred = x - x.mean(dim=(2, 3), keepdim=True)
+    scale = centred.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-4).sqrt()
+    return centred / scale
+
+
+class CellDetector(nn.Module):
+    """[B,3,S,S] float 0..1 -> [B, HEAD_CHANNELS, S/4, S/4] (kind logits, log size, offset)."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (32, 64, 96, 128), neck: int = 32) -> None:
+        super().__init__()
+        w4, w8, w16, w32 = widths
+        self.s4 = nn.Sequential(conv_bn(3, 16, stride=2), conv_bn(16, w4, stride=2), Residual(w4))
+        self.s8 = nn.Sequential(conv_bn(w4, w8, stride=2), Residual(w8))
+        self.s16 = nn.Sequential(conv_bn(w8, w16, stride=2), Residual(w16))
+        self.s32 = nn.Sequential(conv_bn(w16, w32, stride=2), Residual(w32), Residual(w32))
+        self.lateral = nn.ModuleList(nn.Conv2d(w, neck, 1) for w in (w4, w8, w16, w32))
+        self.fuse = conv_bn(neck, neck)
+        self.head = nn.Sequential(conv_bn(neck, neck), nn.Conv2d(neck, HEAD_CHANNELS, 1))
+        bias = self.head[-1].bias
+        with torch.no_grad():
+            bias.zero_()
+            bias[:NUM_KINDS] = -torch.log(torch.tensor((1 - HEAT_PRIOR) / HEAT_PRIOR))
+
+    def forward(self, x: Tensor) -> Tensor:
+        c4 = self.s4(standardise(x))
+        c8 = self.s8(c4)
+        c16 = self.s16(c8)
+        c32 = self.s32(c16)
+        p = self.lateral[3](c32)
+        for level, feature in ((2, c16), (1, c8), (0, c4)):
+            p = F.interpolate(p, scale_factor=2.0, mode="nearest") + self.lateral[level](feature)
+        return self.head(self.fuse(p))
+
+
+def decode(head: Tensor, frame_height: Tensor, frame_width: Tensor, k: int = MAX_CELLS) -> tuple[Tensor, ...]:
+    """One image's head output [HEAD_CHANNELS, h, w] -> boxes [k,4] in frame pixels, scores [k], kinds [k] (int64),
+    sorted by score. Peaks: the best kind's score where a 3x3 max-pool leaves it unchanged."""
+    channels, height, width = head.shape
+    heat = torch.sigmoid(head[:NUM_KINDS])
+    best, kind = heat.max(dim=0)
+    pooled = F.max_pool2d(best[None, None], 3, stride=1, padding=1)[0, 0]
+    peaks = best * (pooled == best).to(best.dtype)
+    scores, index = torch.topk(peaks.reshape(-1), k)
+    grid_y, grid_x = torch.meshgrid(torch.arange(height, dtype=torch.float32),
+                                    torch.arange(width, dtype=torch.float32), indexing="ij")
+    regression = head[NUM_KINDS:].reshape(4, -1)[:, index]
+    cx = (grid_x.reshape(-1)[index] + regression[2]) * DETECTOR_STRIDE
+    cy = (grid_y.reshape(-1)[index] + regression[3]) * DETECTOR_STRIDE
+    half_w = torch.exp(regression[0]) * (DETECTOR_STRIDE / 2)
+    half_h = torch.exp(regression[1]) * (DETECTOR_STRIDE / 2)
+    sx = frame_width / (width * DETECTOR_STRIDE)
+    sy = frame_height / (height * DETECTOR_STRIDE)
+    x1 = torch.maximum((cx - half_w) * sx, torch.zeros_like(cx))
+    y1 = torch.maximum((cy - half_h) * sy, torch.zeros_like(cy))
+    x2 = torch.minimum((cx + half_w) * sx, frame_width.expand_as(cx))
+    y2 = torch.minimum((cy + half_h) * sy, frame_height.expand_as(cy))
+    return torch.stack([x1, y1, x2, y2], dim=1), scores, kind.reshape(-1)[index]
+
+
+class DetectorStage(nn.Module):
+    """The served cell_detector: FRAME (HxWx3 uint8) -> BOXES [K,4], SCORES [K], KINDS [K] int32, CELL_COUNT [1]."""
+
+    def __init__(self, net: CellDetector, threshold: float = DETECTOR_THRESHOLD) -> None:
+        super().__init__()
+        self.net = net
+        self.threshold = threshold
+
+    def forward(self, frame: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pixels = frame.to(torch.float32)
+        size = torch._shape_as_tensor(pixels).to(torch.float32)  # Shape of the float copy (uint8 feeds only Cast)
+        x = pixels.permute(2, 0, 1).unsqueeze(0) / 255.0
+        x = F.interpolate(x, size=(DETECTOR_SIZE, DETECTOR_SIZE), mode="bilinear", align_corners=False)
+        boxes, scores, kinds = decode(self.net(x)[0], size[0:1], size[1:2])
+        count = (scores >= self.threshold).to(torch.int32).sum(dim=0, keepdim=True)
+        return boxes, scores, kinds.to(torch.int32), count
+
+
+def working_view(frame: Tensor) -> Tensor:
+    """Training's view of uint8 frames [B,H,W,3] already at the working size -> float [B,3,S,S] in 0..1."""
+    return frame.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+
+
+def load_detector(weights_dir: Path = WEIGHTS_DIR) -> CellDetector:
+    path = Path(weights_dir) / DETECTOR_WEIGHTS
+    if not path.exists():
+        raise UserError(f"no detector weights at {path}; run `leukograph train-detector` first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    net = CellDetector(**checkpoint.get("config", {}))
+    net.load_state_dict(checkpoint["model"])
+    return net.eval()
+
+
+def detector_onnx_path(repository: Path = MODEL_REPOSITORY) -> Path:
+    return stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
+
+
+def export_detector(net: CellDetector, path: Path, opset: int = OPSET) -> Path:
+    """Export the served detector graph (weights inline, dynamic frame height/width)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = DetectorStage(net.eval()).eval()
+    example = torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(stage, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=CELL_DETECTOR.input_names, output_names=CELL_DETECTOR.output_names,
+                          dynamic_axes=CELL_DETECTOR.dynamic_axes, do_constant_folding=True)
+    model = onnx.load(str(path))
+    model.doc_string = CELL_DETECTOR.description
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path), save_as_external_data=False)
+    return path
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export the cell detector to ONNX", add_help=add_help)
+    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="folder holding detector.pt")
+    parser.add_argument("--repository", default=str(MODEL_REPOSITORY), help="model repository to write into")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    path = export_detector(load_detector(Path(args.weights_dir)), detector_onnx_path(Path(args.repository)))
+    print(f"wrote {path}")
+    return 0
