@@ -56,8 +56,8 @@ from leukograph.client.images import safe_name
 from leukograph.client.latency import LatencyHistogram, percentiles
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
-from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
-from leukograph.client.review_store import keep_frame_images
+from leukograph.client.records import DEFAULT_DB, ResultStore, SampleState
+from leukograph.client.review_store import cell_records, record_classified_frame, require_unsigned
 from leukograph.client.sources import CaptureThread, Frame, FrameBuffer, Source, open_source
 from leukograph.client.tracking import CellTracker, Track
 from leukograph.client.triton_client import (
@@ -348,19 +348,15 @@ class StreamSession:
         kinds = [CELL_KINDS[int(k)] for k in cells.kinds]
         labels = label_cells(p.probs, self.args.threshold, kinds) if len(cells) else []
         confidences = p.probs.max(axis=1) if len(cells) else np.zeros(0)
-        records = [CellRecord(box=tuple(float(v) for v in box), kind=kind, label=label,
-                              probs=[float(v) for v in row], track_id=track)
-                   for box, kind, label, row, track in zip(cells.boxes, kinds, labels, p.probs, track_ids)]
+        records = cell_records(cells.boxes, kinds, labels, p.probs, track_ids)
         latency_ms = 1e3 * (time.perf_counter() - p.frame.captured_mono)
-        outcome = self.store.record_frame(
-            self.sample, None, records, source_key=p.frame.key, source=p.frame.ref,
+        outcome = record_classified_frame(  # the frame, its cells, and the review station's thumbnails
+            self.store, self.sample, p.frame.rgb, records, source_key=p.frame.key, source=p.frame.ref,
             captured_at=p.frame.captured_at, received_at=time.time(), latency_ms=round(latency_ms, 3),
             model_version=self.model_version)
         if not outcome.new:
             self.counters.already_recorded += 1
             return
-        # Thumbnails and the frame image for the review station, under the index the store just assigned.
-        keep_frame_images(self.store.path, self.sample, outcome.frame_index, p.frame.rgb, records, p.frame.ref)
         self.counters.recorded += 1
         self.counters.cells += len(records)
         self.counters.no_cells += len(records) == 0
@@ -546,6 +542,7 @@ def main(args: argparse.Namespace) -> int:
                 except PipelineError as exc:
                     raise UserError(f"cannot read the served weights id from {client.url}: {exc}") from None
                 with ResultStore(args.db) as store:
+                    require_unsigned(store.path, sample)
                     settings = {"threshold": args.threshold, "source": source.uri, "protocol": args.protocol}
                     state = store.start_sample(sample, args.target, client.weights_id, settings)
                     if state.resumed:
