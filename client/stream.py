@@ -102,6 +102,7 @@ class Pending:
     error: str | None = None
     infer_ms: float | None = None
     attempts: int = 0
+    version: str | None = None  # the served weights id known when the request was sent
 
 
 @dataclass
@@ -211,6 +212,7 @@ class StreamSession:
             retrying = any(p.state == "retry" for p in self.pending.values())
             blocked = retrying or self.stop_reason is not None or self.in_flight >= self.args.max_in_flight
             self._drain_results(timeout=0.02 if blocked and self.in_flight else 0.0)
+            self._resend()
             self._record_ready()
             if any(p.state == "retry" for p in self.pending.values()):
                 if self.in_flight == 0 and not self._recover():
@@ -247,8 +249,18 @@ class StreamSession:
             return
         self._submit(pending)
 
+    def _resend(self) -> None:
+        """Send again, in order and within --max-in-flight, the answers whose labelling version was not certain."""
+        for p in list(self.pending.values()):
+            if self.in_flight >= self.args.max_in_flight:
+                return
+            if p.state == "resend":
+                self.counters.retried += 1
+                self._submit(p)
+
     def _submit(self, pending: Pending) -> None:
         pending.state = "in_flight"
+        pending.version = self.model_version
         pending.attempts += 1
         self.in_flight += 1
         seq = pending.seq
@@ -259,14 +271,42 @@ class StreamSession:
             item = self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait()
         except queue.Empty:
             return
+        answered = []
         while True:
-            self._on_result(*item)
+            if self._on_result(*item):
+                answered.append(self.pending[item[0]])
             try:
                 item = self.results.get_nowait()
             except queue.Empty:
-                return
+                break
+        if answered:
+            self._confirm_versions(answered)
 
-    def _on_result(self, seq: int, outcome: InferOutcome) -> None:
+    def _confirm_versions(self, answered: list[Pending]) -> None:
+        """Which weights labelled these answers: the served weights id is read after they arrived; an answer whose
+        request was sent under another id (the server loaded new weights in between: `leukograph adapt`, a restart)
+        may come from either, so it is sent again. A recorded frame always carries the version that labelled it."""
+        try:
+            served = self.client.fetch_weights_id()
+        except PipelineError as exc:  # the pipeline is going away (a reload, a restart): ask again once it is back
+            for p in answered:
+                p.state, p.error = "retry", str(exc)
+            self._outage(exc)
+            return
+        if served != self.model_version:
+            log(f"server now serves {served} (was {self.model_version}); new frames record it")
+            self.model_version = served
+        for p in answered:
+            if p.version != served:
+                p.state = "resend"
+
+    def _outage(self, error: BaseException) -> None:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            log(f"server unavailable ({error}); keeping frames and retrying for up to {self.args.retry_timeout:g} s")
+
+    def _on_result(self, seq: int, outcome: InferOutcome) -> bool:
+        """Handle one answer; True when it carries labels (the caller confirms which weights gave them)."""
         self.in_flight -= 1
         pending = self.pending[seq]
         if outcome.ok:
@@ -275,16 +315,15 @@ class StreamSession:
             self.counters.infer_ms.append(pending.infer_ms)
             self.outage_since = None
             self.recovery_delay = RECOVERY_BACKOFF_S[0]
-            return
+            return True
         error = outcome.error
         if isinstance(error, RequestNotSent) or (isinstance(error, RequestRejected) and self.client.is_ready()):
             pending.state, pending.error = "failed", str(error)
             log(f"frame {safe_name(pending.frame.ref)}: request rejected, nothing recorded: {error}")
-            return
+            return False
         pending.state, pending.error = "retry", str(error)
-        if self.outage_since is None:
-            self.outage_since = time.monotonic()
-            log(f"server unavailable ({error}); keeping frames and retrying for up to {self.args.retry_timeout:g} s")
+        self._outage(error)
+        return False
 
     def _recover(self) -> bool:
         """Wait (backoff) for the server, then re-send the failed requests in order. False: gave up."""
@@ -353,7 +392,7 @@ class StreamSession:
         outcome = record_classified_frame(  # the frame, its cells, and the review station's thumbnails
             self.store, self.sample, p.frame.rgb, records, source_key=p.frame.key, source=p.frame.ref,
             captured_at=p.frame.captured_at, received_at=time.time(), latency_ms=round(latency_ms, 3),
-            model_version=self.model_version)
+            model_version=p.version or self.model_version)
         if not outcome.new:
             self.counters.already_recorded += 1
             return
