@@ -26,8 +26,11 @@ reader only prefetches, so there it starts when the client takes the frame from 
 Faults: a request that fails because the server is down, restarting or not ready is kept and re-sent after the
 server is back (exponential backoff; an outage may last at most --retry-timeout seconds, counted from the first
 failure until a request succeeds again); nothing is lost or recorded twice. A request the server rejects as bad is
-logged and nothing is recorded for that frame. Ctrl-C / SIGTERM: stop capturing, finish and record the requests in
-flight, print the summary; exit 130 after Ctrl-C, 0 after SIGTERM (a second Ctrl-C aborts at once).
+logged and nothing is recorded for that frame. Model version: after each batch of answers the client reads the
+served weights id; an answer whose request went out under another id (the server loaded new weights meanwhile:
+`leukograph adapt`, a restart) is sent again, so each frame records the weights id that labelled it.
+Ctrl-C / SIGTERM: stop capturing, finish and record the requests in flight, print the summary; exit 130 after
+Ctrl-C, 0 after SIGTERM (a second Ctrl-C aborts at once).
 """
 
 from __future__ import annotations
