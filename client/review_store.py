@@ -46,6 +46,7 @@ import numpy as np
 from leukograph.client.contract import CLASSES, CROP_MARGIN, NUCLEATED_CLASSES, UNIDENTIFIED
 from leukograph.client.differential import PLATELET, RBC, Differential
 from leukograph.client.errors import UserError
+from leukograph.client.records import CellRecord, FrameOutcome, ResultStore
 
 REVIEW_SCHEMA_VERSION = 1
 THUMBNAIL_SIDE = 128
@@ -719,23 +720,61 @@ def agreement(cells: Sequence[GalleryCell]) -> list[dict[str, Any]]:
     return rows
 
 
-# ---- the stream's hook ----------------------------------------------------------------------------------------
+# ---- recording a classified frame (stream and classify --db) --------------------------------------------------
 _STORES: dict[Path, ReviewStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
+def cell_records(boxes: np.ndarray, kinds: Sequence[str], labels: Sequence[str], probs: np.ndarray,
+                 track_ids: Sequence[int | None] | None = None) -> list[CellRecord]:
+    """A classified frame's cells as the result store records them (probs: [N, NUM_CLASSES], labels from
+    `differential.label_cells`; track_ids None: every cell is its own, as in unrelated still images)."""
+    track_ids = [None] * len(boxes) if track_ids is None else track_ids
+    return [CellRecord(box=tuple(float(v) for v in box), kind=kind, label=label, probs=[float(v) for v in row],
+                       track_id=track)
+            for box, kind, label, row, track in zip(boxes, kinds, labels, probs, track_ids, strict=True)]
+
+
+def require_unsigned(db_path: str | Path, sample_id: str) -> None:
+    """SampleSigned (one line) when the sample exists in the database and is signed off: nothing can be added."""
+    with _STORES_LOCK:
+        store = _review_store(db_path)
+    store._require_unsigned(sample_id)
+
+
+def record_classified_frame(store: ResultStore, sample_id: str, frame_rgb: np.ndarray, records: Sequence[CellRecord],
+                            *, source_key: str | None, source: str | None, captured_at: float | None = None,
+                            received_at: float | None = None, latency_ms: float | None = None,
+                            model_version: str | None = None) -> FrameOutcome:
+    """The one writer of a classified frame, for `stream` and `classify --db`: the frame and its cells in one
+    result-store transaction (idempotent by source_key), then, for a new frame, the thumbnails and frame image the
+    review station shows, under the frame_index that transaction assigned."""
+    outcome = store.record_frame(sample_id, None, records, source_key=source_key, source=source,
+                                 captured_at=captured_at, received_at=received_at, latency_ms=latency_ms,
+                                 model_version=model_version)
+    if outcome.new:
+        keep_frame_images(store.path, sample_id, outcome.frame_index, frame_rgb, records, source)
+    return outcome
+
+
+def _review_store(db_path: str | Path) -> ReviewStore:
+    """One ReviewStore per database file in this process (call under _STORES_LOCK)."""
+    path = Path(db_path).resolve()
+    store = _STORES.get(path)
+    if store is None:
+        store = _STORES[path] = ReviewStore(path)
+    return store
+
+
 def keep_frame_images(db_path: str | Path, sample_id: str, frame_index: int, frame_rgb: np.ndarray,
                       cells: Sequence[Any], frame_ref: str | None = None) -> int:
-    """The one call `stream` makes per newly recorded frame: thumbnails + frame image for review, under the
-    frame_index the result store assigned in its write transaction.
+    """Thumbnails + frame image for review of a newly recorded frame, under the frame_index the result store
+    assigned in its write transaction (`record_classified_frame` calls it).
 
     cells: objects with `.box`, `.kind`, `.label` (records.CellRecord). A crash between the frame's transaction and
     this call leaves that one frame's cells without thumbnails; the review pages show such cells without an image."""
-    path = Path(db_path).resolve()
     with _STORES_LOCK:
-        store = _STORES.get(path)
-        if store is None:
-            store = _STORES[path] = ReviewStore(path)
+        store = _review_store(db_path)
     return store.keep_frame(sample_id, frame_index, frame_rgb, [(c.box, c.kind, c.label) for c in cells], frame_ref)
 
 

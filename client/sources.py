@@ -114,6 +114,11 @@ class CaptureSource(Source):
         self.capture.release()
 
 
+def image_file_key(resolved_path: str, digest: str) -> str:
+    """An image file's frame identity: its resolved path plus the sha256 of its bytes (`images.content_hash`)."""
+    return f"file:{resolved_path}:sha256:{digest}"
+
+
 class FolderSource(Source):
     """Images of a folder (recursively, sorted) or one image file; unreadable ones are reported (one line each,
     names printed safely), listed in `skipped`, and the files after them still run."""
@@ -149,7 +154,7 @@ class FolderSource(Source):
                 self._skip(path, exc.strerror or str(exc))
                 continue
             resolved = str(path.resolve())
-            return self._frame(position, rgb, ref=resolved, key=f"file:{resolved}:sha256:{digest}")
+            return self._frame(position, rgb, ref=resolved, key=image_file_key(resolved, digest))
         self.end_reason = "end of folder"
         return None
 

@@ -26,8 +26,11 @@ reader only prefetches, so there it starts when the client takes the frame from 
 Faults: a request that fails because the server is down, restarting or not ready is kept and re-sent after the
 server is back (exponential backoff; an outage may last at most --retry-timeout seconds, counted from the first
 failure until a request succeeds again); nothing is lost or recorded twice. A request the server rejects as bad is
-logged and nothing is recorded for that frame. Ctrl-C / SIGTERM: stop capturing, finish and record the requests in
-flight, print the summary; exit 130 after Ctrl-C, 0 after SIGTERM (a second Ctrl-C aborts at once).
+logged and nothing is recorded for that frame. Model version: after each batch of answers the client reads the
+served weights id; an answer whose request went out under another id (the server loaded new weights meanwhile:
+`leukograph adapt`, a restart) is sent again, so each frame records the weights id that labelled it.
+Ctrl-C / SIGTERM: stop capturing, finish and record the requests in flight, print the summary; exit 130 after
+Ctrl-C, 0 after SIGTERM (a second Ctrl-C aborts at once).
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ from leukograph.client.images import safe_name
 from leukograph.client.latency import LatencyHistogram, percentiles
 from leukograph.client.localize import Cells, localize
 from leukograph.client.overlay import Display, VideoSink, draw_cells, video_frame_count
-from leukograph.client.records import DEFAULT_DB, CellRecord, ResultStore, SampleState
-from leukograph.client.review_store import keep_frame_images
+from leukograph.client.records import DEFAULT_DB, ResultStore, SampleState
+from leukograph.client.review_store import cell_records, record_classified_frame, require_unsigned
 from leukograph.client.sources import CaptureThread, Frame, FrameBuffer, Source, open_source
 from leukograph.client.tracking import CellTracker, Track
 from leukograph.client.triton_client import (
@@ -102,6 +105,7 @@ class Pending:
     error: str | None = None
     infer_ms: float | None = None
     attempts: int = 0
+    version: str | None = None  # the served weights id known when the request was sent
 
 
 @dataclass
@@ -211,6 +215,7 @@ class StreamSession:
             retrying = any(p.state == "retry" for p in self.pending.values())
             blocked = retrying or self.stop_reason is not None or self.in_flight >= self.args.max_in_flight
             self._drain_results(timeout=0.02 if blocked and self.in_flight else 0.0)
+            self._resend()
             self._record_ready()
             if any(p.state == "retry" for p in self.pending.values()):
                 if self.in_flight == 0 and not self._recover():
@@ -247,8 +252,18 @@ class StreamSession:
             return
         self._submit(pending)
 
+    def _resend(self) -> None:
+        """Send again, in order and within --max-in-flight, the answers whose labelling version was not certain."""
+        for p in list(self.pending.values()):
+            if self.in_flight >= self.args.max_in_flight:
+                return
+            if p.state == "resend":
+                self.counters.retried += 1
+                self._submit(p)
+
     def _submit(self, pending: Pending) -> None:
         pending.state = "in_flight"
+        pending.version = self.model_version
         pending.attempts += 1
         self.in_flight += 1
         seq = pending.seq
@@ -259,14 +274,42 @@ class StreamSession:
             item = self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait()
         except queue.Empty:
             return
+        answered = []
         while True:
-            self._on_result(*item)
+            if self._on_result(*item):
+                answered.append(self.pending[item[0]])
             try:
                 item = self.results.get_nowait()
             except queue.Empty:
-                return
+                break
+        if answered:
+            self._confirm_versions(answered)
 
-    def _on_result(self, seq: int, outcome: InferOutcome) -> None:
+    def _confirm_versions(self, answered: list[Pending]) -> None:
+        """Which weights labelled these answers: the served weights id is read after they arrived; an answer whose
+        request was sent under another id (the server loaded new weights in between: `leukograph adapt`, a restart)
+        may come from either, so it is sent again. A recorded frame always carries the version that labelled it."""
+        try:
+            served = self.client.fetch_weights_id()
+        except PipelineError as exc:  # the pipeline is going away (a reload, a restart): ask again once it is back
+            for p in answered:
+                p.state, p.error = "retry", str(exc)
+            self._outage(exc)
+            return
+        if served != self.model_version:
+            log(f"server now serves {served} (was {self.model_version}); new frames record it")
+            self.model_version = served
+        for p in answered:
+            if p.version != served:
+                p.state = "resend"
+
+    def _outage(self, error: BaseException) -> None:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            log(f"server unavailable ({error}); keeping frames and retrying for up to {self.args.retry_timeout:g} s")
+
+    def _on_result(self, seq: int, outcome: InferOutcome) -> bool:
+        """Handle one answer; True when it carries labels (the caller confirms which weights gave them)."""
         self.in_flight -= 1
         pending = self.pending[seq]
         if outcome.ok:
@@ -275,16 +318,15 @@ class StreamSession:
             self.counters.infer_ms.append(pending.infer_ms)
             self.outage_since = None
             self.recovery_delay = RECOVERY_BACKOFF_S[0]
-            return
+            return True
         error = outcome.error
         if isinstance(error, RequestNotSent) or (isinstance(error, RequestRejected) and self.client.is_ready()):
             pending.state, pending.error = "failed", str(error)
             log(f"frame {safe_name(pending.frame.ref)}: request rejected, nothing recorded: {error}")
-            return
+            return False
         pending.state, pending.error = "retry", str(error)
-        if self.outage_since is None:
-            self.outage_since = time.monotonic()
-            log(f"server unavailable ({error}); keeping frames and retrying for up to {self.args.retry_timeout:g} s")
+        self._outage(error)
+        return False
 
     def _recover(self) -> bool:
         """Wait (backoff) for the server, then re-send the failed requests in order. False: gave up."""
@@ -348,19 +390,15 @@ class StreamSession:
         kinds = [CELL_KINDS[int(k)] for k in cells.kinds]
         labels = label_cells(p.probs, self.args.threshold, kinds) if len(cells) else []
         confidences = p.probs.max(axis=1) if len(cells) else np.zeros(0)
-        records = [CellRecord(box=tuple(float(v) for v in box), kind=kind, label=label,
-                              probs=[float(v) for v in row], track_id=track)
-                   for box, kind, label, row, track in zip(cells.boxes, kinds, labels, p.probs, track_ids)]
+        records = cell_records(cells.boxes, kinds, labels, p.probs, track_ids)
         latency_ms = 1e3 * (time.perf_counter() - p.frame.captured_mono)
-        outcome = self.store.record_frame(
-            self.sample, None, records, source_key=p.frame.key, source=p.frame.ref,
+        outcome = record_classified_frame(  # the frame, its cells, and the review station's thumbnails
+            self.store, self.sample, p.frame.rgb, records, source_key=p.frame.key, source=p.frame.ref,
             captured_at=p.frame.captured_at, received_at=time.time(), latency_ms=round(latency_ms, 3),
-            model_version=self.model_version)
+            model_version=p.version or self.model_version)
         if not outcome.new:
             self.counters.already_recorded += 1
             return
-        # Thumbnails and the frame image for the review station, under the index the store just assigned.
-        keep_frame_images(self.store.path, self.sample, outcome.frame_index, p.frame.rgb, records, p.frame.ref)
         self.counters.recorded += 1
         self.counters.cells += len(records)
         self.counters.no_cells += len(records) == 0
@@ -546,6 +584,7 @@ def main(args: argparse.Namespace) -> int:
                 except PipelineError as exc:
                     raise UserError(f"cannot read the served weights id from {client.url}: {exc}") from None
                 with ResultStore(args.db) as store:
+                    require_unsigned(store.path, sample)
                     settings = {"threshold": args.threshold, "source": source.uri, "protocol": args.protocol}
                     state = store.start_sample(sample, args.target, client.weights_id, settings)
                     if state.resumed:

@@ -17,6 +17,13 @@ inference), the server is stopped (SIGKILL for its process group when it does no
 shared-memory regions no live process uses are removed from /dev/shm, and the server is started again on the same
 ports. Clients ride it out as they do any restart (they retry and re-register their shm).
 
+Model control (`reload_pipeline`, what `leukograph adapt` calls after exporting new weights): `serve` runs Triton in
+explicit model-control mode with every model loaded at start, so new weights are loaded by the server itself, through
+the model-repository API (restricted to the admin key). The pipeline is unloaded, then its steps, then it is loaded
+from the repository: no request is ever answered by a mix of old and new steps, and for the few seconds the steps
+load, the pipeline answers "unavailable", which clients ride as they ride a restart (they keep their frames and send
+them again, and record the weights id served after the answer; `client/stream.py`).
+
 On a GPU machine run NVIDIA's Triton container instead: README section "GPU deployment".
 """
 
@@ -43,9 +50,15 @@ from types import FrameType
 
 import numpy as np
 
-from leukograph.client.contract import MIN_FRAME_SIDE, MODEL_FILES, STAGES, stage_path
+from leukograph.client.contract import MIN_FRAME_SIDE, MODEL_FILES, PIPELINE, STAGES, stage_path
 from leukograph.client.errors import UserError
-from leukograph.client.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
+from leukograph.client.triton_client import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE,
+    GRPC_RESTRICTED_PREFIX,
+    admin_key,
+)
 from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
 
 GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
@@ -208,6 +221,8 @@ class TritonServer:
             cmd.append(f"--grpc-restricted-protocol={restriction}")
             if self.http:
                 cmd.append(f"--http-restricted-api={restriction}")
+        if self.model_control_mode == "explicit" and not any(a.startswith("--load-model") for a in self.extra_args):
+            cmd.append("--load-model=*")  # explicit control, everything loaded at start (reload_pipeline swaps)
         cmd += self.extra_args
         return cmd, env
 
@@ -403,6 +418,42 @@ class Supervisor:
         self.report(f"tritonserver restarted in {self.server.startup_s:.1f} s (pid {self.server.pid})")
 
 
+class ReloadFailed(UserError):
+    """The server could not load the repository's pipeline (model control off, key refused, a model failed)."""
+
+
+def reload_pipeline(grpc_url: str, key: str | None = None, timeout: float = 300.0) -> float:
+    """Make a running server (explicit model control) serve what its repository now holds: unload the pipeline,
+    then its steps, wait until all are gone, load the pipeline (Triton loads its steps from the files first).
+    Returns the seconds the pipeline was unavailable. Restricted API: the admin key ($LEUKOGRAPH_ADMIN_KEY or the
+    local key file)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    key = key or admin_key()
+    headers = {GRPC_RESTRICTED_PREFIX + ADMIN_HEADER: key} if key else {}
+    client = grpcclient.InferenceServerClient(grpc_url)
+    names = [PIPELINE.name, *(stage.name for stage in STAGES)]
+    try:
+        started = time.monotonic()
+        for name in names:  # the pipeline first: from here on no request reaches a step
+            client.unload_model(name, headers=headers)
+        while any(client.is_model_ready(name) for name in names):  # unloading ends when in-flight requests end
+            if time.monotonic() - started > timeout:
+                raise ReloadFailed(f"{grpc_url}: the pipeline did not unload within {timeout:g} s")
+            time.sleep(0.05)
+        client.load_model(PIPELINE.name, headers=headers, client_timeout=timeout)
+        if not client.is_model_ready(PIPELINE.name):
+            raise ReloadFailed(f"{grpc_url}: the pipeline is not ready after loading")
+        return time.monotonic() - started
+    except InferenceServerException as exc:
+        message = " ".join(str(exc.message() or exc).split())[:300]
+        raise ReloadFailed(f"{grpc_url}: model control refused or failed: {message} (the server must run "
+                           "`leukograph serve`, explicit model control, and the admin key must match)") from None
+    finally:
+        client.close()
+
+
 def resolve_admin_key() -> tuple[str, str]:
     """(key, where it came from): $LEUKOGRAPH_ADMIN_KEY, else the key in ADMIN_KEY_FILE, else a new random key written
     (0600) there for the clients on this host (later servers on the host reuse it)."""
@@ -431,7 +482,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+    parser.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="explicit",
+                        help="explicit (default): every model loaded at start; `leukograph adapt` loads new weights "
+                        "through the admin-key API")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
     parser.add_argument("--probe-interval", type=float, default=10.0,
                         help="seconds between liveness probes (a real tiny inference); 0: no supervision")

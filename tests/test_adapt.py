@@ -6,26 +6,29 @@ through the server restart that serves them, each frame keeping the version that
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import pytest
 
 from leukograph.client.contract import WBC_CLASSES
 from leukograph.client.records import ResultStore
 from leukograph.client.review_store import SMUDGE, ReviewStore
+from leukograph.client.triton_client import ADMIN_KEY_ENV, TritonPipelineClient
 from leukograph.deploy.model_repository import generate, weights_id, write_digest
 from leukograph.deploy.paths import WEIGHTS_DIR, data_root
-from leukograph.deploy.server import TritonServer, free_port
+from leukograph.deploy.server import ReloadFailed, TritonServer, free_port, reload_pipeline
 from leukograph.training.datasets import load_bccd, split_frames
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
 PER_CLASS = 20  # PBC images a class: 80 verified cells over 5 samples (64 to train after holding out one)
 N_SAMPLES = 5
+N_STREAM_FRAMES = 600  # at 1 frame/s: more than the stream needs to outlast adapt (it is stopped after the reload)
 
 
 def _pbc_files() -> dict[str, list[Path]]:
@@ -90,21 +93,11 @@ def test_adapt_refuses_too_few_cells(tmp_path: Path) -> None:
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_adapt_fine_tunes_and_a_stream_rides_through_the_swap(verified_db: Path, tmp_path: Path) -> None:
-    out = tmp_path / "adapted"
-    done = subprocess.run([*LEUKOGRAPH, "adapt", "--db", str(verified_db), "--out", str(out), "--epochs", "3",
-                           "--skip-bccd", "--threads", "2"], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    info = json.loads((out / "adapt.json").read_text())
-    assert info["train_cells"] >= 50 and info["held_out_cells"] > 0
-    assert set(info["held_out_samples"]) < set(info["samples"]) and info["mode"] == "head+gnn"
-    assert info["version"] == weights_id(out) != weights_id(WEIGHTS_DIR)
-    after = info["metrics"]["after"]["held_out"]["accuracy"]
-    assert after >= info["metrics"]["before"]["held_out"]["accuracy"]  # the best epoch (0 = base) is kept
-    assert "held-out verified cells" in done.stdout
-
-    # a server on its own repository with the base weights; a stream; the adapted weights exported; a restart
-    from leukograph.training.adapt import export_to_repository
+def test_adapt_fine_tunes_and_the_running_server_loads_it_under_a_stream(verified_db: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server (explicit model control, restricted APIs) serves the base weights; a stream runs; `leukograph adapt
+    --model-repository` fine-tunes, exports and makes that server load the new weights without a restart; the stream
+    goes on: every frame recorded once, in order, each with the weights id that labelled it."""
     from leukograph.training.export import export_all
 
     repository = tmp_path / "repository"
@@ -114,33 +107,68 @@ def test_adapt_fine_tunes_and_a_stream_rides_through_the_swap(verified_db: Path,
     frames = tmp_path / "frames"
     frames.mkdir()
     held = split_frames().held_out
-    for i, frame in enumerate([f for f in load_bccd() if f.frame_id in held][:12]):
-        cv2.imwrite(str(frames / f"{i:03d}.png"), cv2.imread(str(frame.image_path)))
-    db = tmp_path / "stream.sqlite"
-    with TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
-        # adapt exports into the live repository: a server without model polling keeps serving what it loaded
-        served = export_to_repository(out, repository)
+    bccd = [f for f in load_bccd() if f.frame_id in held][:12]
+    for i in range(N_STREAM_FRAMES):  # distinct files (a frame's identity is its path and content)
+        (frames / f"{i:03d}.jpg").write_bytes(bccd[i % len(bccd)].image_path.read_bytes())
+    key = "adapt-test-admin-key-0123456789"
+    monkeypatch.setenv(ADMIN_KEY_ENV, key)
+    env = {**os.environ}
+    db, out = tmp_path / "stream.sqlite", tmp_path / "adapted"
+    with TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                      model_control_mode="explicit", http=False, admin_key=key) as server:
+        pid = server.pid
+        with pytest.raises(ReloadFailed, match="restricted"):  # model control is the admin's: a wrong key changes
+            reload_pipeline(server.grpc_url, key="not-the-admin-key")  # nothing
+        with TritonPipelineClient(server.grpc_url) as client:
+            assert client.is_ready() and client.fetch_weights_id() == weights_id(WEIGHTS_DIR)
         stream = subprocess.Popen([*LEUKOGRAPH, "stream", str(frames), "--url", server.grpc_url, "--db", str(db),
-                                   "--sample", "SWAP", "--target", "1000", "--max-fps", "1.5"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   "--sample", "SWAP", "--target", "100000", "--max-fps", "1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and _frames_recorded(db) < 3:  # the old model labels a few
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and _frames_recorded(db) < 3:  # the base model labels a few
                 time.sleep(0.2)
-            server.restart(120)  # now it serves the adapted weights
-            _, stderr = stream.communicate(timeout=300)
+            done = subprocess.run([*LEUKOGRAPH, "adapt", "--db", str(verified_db), "--out", str(out), "--epochs", "3",
+                                   "--skip-bccd", "--threads", "1", "--model-repository", str(repository),
+                                   "--server", server.grpc_url], capture_output=True, text=True, timeout=900, env=env)
+            assert done.returncode == 0, done.stderr
+            assert stream.poll() is None, "the stream ended before the new weights were served"
+            at_reload = _frames_recorded(db)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and _frames_recorded(db) < at_reload + 3 and stream.poll() is None:
+                time.sleep(0.2)
+            stream.send_signal(signal.SIGTERM)  # stop capturing, finish the frames in flight
+            _, stderr = stream.communicate(timeout=120)
         finally:
             if stream.poll() is None:
                 stream.kill()
+        with TritonPipelineClient(server.grpc_url) as client:
+            served = client.fetch_weights_id()
+        same_process = server.pid == pid and server.process.poll() is None
+
+    info = json.loads((out / "adapt.json").read_text())
+    assert info["train_cells"] >= 50 and info["held_out_cells"] > 0
+    assert set(info["held_out_samples"]) < set(info["samples"]) and info["mode"] == "head+gnn"
+    old, new = weights_id(WEIGHTS_DIR), info["version"]
+    assert new == weights_id(out) != old
+    after = info["metrics"]["after"]["held_out"]["accuracy"]
+    assert after >= info["metrics"]["before"]["held_out"]["accuracy"]  # the best epoch (0 = base) is kept
+    assert "held-out verified cells" in done.stdout and f"now serves {new}" in done.stdout
+    assert served == new and same_process  # the same server process loaded the new weights
+
     assert stream.returncode == 0, stderr
-    assert "server now serves" in stderr
+    assert f"server now serves {new}" in stderr
     with ResultStore(db, create=False) as store:
         recorded = store.frames("SWAP")
         cells = store.cells("SWAP")
-    assert [f["frame_index"] for f in recorded] == list(range(12))  # nothing lost, nothing twice
+        assert store.verify("SWAP") == []
+    n = len(recorded)
+    assert n >= at_reload + 1
+    assert [f["frame_index"] for f in recorded] == list(range(n))  # nothing lost, nothing twice
+    assert sorted(f["source"] for f in recorded) == [str((frames / f"{i:03d}.jpg").resolve()) for i in range(n)]
     versions = [f["model_version"] for f in recorded]
-    old, new = weights_id(WEIGHTS_DIR), info["version"]
-    assert served.startswith("leukocyte_pipeline") and versions[0] == old and versions[-1] == new
+    assert versions[0] == old and versions[-1] == new
     assert versions == sorted(versions, key=lambda v: v == new)  # old ones first, then the new version only
-    assert {c["model_version"] for c in cells} == {old, new}
+    by_frame = {f["frame_index"]: f["model_version"] for f in recorded}
+    assert all(c["model_version"] == by_frame[c["frame_index"]] for c in cells)
     shutil.rmtree(out, ignore_errors=True)

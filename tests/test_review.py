@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukograph.client.contract import UNIDENTIFIED, WBC_CLASSES
+from leukograph.client.contract import CLASSES, UNIDENTIFIED, WBC_CLASSES
 from leukograph.client.records import CellRecord, ResultStore
 from leukograph.client.review_store import (
     NOT_WBC,
@@ -468,3 +468,121 @@ def test_screenshots_are_in_docs() -> None:
         assert (docs / name).is_file() and (docs / name).stat().st_size > 10_000, name
     readme = (docs.parent / "README.md").read_text()
     assert "docs/review-sample.png" in readme and "docs/review-gallery.png" in readme
+
+
+# ---- classify --db ---------------------------------------------------------------------------------------------
+CLASSIFIED = "CLASSIFY-1"
+
+
+@pytest.fixture(scope="module")
+def classified(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict]]:
+    """(database, image folder, classify's JSON per image): real PBC single-cell images and held-out BCCD frames
+    classified in-process by `leukograph classify --db`."""
+    from leukograph.deploy.paths import data_root
+
+    folder = tmp_path_factory.mktemp("classify_images")
+    pbc = data_root() / "pbc"
+    for name in WBC_CLASSES[:3]:
+        for path in sorted((pbc / name).glob("*.jpg"))[:2]:
+            (folder / path.name).write_bytes(path.read_bytes())
+    held_out = split_frames().held_out
+    for frame in [f for f in load_bccd() if f.frame_id in held_out][:2]:
+        assert cv2.imwrite(str(folder / f"bccd_{frame.frame_id}.png"), cv2.imread(str(frame.image_path)))
+    db = tmp_path_factory.mktemp("classify_db") / "results.sqlite"
+    done = run_cli("classify", str(folder), "--db", str(db), "--sample", CLASSIFIED, "--threshold", REVIEW_THRESHOLD,
+                   "--json", "--threads", "1", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"sample {CLASSIFIED} in {db}: 8 image(s) recorded" in done.stderr
+    return db, folder, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_classify_db_records_what_it_prints_with_thumbnails(classified: tuple[Path, Path, list[dict]]) -> None:
+    from leukograph.client.differential import label_cells
+    from leukograph.deploy.model_repository import weights_id
+    from leukograph.deploy.paths import WEIGHTS_DIR
+
+    db, folder, results = classified
+    with ResultStore(db, create=False) as store:
+        frames = store.frames(CLASSIFIED)
+        cells = store.cells(CLASSIFIED)
+    assert len(frames) == len(results) == 8
+    version = weights_id(WEIGHTS_DIR)  # the id `leukograph serve` reports for these weights
+    assert {f["model_version"] for f in frames} == {c["model_version"] for c in cells} == {version}
+    by_source = {f["source"]: f["frame_index"] for f in frames}
+    for result in results:  # the recorded cells are the printed cells, labelled with the review threshold
+        frame_index = by_source[str(Path(result["path"]).resolve())]
+        recorded = [c for c in cells if c["frame_index"] == frame_index]
+        assert [c["kind"] for c in recorded] == [c["kind"] for c in result["cells"]]
+        for mine, printed in zip(recorded, result["cells"], strict=True):
+            assert [mine[k] for k in ("x1", "y1", "x2", "y2")] == pytest.approx(printed["box"], abs=0.06)
+            assert [mine["probs"][k] for k in CLASSES] == pytest.approx([printed["probs"][k] for k in CLASSES],
+                                                                        abs=1e-5)
+        probs = np.array([[c["probs"][k] for k in CLASSES] for c in recorded]).reshape(-1, len(CLASSES))
+        assert [c["label"] for c in recorded] == label_cells(probs, float(REVIEW_THRESHOLD),
+                                                             [c["kind"] for c in recorded])
+    wanted = {(c["frame_index"], c["cell_index"]) for c in cells
+              if c["kind"] == "wbc" or c["label"] in WBC_CLASSES or c["label"] == UNIDENTIFIED}
+    with ReviewStore(db) as review:
+        rows = review._query("SELECT frame_index, cell_index, jpeg FROM thumbnails WHERE sample_id = ?", (CLASSIFIED,))
+        assert wanted and {(r["frame_index"], r["cell_index"]) for r in rows} >= wanted
+        assert all(decode_jpeg(r["jpeg"]).shape == (THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3) for r in rows)
+        assert all(c.has_thumbnail for c in review.gallery(CLASSIFIED))
+
+    again = run_cli("classify", str(folder), "--db", str(db), "--sample", CLASSIFIED, "--threshold", REVIEW_THRESHOLD,
+                    "--threads", "1", timeout=600)
+    assert again.returncode == 0 and "0 image(s) recorded (0 cells), 8 already recorded" in again.stderr
+    with ResultStore(db, create=False) as store:
+        assert len(store.frames(CLASSIFIED)) == 8 and store.verify(CLASSIFIED) == []
+
+
+@pytest.mark.slow
+def test_classify_db_opens_in_the_review_station(classified: tuple[Path, Path, list[dict]], browser) -> None:  # noqa: ANN001
+    """The real review app on a database `classify --db` wrote: list, gallery thumbnails in Chromium, the cell in
+    its frame, review and sign-off; then classify refuses to add to the signed sample with one line."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from selenium.webdriver.common.by import By
+
+    from leukograph.client.review.app import create_app
+
+    db, folder, _ = classified
+    app = create_app(db)
+    client = TestClient(app)
+    listed = {s["sample_id"]: s for s in client.get("/api/samples").json()}
+    assert listed[CLASSIFIED]["n_frames"] == 8
+    state = client.get(f"/api/samples/{CLASSIFIED}/state").json()
+    assert state["cells"] and all(c["has_thumbnail"] for c in state["cells"])
+    for cell in state["cells"]:
+        thumb = client.get(f"/api/samples/{CLASSIFIED}/cells/{cell['id']}/thumbnail.jpg")
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert decode_jpeg(thumb.content).shape == (THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3)
+        detail = client.get(f"/api/samples/{CLASSIFIED}/cells/{cell['id']}").json()
+        assert client.get(detail["frame"]["url"]).status_code == 200
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, what="review server")
+        browser.get(f"http://127.0.0.1:{port}/samples/{CLASSIFIED}")
+        shown = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery .cell img"), what="gallery")
+        assert len(shown) == len(state["cells"])
+        _wait(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", shown[0])
+              == THUMBNAIL_SIDE, what="first thumbnail")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+    csrf = {"X-CSRF-Token": app.state.csrf_token}
+    for cell in state["cells"]:  # what the page sends: every unidentified cell classified, then sign-off
+        if cell["label"] == UNIDENTIFIED:
+            body = {"cells": [{"id": cell["id"], "version": cell["version"]}], "label": WBC_CLASSES[0],
+                    "reviewer": "A. Tech"}
+            assert client.post(f"/api/samples/{CLASSIFIED}/relabel", json=body, headers=csrf).status_code == 200
+    signed = client.post(f"/api/samples/{CLASSIFIED}/signoff", json={"reviewer": "A. Tech"}, headers=csrf)
+    assert signed.status_code == 200, signed.text
+    client.close()
+    refused = run_cli("classify", str(folder), "--db", str(db), "--sample", CLASSIFIED, "--threads", "1", timeout=600)
+    assert refused.returncode != 0 and "signed off" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

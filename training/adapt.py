@@ -14,9 +14,10 @@ cells (or --full-cnn) the whole CNN is fine-tuned as well. The best epoch on the
 Report: accuracy before and after on the held-out verified cells and on the project's held-out BCCD frames (so that
 forgetting is visible). Output: `cnn.pt`, `gnn.pt` and `adapt.json` in --out; the version id is the served one
 (`leukocyte_pipeline-weights-<sha256>` of the two files). `--model-repository DIR` also exports them there (ONNX,
-configs, version.json); a server serves them after a restart (`leukograph serve` again, or Triton's poll mode), and a
-running `leukograph stream` rides through the restart: it keeps its frames, retries, then records the new version
-for the frames the new model labels. Cells already recorded keep the version that labelled them.
+configs, version.json) and makes the server at --server (a `leukograph serve` on DIR) load them itself, through
+Triton's model control (`deploy.server.reload_pipeline`): no restart. A running `leukograph stream` keeps its frames
+while the pipeline loads, sends them again, and records for each frame the weights id that labelled it; cells already
+recorded keep theirs. Without a server listening there, the next `leukograph serve` serves them.
 """
 
 from __future__ import annotations
@@ -258,7 +259,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="base weights (cnn.pt, gnn.pt)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the new weights (default runs/adapt/<time>)")
     parser.add_argument("--model-repository", type=Path, default=None,
-                        help="also export the new weights into this Triton model repository")
+                        help="also export the new weights into this Triton model repository and make the server "
+                        "at --server load them")
+    parser.add_argument("--server", default="127.0.0.1:8001",
+                        help="gRPC address of the `leukograph serve` running on --model-repository "
+                        "(default 127.0.0.1:8001)")
+    parser.add_argument("--no-reload", action="store_true",
+                        help="export only; the server keeps serving the weights it has loaded")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--full-cnn", action="store_true",
@@ -314,7 +321,35 @@ def run(args: argparse.Namespace, log=print) -> dict:  # noqa: ANN001
     info["weights"] = str(out)
     if args.model_repository is not None:
         info["served_version"] = export_to_repository(out, args.model_repository)
+        if not args.no_reload:
+            info["reload"] = reload_server(args.server, info["served_version"])
     return info
+
+
+def reload_server(url: str, version: str) -> dict:
+    """Make the server at url load the exported weights (`deploy.server.reload_pipeline`) and check it serves
+    `version`. {"server": None} when no server listens there."""
+    from leukograph.client.triton_client import PipelineError, TritonPipelineClient
+    from leukograph.deploy.server import reload_pipeline
+
+    try:
+        client = TritonPipelineClient(url, "grpc", request_timeout_s=5.0)
+    except Exception:  # noqa: BLE001 - nothing to connect to
+        return {"server": None}
+    try:
+        if not client.is_ready():
+            return {"server": None}
+        unavailable_s = reload_pipeline(url)
+        try:
+            served = client.fetch_weights_id()
+        except PipelineError as exc:
+            raise UserError(f"{url} reloaded but its served weights id cannot be read: {exc}") from None
+    finally:
+        client.close()
+    if served != version:
+        raise UserError(f"{url} now serves {served}, not the exported {version}: is it serving the repository "
+                        "given as --model-repository?")
+    return {"server": url, "unavailable_s": round(unavailable_s, 2), "serves": served}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -325,9 +360,13 @@ def main(args: argparse.Namespace) -> int:
     if "bccd_held_out" in a and a["bccd_held_out"] is not None:
         print(f"held-out BCCD frames (WBC nodes): accuracy {b['bccd_held_out']:.3f} -> {a['bccd_held_out']:.3f}")
     print(f"new weights {info['version']} in {info['weights']}")
-    if "served_version" in info:
-        print(f"exported to {args.model_repository} ({info['served_version']}); restart `leukograph serve` (a running "
-              "stream rides through and records the new version)")
+    reload = info.get("reload") or {}
+    if reload.get("server"):
+        print(f"exported to {args.model_repository}; the server at {reload['server']} now serves {reload['serves']} "
+              f"(pipeline unavailable for {reload['unavailable_s']:.1f} s while it loaded)")
+    elif "served_version" in info:
+        print(f"exported to {args.model_repository} ({info['served_version']}); no server ready at {args.server}: "
+              "the next `leukograph serve` serves them")
     else:
         print(f"serve them: leukograph adapt ... --model-repository DIR, or LEUKOGRAPH_WEIGHTS={info['weights']} "
               "leukograph serve")

@@ -10,14 +10,24 @@ five WBC classes; `label` is the nucleated class (it may be `ig` or `nrbc`, flag
 Fallback when the localiser finds no WBC box: the image's cells plus a centred square (CENTRE_FALLBACK of the
 shorter side: single-cell images are centred on their cell) are classified together, and the most white-cell-like
 of them answers; `found_by` says "fallback".
+
+`--db PATH` also records the results in a result database, as `leukograph stream` does and through the same writer
+(`review_store.record_classified_frame`): one sample (`--sample`, resumed when it exists), one frame per image keyed
+by its path and content hash (classifying the same files again records nothing twice), the localiser's cells with
+the review threshold's labels (`--threshold`), the thumbnails and frame images `leukograph review` shows, and the
+version id of the weights that labelled them. Each image is its own field (no tracking between images). Recording
+stops when the sample's differential reaches `--target` identified white cells, as a stream does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +44,13 @@ from leukograph.client.contract import (
     PROBS,
     WBC_CLASSES,
 )
+from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
-from leukograph.client.images import ImageError, list_images, read_image, safe_name
+from leukograph.client.images import ImageError, content_hash, list_images, read_image, safe_name
 from leukograph.client.localize import WBC, Cells, localize
+from leukograph.client.records import DEFAULT_DB, ResultStore
+from leukograph.client.review_store import cell_records, record_classified_frame, require_unsigned
+from leukograph.client.sources import image_file_key
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
@@ -96,10 +110,15 @@ class Classifier:
         return result
 
     def classify_path(self, path: str | Path) -> dict:
+        return self.classify_file(path)[0]
+
+    def classify_file(self, path: str | Path) -> tuple[dict, np.ndarray, Prediction]:
+        """(the image's JSON object, its RGB pixels, the prediction)."""
         image = read_image(path)
         prediction = self.predict(image)
-        return {"path": str(path), "white_cell": self.white_cell(image, prediction),
-                "cells": cells_json(prediction.cells, prediction.probs)}
+        result = {"path": str(path), "white_cell": self.white_cell(image, prediction),
+                  "cells": cells_json(prediction.cells, prediction.probs)}
+        return result, image, prediction
 
 
 def white_cell_json(cells: Cells, probs: np.ndarray, candidates: np.ndarray, found_by: str) -> dict:
@@ -127,12 +146,59 @@ def cells_json(cells: Cells, probs: np.ndarray) -> list[dict]:
     ]
 
 
+class SampleRecorder:
+    """`classify --db`: the images' results recorded as one sample of a result database, as `stream` records."""
+
+    def __init__(self, store: ResultStore, sample: str, target: int, threshold: float, model_version: str) -> None:
+        self.store, self.sample, self.threshold, self.model_version = store, sample, threshold, model_version
+        require_unsigned(store.path, sample)
+        self.state = store.start_sample(sample, target, model_version, {"threshold": threshold, "source": "classify"})
+        self.recorded = self.already = self.cells = self.after_target = 0
+
+    def record(self, path: Path, image: np.ndarray, prediction: Prediction, latency_ms: float) -> None:
+        if self.state.differential.is_complete:
+            self.after_target += 1
+            return
+        key = image_file_key(str(path.resolve()), content_hash(path))
+        cells = prediction.cells
+        kinds = [CELL_KINDS[int(k)] for k in cells.kinds]
+        labels = label_cells(prediction.probs, self.threshold, kinds) if len(cells) else []
+        records = cell_records(cells.boxes, kinds, labels, prediction.probs)
+        outcome = record_classified_frame(self.store, self.sample, image, records, source_key=key,
+                                          source=str(path.resolve()), captured_at=time.time(),
+                                          received_at=time.time(), latency_ms=round(latency_ms, 3),
+                                          model_version=self.model_version)
+        if outcome.new:
+            self.recorded += 1
+            self.cells += len(records)
+        else:
+            self.already += 1
+
+    def summary(self) -> str:
+        diff = self.state.differential
+        stopped = f"; target reached, {self.after_target} image(s) not recorded" if self.after_target else ""
+        return (f"sample {self.sample} in {self.store.path}: {self.recorded} image(s) recorded ({self.cells} cells), "
+                f"{self.already} already recorded{stopped}; {diff.n_wbc}/{diff.target} WBC identified, "
+                f"{diff.n_unidentified} to review (leukograph review --db {self.store.path})")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Localise and classify every cell in images", add_help=add_help)
     parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, BMP) or directories")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--db", default=None, metavar="PATH",
+                        help="also record the results, with the thumbnails `leukograph review` shows, in this result "
+                        f"database (e.g. {DEFAULT_DB})")
+    parser.add_argument("--sample", default=None,
+                        help="with --db: sample id (default: sample-<timestamp>); an existing sample is resumed")
+    parser.add_argument("--target", type=int, default=DEFAULT_TARGET,
+                        help="with --db: stop recording when this many WBC are identified (usually "
+                        f"{' or '.join(map(str, TARGETS))}; default {DEFAULT_TARGET})")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"with --db: WBC below this top probability go to the review list (default "
+                        f"{DEFAULT_THRESHOLD})")
     return parser
 
 
@@ -147,18 +213,40 @@ def _summary_line(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.db is None and (args.sample is not None or args.target != DEFAULT_TARGET
+                            or args.threshold != DEFAULT_THRESHOLD):
+        raise UserError("--sample, --target and --threshold are for recording: add --db PATH")
+    if args.target < 1:
+        raise UserError("--target must be >= 1")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError("--threshold must be in [0, 1]")
     images, problems = list_images(args.paths)
     if not images and not problems:
         raise UserError("no images given")
     classifier = Classifier(args.weights, args.threads) if images else None
     total = len(images) + len(problems)
-    for path in images:
-        try:
-            result = classifier.classify_path(path)
-        except ImageError as exc:
-            problems.append((path, exc.problem))
-            continue
-        print(json.dumps(result) if args.json else _summary_line(result), flush=True)
+    with ResultStore(args.db) if args.db and images else contextlib.nullcontext() as store:
+        recorder = None
+        if store is not None:
+            from leukograph.deploy.model_repository import weights_id
+
+            sample = args.sample or datetime.now().strftime("sample-%Y%m%d-%H%M%S")
+            recorder = SampleRecorder(store, sample, args.target, args.threshold, weights_id(args.weights))
+        for path in images:
+            started = time.perf_counter()
+            try:
+                result, image, prediction = classifier.classify_file(path)
+                if recorder is not None:
+                    recorder.record(path, image, prediction, 1e3 * (time.perf_counter() - started))
+            except ImageError as exc:
+                problems.append((path, exc.problem))
+                continue
+            except OSError as exc:  # removed or made unreadable between decoding and hashing
+                problems.append((path, exc.strerror or str(exc)))
+                continue
+            print(json.dumps(result) if args.json else _summary_line(result), flush=True)
+        if recorder is not None:
+            print(f"leukograph classify: {recorder.summary()}", file=sys.stderr, flush=True)
     for path, problem in problems:
         print(f"leukograph classify: error: {safe_name(path)}: {problem}", file=sys.stderr)
     if problems:
