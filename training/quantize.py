@@ -45,7 +45,12 @@ from leukograph.deploy.model_repository import INT8_ONNX_FILES
 
 # Beside model.onnx in crop_embedder/1/: `--precision int8` serves the onnxruntime one; build-engines reads the other.
 INT8_FILES = {"onnxruntime": INT8_ONNX_FILES[CROP_EMBEDDER.name], "tensorrt": "model.int8.tensorrt.onnx"}
-SYMMETRIC_ACTIVATIONS = {"onnxruntime": False, "tensorrt": True}
+# What differs between the two files (onnxruntime.quantization extra_options). TensorRT dequantises INT8 only, so its
+# biases stay float (TensorRT folds them into the INT8 convolution itself); ORT's int8 convolution takes int32 biases.
+RUNTIME_OPTIONS = {
+    "onnxruntime": {"ActivationSymmetric": False, "CalibTensorRangeSymmetric": False, "QuantizeBias": True},
+    "tensorrt": {"ActivationSymmetric": True, "CalibTensorRangeSymmetric": True, "QuantizeBias": False},
+}
 QUANTISED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "MaxPool", "GlobalAveragePool", "Flatten")
 LEARNED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MOSAIC_COLUMNS = 8  # tiles per mosaic row: 64 cells per calibration frame, a 512x512 frame
@@ -169,8 +174,7 @@ def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: Calibra
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=excluded,
             calibrate_method=calibrate_method(method),
-            extra_options={"ActivationSymmetric": SYMMETRIC_ACTIVATIONS[runtime], "WeightSymmetric": True,
-                           "CalibTensorRangeSymmetric": True, "CalibMovingAverage": False},
+            extra_options={**RUNTIME_OPTIONS[runtime], "WeightSymmetric": True, "CalibMovingAverage": False},
         )
     quantised = onnx.load(str(out_path))
     quantised.doc_string = (f"{CROP_EMBEDDER.description} (INT8 QDQ for {runtime}: static PTQ, per-channel weights, "
