@@ -75,6 +75,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--readme-from", type=Path, default=None,
                         help="only rewrite the README bench section from this bench.json")
     parser.add_argument("--readme", type=Path, default=README, help="README to update (default README.md)")
+    parser.add_argument("--int8", action="store_true",
+                        help="FP32 vs INT8 only (deploy/bench/int8.py): in-process and Triton rows, per-cell cost at "
+                             "128 cells, roofline; int8.json in --out-dir and, unless --quick, the README table")
     return parser
 
 
@@ -91,6 +94,8 @@ def main(args: argparse.Namespace) -> int:
         changed = replace_section(README_SECTION, readme_table(result, details), Path(args.readme))
         print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
         return 0
+    if args.int8:
+        return int8_main(args)
     if args.http_url and not args.grpc_url:
         raise UserError("--http-url needs --grpc-url (the statistics come over gRPC)")
     if args.ort_threads < 1:
@@ -103,4 +108,21 @@ def main(args: argparse.Namespace) -> int:
     files = write_outputs(result, out_dir)
     print(text)
     print("wrote " + ", ".join(str(p) for p in files))
+    return 0
+
+
+def int8_main(args: argparse.Namespace) -> int:
+    from leukograph.deploy.bench import int8
+
+    result = int8.run_int8_bench(args)
+    out_dir = args.out_dir or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / int8.INT8_JSON
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    text = int8.markdown(result)
+    print(text)
+    if not args.quick:
+        changed = replace_section(int8.README_SECTION, text, Path(args.readme))
+        print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
+    print(f"wrote {path}")
     return 0
