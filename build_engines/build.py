@@ -390,8 +390,8 @@ def main(args: argparse.Namespace) -> int:
                   for name, path in _onnx_paths(args.model_repository, stages).items()}
         problems = {name: check_trt_compat(path) for name, path in graphs.items()}
         for name, found in problems.items():
-            print(f"{name} ({graphs[name].name}): {'OK' if not found else f'{len(found)} problem(s)'} against "
-                  f"TensorRT {tensorrt_table_version()}'s ONNX operator table and Q/DQ rules")
+            print(f"{name}: {'OK' if not found else f'{len(found)} problem(s)'} against TensorRT "
+                  f"{tensorrt_table_version()}'s ONNX operator table and Q/DQ rules ({graphs[name].name})")
             for line in found:
                 print(f"  {line}")
         return 1 if any(problems.values()) else 0

@@ -102,11 +102,13 @@ class CalibrationSet:
         return ", ".join(f"{source} {len(crops)}" for source, crops in sorted(self.crops.items()))
 
 
-def calibration_set(data_root: Path | None, per_source: int = DEFAULT_PER_SOURCE, seed: int = 0) -> CalibrationSet:
-    """Up to `per_source` training cells of every source (labelled or not; the localiser's boxes), drawn at random."""
+def calibration_set(data_root: Path | None, per_source: int = DEFAULT_PER_SOURCE, seed: int = 0,
+                    max_images: int | None = None) -> CalibrationSet:
+    """Up to `per_source` training cells of every source (labelled or not; the localiser's boxes), drawn at random;
+    `max_images`: from that many training images per dataset only (train's smoke mode; tests)."""
     from leukograph.training.train import load_cell_sets  # heavy (torch, datasets): only when calibrating
 
-    cells = load_cell_sets(data_root, None, seed).train
+    cells = load_cell_sets(data_root, max_images, seed).train
     rng = np.random.default_rng(seed)
     by_source: dict[str, list[np.ndarray]] = {}
     for frame in cells:

@@ -41,8 +41,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: 4 frames, concurrency 1, cells 1 and 8 (seconds); output in .cache/")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help=f"where bench.json, PNGs and results.md go (default {DEFAULT_OUT.relative_to(REPO_ROOT)}"
-                             f", --quick: {QUICK_OUT.relative_to(REPO_ROOT)})")
+                        help="where bench.json, PNGs and results.md go (default "
+                             f"{os.path.relpath(DEFAULT_OUT, REPO_ROOT)}, --quick: "
+                             f"{os.path.relpath(QUICK_OUT, REPO_ROOT)})")
     parser.add_argument("--weights", type=Path, default=None,
                         help="checkpoints (default $LEUKOGRAPH_WEIGHTS or training/weights)")
     parser.add_argument("--backend", choices=("onnxruntime", "pytorch"), default="onnxruntime",
