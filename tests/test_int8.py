@@ -200,3 +200,19 @@ def test_stage_files_of_both_precisions_exist(int8_repository: Path) -> None:
     for stage in STAGES:
         for precision in repo.PRECISIONS:
             assert stage_path(int8_repository, stage, repo.onnx_file(stage, precision)).exists()
+
+
+def test_roofline_peak_and_multiply_adds() -> None:
+    from leukograph.deploy.bench.int8 import core_peak, macs_per_crop
+    from leukograph.training.checkpoints import load_models
+
+    peak = core_peak()
+    assert peak["clock_ghz"] > 0 and peak["fp32_macs_per_s"] > 0 and peak["how"]
+    if peak["vnni"]:
+        assert peak["int8_macs_per_s"] == 4 * peak["fp32_macs_per_s"]  # 8-bit lanes are 4x as many as 32-bit ones
+    embedder, _, _ = load_models(WEIGHTS_DIR)
+    convs = [m for m in embedder.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    weights = sum(m.weight.numel() for m in convs)
+    macs = macs_per_crop(WEIGHTS_DIR)
+    # every conv weight is used at >= 8x8 output positions and at most at CROP_SIZE x CROP_SIZE of them
+    assert weights * 64 < macs < weights * CROP_SIZE * CROP_SIZE + embedder.embed[1].weight.numel()
