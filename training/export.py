@@ -89,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if args.int8:
         paths, calibration = quantize.export_int8(args.model_repository, data_root(args.data_root),
-                                                  args.calibration_per_source, args.seed, args.calibration_method)
+                                                  args.calibration_per_source, args.seed, args.calibration_method,
+                                                  tuple(args.keep_fp32))
         print(f"calibrated on training crops: {calibration.summary()}")
         for runtime, path in paths.items():
             print(f"{CROP_EMBEDDER.name} INT8 for {runtime}: {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -1,6 +1,6 @@
 """INT8 crop_embedder: static post-training quantisation to QDQ ONNX graphs (ONNX Runtime's quantisation tools).
 
-One calibration, two QDQ files of the same layers, weights and scales, differing only where the two runtimes differ:
+One calibration, two QDQ files of the same layers and weight scales, differing only where the two runtimes differ:
 
 * `model.int8.tensorrt.onnx` (`INT8_FILES["tensorrt"]`), what TensorRT >= 10 builds an INT8 engine from (explicit
   quantisation, a strongly typed network; `build_engines.int8`). TensorRT takes signed INT8 Q/DQ with zero point 0
@@ -9,8 +9,8 @@ One calibration, two QDQ files of the same layers, weights and scales, differing
   into one int8 convolution (VNNI on AVX-512 machines), but it has no int8 ReLU: with a symmetric (zero point 0)
   ReLU output the quantiser must keep each ReLU as DQ -> Relu -> Q in float between the int8 convolutions. With an
   asymmetric activation scale the ReLU folds into the convolution's output quantisation (zero point at the type's
-  minimum), and the graph is int8 convolutions back to back. Measured (README "INT8"): the symmetric graph gains
-  little over FP32 in ORT, the asymmetric one is the CPU's INT8 graph.
+  minimum), and the graph is int8 convolutions back to back. `leukograph bench --int8` times both in ORT (README
+  "INT8").
 
 Common to both:
 * signed INT8 weights, symmetric, per output channel (axis 0 of Conv and of Gemm with transB=1); activations per
@@ -199,12 +199,12 @@ def quantised_nodes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def export_int8(repository: Path, data_root: Path | None, per_source: int = DEFAULT_PER_SOURCE, seed: int = 0,
-                method: str = "minmax") -> tuple[dict[str, Path], CalibrationSet]:
+                method: str = "minmax", keep_fp32: tuple[str, ...] = ()) -> tuple[dict[str, Path], CalibrationSet]:
     """crop_embedder/1/model.onnx -> both INT8 files beside it, calibrated on the same training crops."""
     calibration = calibration_set(data_root, per_source, seed)
     fp32_path = stage_path(repository, CROP_EMBEDDER, MODEL_FILES["onnxruntime"])
-    paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime, method)
-             for runtime in INT8_FILES}
+    paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime, method,
+                                             keep_fp32) for runtime in INT8_FILES}
     return paths, calibration
 
 
@@ -213,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-per-source", type=int, default=DEFAULT_PER_SOURCE,
                         help="training crops per source for INT8 calibration")
     parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
+    parser.add_argument("--keep-fp32", action="append", default=[], metavar="NODE",
+                        help="an ONNX node name of the crop_embedder to leave in FP32 (repeatable; none by default)")
     parser.add_argument("--data-root", default=None, help="datasets folder (default: $LEUKOGRAPH_DATA or "
                                                           "../shared/datasets)")
     parser.add_argument("--seed", type=int, default=0, help="training/validation split seed (as `train`)")
