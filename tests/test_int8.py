@@ -126,7 +126,9 @@ def test_qdq_check_names_each_rule_tensorrt_enforces(int8_repository: Path) -> N
 
     def wrong_axis(m: onnx.ModelProto) -> None:
         node = next(n for n in m.graph.node if n.name == weight_dq.name)
-        node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        kept = [a for a in node.attribute if a.name != "axis"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("axis", 1)])
 
     def unpaired_q(m: onnx.ModelProto) -> None:
         node = next(n for n in m.graph.node if n.name == q.name)
