@@ -479,6 +479,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="int8: FP32 vs INT8 crop_embedder rows on every source (training/quantize.py)")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
                         help="with --precision int8: where `export --int8` wrote crop_embedder/1/model.int8.onnx")
+    parser.add_argument("--int8-images", type=int, default=300,
+                        help="with --precision int8: test images per image-level source, a seeded sample (0: all)")
     return parser
 
 

@@ -282,18 +282,30 @@ def _agreement(fp32: list[dict], int8: list[dict], model: str = "CNN+GNN") -> di
     return {"cells": cells, "label_agreement": same / cells if cells else float("nan"), "max_prob_change": drift}
 
 
-# (name in the README, evaluate function, its arguments after models, accuracy in its report by model)
-def _sources():
+def _test_items(data_root: str | None) -> dict[str, tuple[list, str]]:
+    """Test images of the image-level sources (evaluate.py's selections), by row name: (items, scoring)."""
+    from leukograph.client.contract import CLASSES
+    from leukograph.training.datasets import load_four_class, load_pbc, load_txl
+
+    pbc = load_pbc(data_root)
+    pbc_content = {img.sha1 for img in pbc}
+    txl = [img for img in load_txl(data_root) if img.split == "test" and img.source == "PBC"
+           and img.sha1 not in pbc_content and any(b.label in CLASSES for b in img.boxes if b.kind == "wbc")]
+    return {"4-class TEST images": (list(load_four_class(data_root, "TEST")), "wbc"),
+            "4-class TEST_SIMPLE images": (list(load_four_class(data_root, "TEST_SIMPLE")), "wbc"),
+            "PBC test images": ([img for img in pbc if img.split == "test"], "single"),
+            "TXL-PBC test images": (txl, "single")}
+
+
+def _image_accuracy(frames: list, probs: dict[str, list[np.ndarray]], scoring: str, threshold: float) -> dict:
+    """Image accuracy per model, as `evaluate` scores that source."""
     from leukograph.training import evaluate as ev
 
-    return (
-        ("4-class TEST images", ev.evaluate_four_class, ("TEST",), lambda r, m: r["images"][m]["accuracy"]),
-        ("4-class TEST_SIMPLE images", ev.evaluate_four_class, ("TEST_SIMPLE",),
-         lambda r, m: r["images"][m]["accuracy"]),
-        ("BCCD held-out WBC nodes", ev.evaluate_bccd, (), lambda r, m: r[m]["wbc_nodes"]["accuracy"]),
-        ("PBC test images", ev.evaluate_pbc, (), lambda r, m: r["images"][m]["accuracy"]),
-        ("TXL-PBC test images", ev.evaluate_txl_pbc, (), lambda r, m: r["images"][m]["accuracy"]),
-    )
+    if scoring == "single":
+        report = ev._single_cell_report(frames, probs, threshold)
+        return {model: report["images"][model]["accuracy"] for model in ev.CELL_MODELS}
+    return {model: float(np.mean([ev.frame_prediction(f, p, ev.NUM_WBC) == f.frame_label
+                                  for f, p in zip(frames, probs[model])])) for model in ev.CELL_MODELS}
 
 
 INT8_RESULTS = "int8_evaluation.json"
@@ -310,7 +322,8 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     from leukograph.client.contract import UNIDENTIFIED_THRESHOLD, file_sha256
     from leukograph.client.errors import UserError
     from leukograph.deploy.readme import replace_section
-    from leukograph.training.evaluate import CELL_MODELS, RESULTS_DIR, Models
+    from leukograph.training.cells import build_cells
+    from leukograph.training.evaluate import CELL_MODELS, RESULTS_DIR, Models, evaluate_bccd
 
     onnx_path = int8_path(args.model_repository)
     if not onnx_path.exists():
@@ -318,19 +331,23 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     started = time.time()
     fp32_models = _recording(Models)(args.weights)
     quantised = int8_models(args.weights, onnx_path, args.threads)
+    rng = np.random.default_rng(0)
     rows = []
-    for name, function, extra, accuracy in _sources():
-        fp32_report = function(fp32_models, *extra, args.data_root, UNIDENTIFIED_THRESHOLD)
-        int8_report = function(quantised, *extra, args.data_root, UNIDENTIFIED_THRESHOLD)
-        row = {"source": name}
-        for model in CELL_MODELS:
-            row[model] = {"fp32": accuracy(fp32_report, model), "int8": accuracy(int8_report, model)}
-        row["agreement"] = _agreement(fp32_models.answers[-1:], quantised.answers[-1:])
-        row["within_bounds"] = bool(row["CNN+GNN"]["fp32"] - row["CNN+GNN"]["int8"] <= MAX_ACCURACY_LOSS
-                                    and row["agreement"]["label_agreement"] >= MIN_AGREEMENT)
-        rows.append(row)
-        print(int8_row_text(row), flush=True)
-    report = {"command": "leukograph evaluate --precision int8", "int8_file": str(onnx_path.name),
+    for name, (items, scoring) in _test_items(args.data_root).items():
+        if args.int8_images and len(items) > args.int8_images:  # a seeded sample of the source's test images
+            items = [items[i] for i in sorted(rng.choice(len(items), args.int8_images, replace=False))]
+        frames = build_cells(items, f"int8-{name}", cache=False, progress=False)
+        accuracy = {precision: _image_accuracy(frames, models.cell_probs(frames), scoring, UNIDENTIFIED_THRESHOLD)
+                    for precision, models in (("fp32", fp32_models), ("int8", quantised))}
+        rows.append(_row(name, len(items), accuracy, fp32_models, quantised))
+    bccd = {precision: evaluate_bccd(models, args.data_root, UNIDENTIFIED_THRESHOLD)
+            for precision, models in (("fp32", fp32_models), ("int8", quantised))}
+    rows.append(_row("BCCD held-out WBC nodes", bccd["fp32"]["frames"],
+                     {p: {m: r[m]["wbc_nodes"]["accuracy"] for m in CELL_MODELS} for p, r in bccd.items()},
+                     fp32_models, quantised))
+    command = "leukograph evaluate --precision int8" + (f" --int8-images {args.int8_images}" if args.int8_images
+                                                         else "")
+    report = {"command": command, "int8_file": str(onnx_path.name), "images_per_source": args.int8_images or "all",
               "int8_sha256": file_sha256(onnx_path),
               "rows": rows, "seconds": round(time.time() - started, 1)}
     out = args.output_dir
@@ -343,6 +360,18 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     return 0
 
 
+def _row(name: str, images: int, accuracy: dict[str, dict[str, float]], fp32_models, quantised) -> dict:
+    """One source: accuracy per model and precision, label agreement of its last cell_probs calls, the bounds."""
+    row = {"source": name, "images": images}
+    for model in accuracy["fp32"]:
+        row[model] = {precision: accuracy[precision][model] for precision in ("fp32", "int8")}
+    row["agreement"] = _agreement(fp32_models.answers[-1:], quantised.answers[-1:])
+    row["within_bounds"] = bool(row["CNN+GNN"]["fp32"] - row["CNN+GNN"]["int8"] <= MAX_ACCURACY_LOSS
+                                and row["agreement"]["label_agreement"] >= MIN_AGREEMENT)
+    print(int8_row_text(row), flush=True)
+    return row
+
+
 def int8_row_text(row: dict) -> str:
     gnn = row["CNN+GNN"]
     return (f"{row['source']}: CNN+GNN {gnn['fp32']:.4f} -> {gnn['int8']:.4f}, "
@@ -350,14 +379,18 @@ def int8_row_text(row: dict) -> str:
 
 
 def int8_markdown(report: dict) -> str:
-    lines = [f"Generated by `{report['command']}` from `docs/results/{INT8_RESULTS}`. Accuracy of the FP32 and the "
-             "INT8 crop_embedder (same cell_graph, FP32); label agreement: cells whose CNN+GNN label is the same.", "",
-             "| source | CNN only FP32 | CNN only INT8 | CNN+GNN FP32 | CNN+GNN INT8 | change (points) | "
+    sampled = report["images_per_source"]
+    lines = [f"Generated by `{report['command']}` from `docs/results/{INT8_RESULTS}`. Accuracy with the FP32 and the "
+             "INT8 crop_embedder (the same FP32 cell_graph after both), scored as `leukograph evaluate` scores each "
+             "source" + (f", on a seeded sample of at most {sampled} test images per source" if sampled != "all"
+                         else "") + "; label agreement: cells whose CNN+GNN label is the same in both; bounds: "
+             f"<= {100 * MAX_ACCURACY_LOSS:.1f} point loss and >= {100 * MIN_AGREEMENT:.0f}% agreement.", "",
+             "| source | images | CNN only FP32 | CNN only INT8 | CNN+GNN FP32 | CNN+GNN INT8 | change (points) | "
              "label agreement | cells | within bounds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         cnn, gnn, agree = row["CNN only"], row["CNN+GNN"], row["agreement"]
-        lines.append(f"| {row['source']} | {cnn['fp32']:.4f} | {cnn['int8']:.4f} | {gnn['fp32']:.4f} | "
-                     f"{gnn['int8']:.4f} | {100 * (gnn['int8'] - gnn['fp32']):+.2f} | "
+        lines.append(f"| {row['source']} | {row['images']} | {cnn['fp32']:.4f} | {cnn['int8']:.4f} | "
+                     f"{gnn['fp32']:.4f} | {gnn['int8']:.4f} | {100 * (gnn['int8'] - gnn['fp32']):+.2f} | "
                      f"{agree['label_agreement']:.4f} | {agree['cells']} | {'yes' if row['within_bounds'] else 'no'} |")
     return "\n".join(lines) + "\n"
