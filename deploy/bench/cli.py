@@ -83,6 +83,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.int8:
+        return int8_main(args)
     if args.readme_from:
         try:
             result = json.loads(Path(args.readme_from).read_text())
@@ -95,8 +97,6 @@ def main(args: argparse.Namespace) -> int:
         changed = replace_section(README_SECTION, readme_table(result, details), Path(args.readme))
         print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
         return 0
-    if args.int8:
-        return int8_main(args)
     if args.http_url and not args.grpc_url:
         raise UserError("--http-url needs --grpc-url (the statistics come over gRPC)")
     if args.ort_threads < 1:
@@ -115,14 +115,21 @@ def main(args: argparse.Namespace) -> int:
 def int8_main(args: argparse.Namespace) -> int:
     from leukograph.deploy.bench import int8
 
-    result = int8.run_int8_bench(args)
-    out_dir = args.out_dir or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / int8.INT8_JSON
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.readme_from:  # only the README table, from an int8.json
+        path = Path(args.readme_from)
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+    else:
+        result = int8.run_int8_bench(args)
+        out_dir = args.out_dir or (QUICK_OUT if args.quick else DEFAULT_OUT)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / int8.INT8_JSON
+        path.write_text(json.dumps(result, indent=2) + "\n")
     text = int8.markdown(result)
     print(text)
-    if not args.quick:
+    if args.readme_from or not args.quick:
         changed = replace_section(int8.README_SECTION, text, Path(args.readme))
         print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
     print(f"wrote {path}")
