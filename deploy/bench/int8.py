@@ -283,5 +283,8 @@ def markdown(result: dict) -> str:
               f"{peak['fp32_macs_per_s'] / 1e9:.0f} G/s) and {roof['int8_macs_per_s'] / 1e9:.1f} G/s INT8"
               + (f" ({100 * roof['int8_share_of_peak']:.0f}% of {peak['int8_macs_per_s'] / 1e9:.0f} G/s)"
                  if roof["int8_share_of_peak"] is not None else " (no VNNI: no INT8 peak)")
-              + f". Peak of one core: {peak['how']}. Measured: {roof['note']}."]
+              + f". Peak of one core: {peak['how']}. `cpu MHz` is the nominal clock (under a hypervisor, the TSC "
+                "rate); a core that boosts above it has a higher peak, so a share near or above 100% says the core ran "
+                f"faster than {peak['clock_ghz']:.2f} GHz, not that the kernel beat the hardware. Measured: "
+                f"{roof['note']}."]
     return "\n".join(lines) + "\n"
