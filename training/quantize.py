@@ -325,6 +325,8 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     from leukograph.training.cells import build_cells
     from leukograph.training.evaluate import CELL_MODELS, RESULTS_DIR, Models, evaluate_bccd
 
+    if args.int8_images < 0:
+        raise UserError(f"--int8-images must be >= 0 (0: every test image), got {args.int8_images}")
     onnx_path = int8_path(args.model_repository)
     if not onnx_path.exists():
         raise UserError(f"{onnx_path} is missing: run `leukograph export --int8`")
