@@ -22,9 +22,11 @@ precision builder flag is set.
   fp32      the fp32 ONNX with `BuilderFlag.TF32` cleared: TF32 is on by default in a builder config (IBuilderConfig /
             BuilderFlag.TF32 reference), so without this an "fp32" engine on Ampere or newer runs TF32 matmuls/convs.
   tf32      the fp32 ONNX with TensorRT's default TF32 left on, and named so.
-  int8-qdq  explicit quantisation: an ONNX graph with QuantizeLinear/DequantizeLinear nodes per stage
-            (`--qdq-onnx STAGE=PATH`), same I/O as the contract, built strongly typed (Developer Guide, "Explicit
-            Quantization").
+  int8-qdq  explicit quantisation (int8.py): the QDQ graph `export --int8` wrote
+            (crop_embedder/1/model.int8.tensorrt.onnx) or `--qdq-onnx STAGE=PATH`, same I/O as the contract, built
+            strongly typed with TF32 off (Developer Guide, "Explicit Quantization"); the Q/DQ placement is checked
+            first (onnx_ops.check_qdq). A stage without a QDQ graph (the cell_graph) builds from its FP32 graph.
+            Verified against ONNX Runtime FP32 with int8.INT8_TOLERANCE.
 
 TensorRT 10 Python API used (TensorRT 10.x "Python API" reference):
   trt.Builder(logger); builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED));
@@ -50,7 +52,7 @@ from pathlib import Path
 
 import onnx
 
-from leukograph.build_engines import fp16, timing_cache, verify
+from leukograph.build_engines import fp16, int8, timing_cache, verify
 from leukograph.build_engines.compat import check_supported
 from leukograph.build_engines.frame_samples import largest_frame_samples
 from leukograph.build_engines.onnx_ops import check_trt_compat, tensorrt_table_version
@@ -153,10 +155,10 @@ def network_onnx(stage: StageSpec, onnx_path: Path, precision: str, work_dir: Pa
     if precision == "fp16":
         return fp16.convert_file(onnx_path, work_dir / "onnx")
     if precision == "int8-qdq":
-        if stage.name not in qdq_paths:
-            raise UserError(f"--precision int8-qdq needs --qdq-onnx {stage.name}=PATH")
-        check_qdq_graph(qdq_paths[stage.name], onnx_path)
-        return qdq_paths[stage.name]
+        path, is_qdq = int8.network_path(onnx_path.parent.parent.parent, stage, qdq_paths)
+        if is_qdq:
+            check_qdq_graph(path, onnx_path)
+        return path
     return onnx_path
 
 
@@ -231,7 +233,7 @@ def build_engine(trt, stage: StageSpec, onnx_path: Path, plan_path: Path, profil
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp32":
+    if precision in ("fp32", "int8-qdq"):  # int8-qdq: the layers left in float are FP32
         config.clear_flag(trt.BuilderFlag.TF32)  # on by default: "fp32" would otherwise be TF32 on Ampere+
     tf32 = bool(config.get_flag(trt.BuilderFlag.TF32))
     profile = builder.create_optimization_profile()
@@ -382,16 +384,22 @@ def main(args: argparse.Namespace) -> int:
     profiles = profiles_from_args(args)
     stages = [s for s in STAGES if s.name in args.stages]
     if args.check_only:
-        problems = {name: check_trt_compat(path) for name, path in _onnx_paths(args.model_repository, stages).items()}
+        qdq_paths = parse_qdq_arguments(args.qdq_onnx) if args.precision == "int8-qdq" else {}
+        graphs = {name: int8.network_path(args.model_repository, next(s for s in STAGES if s.name == name),
+                                          qdq_paths)[0] if args.precision == "int8-qdq" else path
+                  for name, path in _onnx_paths(args.model_repository, stages).items()}
+        problems = {name: check_trt_compat(path) for name, path in graphs.items()}
         for name, found in problems.items():
             print(f"{name}: {'OK' if not found else f'{len(found)} problem(s)'} against TensorRT "
-                  f"{tensorrt_table_version()}'s ONNX operator table")
+                  f"{tensorrt_table_version()}'s ONNX operator table and Q/DQ rules ({graphs[name].name})")
             for line in found:
                 print(f"  {line}")
         return 1 if any(problems.values()) else 0
 
     trt = import_tensorrt()  # one line and exit 2 when missing or unsupported
     qdq_paths = parse_qdq_arguments(args.qdq_onnx)
+    if args.precision == "int8-qdq":
+        int8.apply_tolerance(args)
     onnx_paths = _onnx_paths(args.model_repository, stages)
     networks = {}
     for stage in stages:

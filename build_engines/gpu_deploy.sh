@@ -83,6 +83,19 @@ done
 step "2. build + verify FP16 engines"
 "$LEUKOGRAPH" build-engines --model-repository "$TRT_REPOSITORY" "${build_flags[@]}"
 
+step "2b. build + verify the INT8 crop_embedder engine (explicit quantisation) into $TRT_REPOSITORY-int8"
+qdq="$SOURCE/crop_embedder/1/model.int8.tensorrt.onnx"
+if [[ -f "$qdq" ]]; then
+  "$LEUKOGRAPH" generate-repo --backend tensorrt --model-repository "$TRT_REPOSITORY-int8"
+  for model in "${STAGES[@]}"; do
+    cp "$SOURCE/$model/1/model.onnx" "$TRT_REPOSITORY-int8/$model/1/model.onnx"
+  done
+  cp "$qdq" "$TRT_REPOSITORY-int8/crop_embedder/1/"
+  "$LEUKOGRAPH" build-engines --model-repository "$TRT_REPOSITORY-int8" "${build_flags[@]}" --precision int8-qdq
+else
+  echo "INT8 skipped: $qdq is missing (\`leukograph export --int8\` writes it where the training data is)"
+fi
+
 step "3. start tritonserver on 127.0.0.1"
 log="$(mktemp -t tritonserver.XXXXXX.log)"
 "$TRITONSERVER" --model-repository "$TRT_REPOSITORY" --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \

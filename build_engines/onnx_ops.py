@@ -18,6 +18,9 @@ GNN exports (measured):
   layers support UINT8 inputs, even just data-movement ops like reshape / transpose." So a uint8 tensor may feed only
   Cast (we also flag Shape: the maintainer's rule names no exception).
 
+Q/DQ graphs (INT8, explicit quantisation): `check_qdq` checks the placement TensorRT accepts (symmetric signed INT8,
+per-tensor activations, per-channel weights along the output-channel axis, Q/DQ pairs).
+
 Restrictions relevant to our graphs (from the same table): ArgMax FP32/FP16/BF16/INT32/INT64, no restriction;
 GridSample FP32/FP16 only, 4D input; Softmax, MatMul, Gemm, Conv, MaxPool (2D/3D, no Indices output) unrestricted
 for our use; Range supports FP32 and INT32/INT64.
@@ -138,6 +141,105 @@ def _check_graph(graph: onnx.GraphProto, table: dict, opset: int, ranks: dict[st
     return problems
 
 
+# ---- explicit quantisation (Q/DQ) ------------------------------------------------------------------------------
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QDQ_MIN_OPSET = 13  # per-channel scales (`axis`) on QuantizeLinear/DequantizeLinear
+QUANTISED_COMPUTE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def _weight_axis(consumer: onnx.NodeProto, rank: int) -> int | None:
+    """The output-channel axis of a learned op's weight, which a per-channel scale must follow."""
+    if consumer.op_type == "Conv":
+        return 0
+    if consumer.op_type == "ConvTranspose":
+        return 1
+    if consumer.op_type == "Gemm":
+        return 0 if _attr(consumer, "transB", 0) else 1
+    if consumer.op_type == "MatMul":
+        return rank - 1
+    return None
+
+
+def check_qdq(model: onnx.ModelProto) -> list[str]:
+    """Q/DQ placement TensorRT's explicit quantisation accepts (TensorRT 10 Developer Guide, "Explicit Quantization";
+    IQuantizeLayer / IDequantizeLayer reference); [] when the graph has none or all is well:
+
+    * opset >= 13; scales and zero points are build-time constants; scales positive and finite;
+    * signed INT8 only, symmetric: a zero point must be given (without one, QuantizeLinear outputs UINT8, which
+      TensorRT takes only as network I/O), be INT8 and be all zeros ("only symmetric quantization is supported");
+    * per-tensor scales for activations; a per-channel scale only on a constant weight, along the output-channel
+      axis of the op it feeds (Conv 0, ConvTranspose 1, Gemm 0 with transB=1 else 1, MatMul the last axis);
+    * every QuantizeLinear feeds DequantizeLinear nodes only, with the same scale and zero point (a Q/DQ pair);
+    * a Conv/Gemm/MatMul with a dequantised weight also has a dequantised data input, or TensorRT runs it in float.
+    """
+    graph = model.graph
+    if not any(node.op_type in QDQ_OPS for node in graph.node):
+        return []
+    constants = _constants(graph)
+    problems = []
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+    if opset < QDQ_MIN_OPSET:
+        problems.append(f"opset {opset}: per-channel Q/DQ needs opset >= {QDQ_MIN_OPSET}")
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in graph.node:
+        if node.op_type not in QDQ_OPS:
+            continue
+        label = f"{node.op_type} '{node.name or node.output[0]}'"
+        scale = constants.get(node.input[1])
+        zero = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            problems.append(f"{label}: scale {node.input[1]} is not a build-time constant")
+            continue
+        if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            problems.append(f"{label}: scales must be positive and finite")
+        if zero is None and node.op_type == "QuantizeLinear":
+            problems.append(f"{label}: no INT8 zero point, so it outputs UINT8 (TensorRT takes UINT8 only as I/O)")
+        elif zero is not None and zero.dtype != np.int8:
+            problems.append(f"{label}: zero point is {zero.dtype}; TensorRT quantises to signed INT8")
+        elif zero is not None and np.any(zero != 0):
+            problems.append(f"{label}: zero point {int(np.max(np.abs(zero)))} != 0; TensorRT's explicit "
+                            "quantisation is symmetric only")
+        if (node.op_type == "DequantizeLinear" and node.input[0] in constants
+                and constants[node.input[0]].dtype != np.int8):
+            problems.append(f"{label}: weight {node.input[0]} is {constants[node.input[0]].dtype}, not INT8")
+        if scale.size > 1:
+            weight = constants.get(node.input[0])
+            if weight is None:
+                problems.append(f"{label}: per-channel scale on an activation; TensorRT takes per-tensor only")
+            else:
+                axis = _attr(node, "axis", 1) % weight.ndim
+                for user in consumers.get(node.output[0], []):
+                    want = _weight_axis(user, weight.ndim)
+                    if want is not None and axis != want:
+                        problems.append(f"{label}: per-channel axis {axis}, but {user.op_type} "
+                                        f"'{user.name}' needs its output-channel axis {want}")
+        if node.op_type == "QuantizeLinear":
+            for user in consumers.get(node.output[0], []):
+                if user.op_type != "DequantizeLinear":
+                    problems.append(f"{label}: feeds {user.op_type} '{user.name}'; TensorRT wants each Q followed "
+                                    "by a DequantizeLinear")
+                    continue
+                same_scale = np.array_equal(constants.get(user.input[1]), scale)
+                user_zero = constants.get(user.input[2]) if len(user.input) > 2 and user.input[2] else None
+                same_zero = (user_zero is None and zero is None) or (
+                    user_zero is not None and zero is not None and np.array_equal(user_zero, zero))
+                if not (same_scale and same_zero):
+                    problems.append(f"{label}: its DequantizeLinear '{user.name}' uses another scale or zero point")
+    for node in graph.node:
+        if node.op_type not in QUANTISED_COMPUTE or len(node.input) < 2:
+            continue
+        dequantised = [producer.get(name) is not None and producer[name].op_type == "DequantizeLinear"
+                       for name in node.input[:2]]
+        if dequantised[1] and not dequantised[0]:
+            problems.append(f"{node.op_type} '{node.name}': INT8 weight but a float data input: TensorRT runs it in "
+                            "float")
+    return problems
+
+
 def check_trt_compat(model: onnx.ModelProto | str | Path) -> list[str]:
     """Every reason TensorRT's ONNX parser (per the recorded table) would reject or mis-handle `model`; [] if none."""
     if not isinstance(model, onnx.ModelProto):
@@ -152,4 +254,4 @@ def check_trt_compat(model: onnx.ModelProto | str | Path) -> list[str]:
                  for o in model.opset_import if o.domain not in DEFAULT_DOMAINS and o.domain != "ai.onnx.ml"]
     ranks, types = _ranks(model)
     problems += _check_graph(model.graph, doc["operators"], opset, ranks, types, None, "")
-    return problems
+    return problems + check_qdq(model)

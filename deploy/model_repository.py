@@ -32,6 +32,11 @@ docs/bench/experiments/), while the ensemble runs cell_graph on frame t beside c
 two instances let one request's copies overlap another's compute on separate CUDA streams; cell_graph is a small
 dense GNN over at most MAX_CELLS nodes, one instance suffices.
 
+Precision (``--precision``, onnxruntime backend): ``fp32`` serves ``model.onnx`` in both steps; ``int8`` serves the
+crop_embedder's INT8 QDQ graph ``model.int8.onnx`` (``leukograph export --int8``, training/quantize.py) through the
+step's ``onnx_file`` parameter, and the cell_graph stays FP32 (README "INT8"). ``DEFAULT_PRECISION`` is what the
+committed repository holds.
+
 Configs are built as data: ``ModelConfig`` protobuf messages (tritonclient's bundled ``model_config_pb2``) written
 with ``google.protobuf.text_format``; nothing edits config text.
 
@@ -66,12 +71,17 @@ from leukograph.client.errors import UserError
 from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
 
 BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "int8")
+DEFAULT_PRECISION = "fp32"
+# The INT8 ONNX Runtime graph of each stage that has one (training/quantize.py INT8_FILES["onnxruntime"]).
+INT8_ONNX_FILES = {contract.CROP_EMBEDDER.name: "model.int8.onnx"}
 EXTRA_BACKENDS = ("pytorch",)  # python-backend steps in PyTorch (deploy/bench_gpu.sh); not for the committed repo
 DEFAULT_ORT_THREADS = 1
 INSTANCES = {contract.CROP_EMBEDDER.name: 2, contract.CELL_GRAPH.name: 1}  # see the module docstring
 # Kept with the committed repository: ONNX files, plans and version.json are build products.
 REPOSITORY_GITIGNORE = "".join(f"*/{VERSION_DIR}/{name}\n" for name in (
-    MODEL_FILES["onnxruntime"], MODEL_FILES["onnxruntime"] + ".data", MODEL_FILES["tensorrt"], VERSION_FILE))
+    MODEL_FILES["onnxruntime"], MODEL_FILES["onnxruntime"] + ".data", MODEL_FILES["tensorrt"], VERSION_FILE,
+    "model.int8*.onnx"))
 GITKEEP = ".gitkeep"
 
 
@@ -102,8 +112,16 @@ def _limits() -> dict[str, object]:
             "max_frame_side": contract.MAX_FRAME_SIDE}
 
 
+def onnx_file(stage: StageSpec | str, precision: str = DEFAULT_PRECISION) -> str:
+    """The ONNX file a python-backend step serves at `precision` (stages without an INT8 graph stay FP32)."""
+    name = stage if isinstance(stage, str) else stage.name
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return INT8_ONNX_FILES.get(name, MODEL_FILES["onnxruntime"]) if precision == "int8" else MODEL_FILES["onnxruntime"]
+
+
 def stage_config(stage: StageSpec, backend: str, ort_threads: int = DEFAULT_ORT_THREADS,
-                 instances: dict[str, int] | None = None) -> pb.ModelConfig:
+                 instances: dict[str, int] | None = None, precision: str = DEFAULT_PRECISION) -> pb.ModelConfig:
     """The ModelConfig of one step."""
     config = pb.ModelConfig(name=stage.name, max_batch_size=0)
     _tensors(config.input, stage.inputs)
@@ -119,7 +137,8 @@ def stage_config(stage: StageSpec, backend: str, ort_threads: int = DEFAULT_ORT_
     config.backend = "python"
     config.instance_group.add(count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
     if backend == "onnxruntime":
-        _set_parameters(config, {"onnx_file": MODEL_FILES[backend], "ort_intra_op_threads": ort_threads, **_limits()})
+        _set_parameters(config, {"onnx_file": onnx_file(stage, precision), "ort_intra_op_threads": ort_threads,
+                                 **_limits()})
     else:  # pytorch: CUDA when present (torch_device auto, fixed by write_torchscript), else the CPU
         _set_parameters(config, {"checkpoint_file": MODEL_FILES[backend], "torch_device": "auto",
                                  "torch_threads": ort_threads, **_limits()})
@@ -167,15 +186,18 @@ def weights_id(weights_dir: Path | None = None) -> str:
 
 
 def render(backend: str = "onnxruntime", ort_threads: int = DEFAULT_ORT_THREADS,
-           instances: dict[str, int] | None = None) -> dict[str, str]:
+           instances: dict[str, int] | None = None, precision: str = DEFAULT_PRECISION) -> dict[str, str]:
     """Every generated text file, by path relative to the repository (the no-drift test compares these)."""
     if backend not in BACKENDS + EXTRA_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + EXTRA_BACKENDS)}")
     unknown = set(instances or {}) - {s.name for s in STAGES}
     if unknown or any(count < 1 for count in (instances or {}).values()):
         raise UserError(f"instances must be STAGE=N with N >= 1 and STAGE among {', '.join(s.name for s in STAGES)}")
-    files = {f"{s.name}/{CONFIG_FILE}": config_text(stage_config(s, backend, ort_threads, instances), backend)
-             for s in STAGES}
+    if precision != "fp32" and backend != "onnxruntime":
+        raise UserError(f"--precision {precision} is for the onnxruntime backend; TensorRT's INT8 engine comes from "
+                        "`leukograph build-engines --precision int8-qdq`")
+    files = {f"{s.name}/{CONFIG_FILE}": config_text(stage_config(s, backend, ort_threads, instances, precision),
+                                                    backend) for s in STAGES}
     files[f"{PIPELINE.name}/{CONFIG_FILE}"] = config_text(ensemble_config(backend), backend)
     files[f"{PIPELINE.name}/{VERSION_DIR}/{GITKEEP}"] = ""
     files[".gitignore"] = REPOSITORY_GITIGNORE
@@ -194,12 +216,13 @@ def step_shim(backend: str) -> str:
 
 
 def generate(repository: Path = MODEL_REPOSITORY, backend: str = "onnxruntime",
-             ort_threads: int = DEFAULT_ORT_THREADS, instances: dict[str, int] | None = None) -> list[Path]:
+             ort_threads: int = DEFAULT_ORT_THREADS, instances: dict[str, int] | None = None,
+             precision: str = DEFAULT_PRECISION) -> list[Path]:
     """Write the configs (and python steps); keep model files; drop the other backend's step files."""
     if ort_threads < 1:
         raise UserError(f"--ort-threads must be >= 1, got {ort_threads}")
     written = []
-    for rel, text in render(backend, ort_threads, instances).items():
+    for rel, text in render(backend, ort_threads, instances, precision).items():
         path = repository / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != text:
@@ -220,6 +243,40 @@ def backend_of(repository: Path) -> str:
     if config.platform == "tensorrt_plan":
         return "tensorrt"
     return "pytorch" if "torch_device" in config.parameters else "onnxruntime"
+
+
+def served_files(repository: Path) -> dict[str, str]:
+    """{step: the model file its config serves} (onnx_file of python steps; the plan / TorchScript file otherwise)."""
+    backend = backend_of(repository)
+    files = {}
+    for stage in STAGES:
+        parameters = read_config(repository / stage.name / CONFIG_FILE).parameters
+        files[stage.name] = (parameters["onnx_file"].string_value if backend == "onnxruntime"
+                             and "onnx_file" in parameters else MODEL_FILES[backend])
+    return files
+
+
+def precision_of(repository: Path) -> str:
+    """`int8` when a step serves its INT8 graph, else `fp32` (of an onnxruntime repository)."""
+    files = served_files(repository)
+    return "int8" if any(files[name] == file for name, file in INT8_ONNX_FILES.items()) else "fp32"
+
+
+def set_precision(repository: Path, precision: str) -> bool:
+    """Point an onnxruntime repository's steps at their `precision` ONNX files (configs edited as data, every other
+    setting kept); True when a config changed."""
+    if backend_of(repository) != "onnxruntime":
+        raise UserError(f"--precision is for an onnxruntime repository; {repository} holds {backend_of(repository)}")
+    changed = False
+    for stage in STAGES:
+        path = repository / stage.name / CONFIG_FILE
+        config = read_config(path)
+        wanted = onnx_file(stage, precision)
+        if config.parameters["onnx_file"].string_value != wanted:
+            config.parameters["onnx_file"].string_value = wanted
+            write_config(path, config, "onnxruntime")
+            changed = True
+    return changed
 
 
 def instance_counts(repository: Path) -> dict[str, int]:
@@ -283,11 +340,13 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
 def digest_info(repository: Path = MODEL_REPOSITORY) -> dict:
     """Per-stage model file and sha256, plus the combined `repository_digest`."""
     backend = backend_of(repository)
+    files = served_files(repository)
     models = {}
     for stage in STAGES:
-        path = stage_path(repository, stage, MODEL_FILES[backend])
+        path = stage_path(repository, stage, files[stage.name])
         if not path.exists():
-            raise UserError(f"{path} is missing: run `leukograph export` (or build-engines for tensorrt)")
+            raise UserError(f"{path} is missing: run `leukograph export`{' --int8' if 'int8' in path.name else ''} "
+                            "(or build-engines for tensorrt)")
         models[stage.name] = {"file": str(path.relative_to(repository)), "sha256": contract.file_sha256(path)}
     digest = contract.repository_digest(backend, [m["sha256"] for m in models.values()])
     return {contract.REPOSITORY_DIGEST_KEY: digest, "backend": backend, "models": models}
@@ -316,6 +375,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="ONNX Runtime intra-op threads per python-backend instance")
     parser.add_argument("--instances", type=instances_arg, action="append", metavar="STAGE=N",
                         help=f"instances of a step (repeatable; default {instances_text(INSTANCES)})")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="onnxruntime backend: int8 serves the crop_embedder's INT8 graph (`leukograph export "
+                             "--int8`); the cell_graph stays fp32 (default %(default)s)")
     return parser
 
 
@@ -334,7 +396,7 @@ def instances_text(instances: dict[str, int]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     repository: Path = args.model_repository
-    for path in generate(repository, args.backend, args.ort_threads, dict(args.instances or [])):
+    for path in generate(repository, args.backend, args.ort_threads, dict(args.instances or []), args.precision):
         print(path)
     if args.backend == "tensorrt":
         print("next: build the plans on the target GPU with `leukograph build-engines`")
@@ -343,9 +405,10 @@ def main(args: argparse.Namespace) -> int:
             print(path)
         print(f"repository digest: {repository_digest(repository)}")
         write_digest(repository)
-    elif all(stage_path(repository, s, MODEL_FILES["onnxruntime"]).exists() for s in STAGES):
+    elif all(stage_path(repository, s, name).exists() for s, name in zip(STAGES, served_files(repository).values())):
         print(f"repository digest: {repository_digest(repository)}")
         write_digest(repository)
     else:
-        print("next: `leukograph export` writes the model.onnx files (`leukograph serve` does it when missing)")
+        print(f"next: `leukograph export{' --int8' if args.precision == 'int8' else ''}` writes the model files "
+              "(`leukograph serve` does it when missing)")
     return 0

@@ -59,7 +59,7 @@ from leukograph.client.triton_client import (
     GRPC_RESTRICTED_PREFIX,
     admin_key,
 )
-from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV
+from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV, data_root
 
 GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
            "after `leukograph generate-repo --backend tensorrt` (README section \"GPU deployment\")."
@@ -122,13 +122,31 @@ def onnx_stale(repository: Path, weights: Path) -> str | None:
     return None
 
 
-def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
-    """Export both stages when model.onnx is missing or older than the weights; True when it exported."""
-    from leukograph.deploy.model_repository import backend_of, write_digest
+def int8_stale(repository: Path) -> str | None:
+    """Why a repository serving INT8 needs `export --int8` (again), or None."""
+    from leukograph.deploy.model_repository import INT8_ONNX_FILES, precision_of
+
+    if precision_of(repository) != "int8":
+        return None
+    for name, file in INT8_ONNX_FILES.items():
+        path, fp32 = stage_path(repository, name, file), stage_path(repository, name, MODEL_FILES["onnxruntime"])
+        if not path.exists():
+            return f"{path} is missing"
+        if path.stat().st_mtime < fp32.stat().st_mtime:
+            return f"{path} is older than {fp32.name}"
+    return None
+
+
+def ensure_exported(repository: Path, weights: Path | None = None, precision: str | None = None) -> bool:
+    """Export both stages when model.onnx is missing or older than the weights, and the INT8 crop_embedder when the
+    repository serves it (`precision`, when given, is set first); True when it exported."""
+    from leukograph.deploy.model_repository import backend_of, set_precision, write_digest
 
     if backend_of(repository) != "onnxruntime":
         raise UserError(f"{repository} holds TensorRT configs; the CPU server needs "
                         "`leukograph generate-repo --backend onnxruntime`. " + GPU_HINT)
+    if precision is not None and set_precision(repository, precision):
+        print(f"serving precision set to {precision} in {repository}", flush=True)
     weights = weights or WEIGHTS_DIR
     reason = onnx_stale(repository, weights)
     if reason is not None:
@@ -136,8 +154,14 @@ def ensure_exported(repository: Path, weights: Path | None = None) -> bool:
         from leukograph.training.export import export_all  # torch: only when needed
 
         export_all(weights, repository)
+    int8_reason = int8_stale(repository)
+    if int8_reason is not None:
+        print(f"quantising the crop_embedder to INT8 (calibration on training crops): {int8_reason}", flush=True)
+        from leukograph.training.quantize import export_int8
+
+        export_int8(repository, data_root())
     write_digest(repository)
-    return reason is not None
+    return reason is not None or int8_reason is not None
 
 
 def _terminate_with_parent() -> None:
@@ -485,6 +509,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="explicit",
                         help="explicit (default): every model loaded at start; `leukograph adapt` loads new weights "
                         "through the admin-key API")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default=None,
+                        help="serve the FP32 graphs or the INT8 crop_embedder (`export --int8`, run here when "
+                             "missing); default: as the repository's configs say (`generate-repo --precision`)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
     parser.add_argument("--probe-interval", type=float, default=10.0,
                         help="seconds between liveness probes (a real tiny inference); 0: no supervision")
@@ -501,7 +528,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"model repository {repository} does not exist (run `leukograph generate-repo`)")
     if args.probe_interval < 0 or args.probe_timeout <= 0 or args.probe_failures < 1:
         raise UserError("--probe-interval must be >= 0, --probe-timeout > 0 and --probe-failures >= 1")
-    ensure_exported(repository, args.weights)
+    ensure_exported(repository, args.weights, args.precision)
     key, key_source = resolve_admin_key()
     server = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file,
                           args.model_control_mode, http=args.http, admin_key=key)

@@ -41,7 +41,7 @@ from leukograph.client.contract import (  # noqa: E402
 from leukograph.client.errors import UserError  # noqa: E402
 from leukograph.client.images import read_image  # noqa: E402
 from leukograph.client.localize import WBC, localize  # noqa: E402
-from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR  # noqa: E402
+from leukograph.deploy.paths import MODEL_REPOSITORY, REPO_ROOT, WEIGHTS_DIR  # noqa: E402
 from leukograph.deploy.readme import replace_section  # noqa: E402
 from leukograph.training.cells import FrameCells, build_cells, centre_box_index  # noqa: E402
 from leukograph.training.checkpoints import load_baseline, load_models  # noqa: E402
@@ -78,7 +78,7 @@ class Models:
     def cell_probs(self, frames: list[FrameCells], stain_strength: float = 0.0) -> dict[str, list[np.ndarray]]:
         """{"CNN only": probs per frame, "CNN+GNN": probs per frame}; the GNN runs in its served dense form."""
         cnn, gnn = [], []
-        for frame, (embeddings, _) in zip(frames, embed_frames(self.embedder, frames, stain_strength=stain_strength)):
+        for frame, embeddings in zip(frames, self.embed(frames, stain_strength)):
             emb = torch.from_numpy(embeddings).float()
             probs = torch.softmax(self.embedder.classifier(emb) / self.cnn_temperature, 1).numpy()
             cnn.append(probs)
@@ -89,6 +89,10 @@ class Models:
                                         torch.tensor(frame.frame_size, dtype=torch.float32))
             gnn.append(graph_probs.numpy())
         return {"CNN only": cnn, "CNN+GNN": gnn}
+
+    def embed(self, frames: list[FrameCells], stain_strength: float = 0.0) -> list[np.ndarray]:
+        """Each frame's cell embeddings (FP32 PyTorch; `quantize.Int8Models` swaps in the INT8 graph)."""
+        return [embeddings for embeddings, _ in embed_frames(self.embedder, frames, stain_strength=stain_strength)]
 
     @torch.no_grad()
     def baseline_predictions(self, paths: list[Path], batch: int = 256) -> list[str]:
@@ -505,6 +509,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "CNN-only vs CNN+GNN table across seeds")
     parser.add_argument("--loso", action="append", default=[], metavar="SOURCE=WEIGHTS_DIR",
                         help="leave-one-source-out weights trained without SOURCE (bccd or pbc); repeatable")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: FP32 vs INT8 crop_embedder rows on every source (training/quantize.py)")
+    parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
+                        help="with --precision int8: where `export --int8` wrote crop_embedder/1/model.int8.onnx")
+    parser.add_argument("--int8-images", type=int, default=300,
+                        help="with --precision int8: test images per image-level source, a seeded sample (0: all)")
     return parser
 
 
@@ -528,6 +538,10 @@ def leave_one_source_out(specs: list[str], data_root: str | None, threshold: flo
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.precision == "int8":
+        from leukograph.training.quantize import evaluate_int8
+
+        return evaluate_int8(args)
     started = time.time()
     models = Models(args.weights)
     calibration = models.meta["calibration"]

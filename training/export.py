@@ -2,6 +2,10 @@
 
 Names, dtypes and dynamic axes come from `leukograph.client.contract`; the files land where the model-repository
 generator and Triton expect them: `model_repository/<stage>/1/model.onnx`.
+
+`--int8` also writes the INT8 crop_embedder beside it (`training/quantize.py`: static post-training quantisation,
+calibrated on training crops of every source): `model.int8.onnx` for ONNX Runtime (`serve --precision int8`) and
+`model.int8.tensorrt.onnx` for `build-engines --precision int8`. The cell_graph stays FP32.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 
 from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, MODEL_FILES, StageSpec, stage_path
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
+from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, data_root
+from leukograph.training import quantize
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
@@ -69,12 +74,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder with cnn.pt and gnn.pt")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--opset", type=int, default=OPSET)
+    parser.add_argument("--int8", action="store_true",
+                        help="also write the INT8 (QDQ) crop_embedder, calibrated on training crops of every source")
+    quantize.add_arguments(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.opset < 17:
         raise UserError(f"--opset must be >= 17 (GridSample and TensorRT 10 parsing), got {args.opset}")
+    if args.int8 and args.calibration_per_source < 1:
+        raise UserError(f"--calibration-per-source must be >= 1, got {args.calibration_per_source}")
     for name, path in export_all(args.weights, args.model_repository, args.opset).items():
         print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if args.int8:
+        paths, calibration = quantize.export_int8(args.model_repository, data_root(args.data_root),
+                                                  args.calibration_per_source, args.seed, args.calibration_method,
+                                                  tuple(args.keep_fp32))
+        print(f"calibrated on training crops: {calibration.summary()}")
+        for runtime, path in paths.items():
+            print(f"{CROP_EMBEDDER.name} INT8 for {runtime}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0

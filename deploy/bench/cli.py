@@ -77,10 +77,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--readme", type=Path, default=README, help="README to update (default README.md)")
     parser.add_argument("--readme-section", default=README_SECTION,
                         help=f"README section to rewrite (default {README_SECTION}; the GPU figures: bench-gpu)")
+    parser.add_argument("--int8", action="store_true",
+                        help="FP32 vs INT8 only (deploy/bench/int8.py): in-process and Triton rows, per-cell cost at "
+                             "128 cells, roofline; int8.json in --out-dir and, unless --quick, the README table")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.int8:
+        return int8_main(args)
     if args.readme_from:
         try:
             result = json.loads(Path(args.readme_from).read_text())
@@ -105,4 +110,28 @@ def main(args: argparse.Namespace) -> int:
     files = write_outputs(result, out_dir)
     print(text)
     print("wrote " + ", ".join(str(p) for p in files))
+    return 0
+
+
+def int8_main(args: argparse.Namespace) -> int:
+    from leukograph.deploy.bench import int8
+
+    if args.readme_from:  # only the README table, from an int8.json
+        path = Path(args.readme_from)
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+    else:
+        result = int8.run_int8_bench(args)
+        out_dir = args.out_dir or (QUICK_OUT if args.quick else DEFAULT_OUT)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / int8.INT8_JSON
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    text = int8.markdown(result)
+    print(text)
+    if args.readme_from or not args.quick:
+        changed = replace_section(int8.README_SECTION, text, Path(args.readme))
+        print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
+    print(f"wrote {path}")
     return 0

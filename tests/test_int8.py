@@ -1,0 +1,220 @@
+"""INT8: the QDQ crop_embedder (training/quantize.py), its TensorRT Q/DQ check, serving it through Triton.
+
+The graphs are quantised here from the committed (or $LEUKOGRAPH_WEIGHTS) weights, calibrated on training crops of
+every source (a handful of training images per dataset, train's smoke mode, to keep the test short), and checked on
+the BCCD held-out frames. No figure of the current weights is assumed: the bounds are the issue's (>= 99% labels
+agree with FP32, <= 0.5 point accuracy change) and INT8_TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from leukograph.build_engines import int8, verify
+from leukograph.build_engines.onnx_ops import check_qdq, check_trt_compat
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, CROP_SIZE, STAGES, stage_path
+from leukograph.client.errors import UserError
+from leukograph.client.images import read_image
+from leukograph.client.localize import localize
+from leukograph.deploy import model_repository as repo
+from leukograph.deploy.paths import WEIGHTS_DIR, data_root
+from leukograph.deploy.runners import TOLERANCES, TritonRunner, compare
+from leukograph.deploy.server import TritonServer, ensure_exported, free_port, int8_stale
+from leukograph.training import quantize
+from leukograph.training.cells import crops_for
+from leukograph.training.datasets import load_bccd
+from leukograph.training.models import crop_cells
+
+CALIBRATION_IMAGES = 6  # training images per dataset for the test's calibration
+CALIBRATION_PER_SOURCE = 32
+
+
+@pytest.fixture(scope="module")
+def calibration() -> quantize.CalibrationSet:
+    return quantize.calibration_set(data_root(), CALIBRATION_PER_SOURCE, seed=0, max_images=CALIBRATION_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def int8_repository(calibration: quantize.CalibrationSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated repository with both FP32 graphs and both INT8 crop_embedder graphs."""
+    from leukograph.training.export import export_all
+
+    repository = tmp_path_factory.mktemp("int8_repository")
+    repo.generate(repository, "onnxruntime")
+    export_all(WEIGHTS_DIR, repository)
+    fp32 = stage_path(repository, CROP_EMBEDDER, "model.onnx")
+    for runtime in quantize.INT8_FILES:
+        quantize.quantize_crop_embedder(fp32, quantize.int8_path(repository, runtime), calibration, runtime)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[verify.Sample]:
+    found = verify.held_out_samples("auto")
+    assert len(found) >= 50, f"only {len(found)} held-out frames with cells"
+    return found
+
+
+def test_calibration_covers_every_training_source(calibration: quantize.CalibrationSet) -> None:
+    assert {"bccd", "4class", "pbc"} <= set(calibration.crops)
+    assert any(source.startswith("txl-") for source in calibration.crops)
+    for crops in calibration.crops.values():
+        assert crops.dtype == np.uint8 and crops.shape[1:] == (CROP_SIZE, CROP_SIZE, 3) and len(crops)
+
+
+def test_mosaic_frame_gives_back_each_crop_through_the_in_graph_crop() -> None:
+    frame_item = load_bccd(data_root())[0]
+    image = read_image(frame_item.image_path)
+    crops = crops_for(image, localize(image).boxes, size=CROP_SIZE, zoom=1.0)  # the served crops of a real frame
+    frame, boxes = quantize.mosaic(crops)
+    with torch.no_grad():
+        again = crop_cells(torch.from_numpy(frame), torch.from_numpy(boxes))
+    again = (again.permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(again, crops)
+
+
+def test_tensorrt_graph_passes_the_op_and_qdq_checks(int8_repository: Path) -> None:
+    path = quantize.int8_path(int8_repository, "tensorrt")
+    assert check_trt_compat(path) == []
+    model = onnx.load(str(path))
+    assert quantize.quantised_nodes(model).get("Conv") == 6  # every convolution computes on INT8 inputs
+    assert int8.network_path(int8_repository, CROP_EMBEDDER, {}) == (path, True)
+    assert int8.network_path(int8_repository, CELL_GRAPH, {})[1] is False  # the cell_graph stays FP32
+
+
+def test_onnxruntime_graph_is_not_tensorrt_s_and_the_check_says_why(int8_repository: Path) -> None:
+    problems = check_qdq(onnx.load(str(quantize.int8_path(int8_repository, "onnxruntime"))))
+    assert any("zero point" in p and "symmetric" in p for p in problems)  # ReLU folded into asymmetric scales
+    assert any("int32" in p for p in problems)  # ORT's int32 biases
+
+
+@pytest.mark.parametrize("runtime", list(quantize.INT8_FILES))
+def test_front_of_the_graph_stays_fp32(int8_repository: Path, runtime: str) -> None:
+    model = onnx.load(str(quantize.int8_path(int8_repository, runtime)))
+    fed_by_dq = set(quantize.quantised_nodes(model))
+    assert fed_by_dq <= set(quantize.QUANTISED_OPS)
+    frame_users = [node.op_type for node in model.graph.node if "FRAME" in node.input]
+    assert frame_users and set(frame_users) <= {"Cast", "Shape"}  # uint8 FRAME feeds its Cast (and the frame size)
+    first_q = next(node for node in model.graph.node if node.op_type == "QuantizeLinear")
+    producer = {out: node for node in model.graph.node for out in node.output}
+    assert producer[first_q.input[0]].op_type == "Div"  # the colour standardisation, in FP32
+
+
+def _edited(model: onnx.ModelProto, edit) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    edit(copy)
+    return copy
+
+
+def test_qdq_check_names_each_rule_tensorrt_enforces(int8_repository: Path) -> None:
+    model = onnx.load(str(quantize.int8_path(int8_repository, "tensorrt")))
+    initializers = {i.name: i for i in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers)
+
+    def nonzero_zero_point(m: onnx.ModelProto) -> None:
+        init = next(i for i in m.graph.initializer if i.name == q.input[2])
+        init.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), init.name))
+
+    def wrong_axis(m: onnx.ModelProto) -> None:
+        node = next(n for n in m.graph.node if n.name == weight_dq.name)
+        kept = [a for a in node.attribute if a.name != "axis"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("axis", 1)])
+
+    def unpaired_q(m: onnx.ModelProto) -> None:
+        node = next(n for n in m.graph.node if n.name == q.name)
+        user = next(n for n in m.graph.node if node.output[0] in n.input)
+        user.op_type = "Identity"
+        del user.input[1:]
+
+    assert any("!= 0" in p for p in check_qdq(_edited(model, nonzero_zero_point)))
+    assert any("per-channel axis 1" in p for p in check_qdq(_edited(model, wrong_axis)))
+    assert any("followed by a DequantizeLinear" in p for p in check_qdq(_edited(model, unpaired_q)))
+
+
+@pytest.mark.parametrize("runtime", list(quantize.INT8_FILES))
+def test_int8_matches_fp32_on_every_held_out_frame(int8_repository: Path, samples: list[verify.Sample],
+                                                   runtime: str) -> None:
+    reference = verify.ort_pipeline(int8_repository)
+    candidate = int8.ort_int8_pipeline(int8_repository, quantize.INT8_FILES[runtime])
+    comparison = compare(reference, candidate, samples)
+    assert comparison.failures_for(int8.INT8_TOLERANCE) == [], comparison.line()
+    assert comparison.graph_only_max_prob_diff == 0.0  # the cell_graph is the FP32 one
+
+
+def test_generate_repo_precision(tmp_path: Path) -> None:
+    repo.generate(tmp_path, "onnxruntime", precision="int8")
+    assert repo.served_files(tmp_path) == {CROP_EMBEDDER.name: "model.int8.onnx", CELL_GRAPH.name: "model.onnx"}
+    assert repo.precision_of(tmp_path) == "int8"
+    assert repo.set_precision(tmp_path, "fp32") and repo.precision_of(tmp_path) == "fp32"
+    assert not repo.set_precision(tmp_path, "fp32")
+    assert repo.render("onnxruntime", precision="fp32") == repo.render("onnxruntime")  # committed default
+    with pytest.raises(UserError, match="onnxruntime backend"):
+        repo.render("tensorrt", precision="int8")
+
+
+def test_serve_precision_int8_needs_and_names_the_int8_graph(int8_repository: Path, tmp_path: Path) -> None:
+    served = tmp_path / "repository"
+    shutil.copytree(int8_repository, served)
+    stage_path(served, CROP_EMBEDDER, "model.int8.onnx").unlink()
+    repo.set_precision(served, "int8")
+    assert "model.int8.onnx is missing" in int8_stale(served)
+    shutil.copy2(quantize.int8_path(int8_repository), stage_path(served, CROP_EMBEDDER, "model.int8.onnx"))
+    assert int8_stale(served) is None
+    assert ensure_exported(served, WEIGHTS_DIR, "int8") is False  # up to date: nothing exported
+    assert "model.int8.onnx" in (served / "leukocyte_pipeline" / "1" / "version.json").read_text()
+
+
+def test_int8_served_through_triton_matches_in_process_int8(int8_repository: Path, samples: list[verify.Sample],
+                                                            tmp_path: Path) -> None:
+    served = tmp_path / "repository"
+    shutil.copytree(int8_repository, served)
+    repo.set_precision(served, "int8")
+    repo.write_digest(served)
+    server = TritonServer(served, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_path=tmp_path / "tritonserver.log")
+    triton = []
+    try:
+        server.start(120.0)
+        triton.append(TritonRunner(server.grpc_url, "grpc"))
+        in_process = int8.ort_int8_pipeline(int8_repository)
+        comparison = compare(in_process, triton, samples[:12])
+        assert comparison.failures_for(TOLERANCES["fp32"]) == [], comparison.line()
+        assert comparison.agreeing_nodes == comparison.nodes
+        fp32 = verify.ort_pipeline(int8_repository)  # and it is the INT8 graph that answered, not the FP32 one
+        assert compare(fp32, triton, samples[:12]).max_prob_diff > 0.0
+    finally:
+        for runner in triton:
+            runner.close()
+        server.stop()
+
+
+def test_stage_files_of_both_precisions_exist(int8_repository: Path) -> None:
+    for stage in STAGES:
+        for precision in repo.PRECISIONS:
+            assert stage_path(int8_repository, stage, repo.onnx_file(stage, precision)).exists()
+
+
+def test_roofline_peak_and_multiply_adds() -> None:
+    from leukograph.deploy.bench.int8 import core_peak, macs_per_crop
+    from leukograph.training.checkpoints import load_models
+
+    peak = core_peak()
+    assert peak["clock_ghz"] > 0 and peak["fp32_macs_per_s"] > 0 and peak["how"]
+    if peak["vnni"]:
+        assert peak["int8_macs_per_s"] == 4 * peak["fp32_macs_per_s"]  # 8-bit lanes are 4x as many as 32-bit ones
+    embedder, _, _ = load_models(WEIGHTS_DIR)
+    convs = [m for m in embedder.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    weights = sum(m.weight.numel() for m in convs)
+    macs = macs_per_crop(WEIGHTS_DIR)
+    # every conv weight is used at >= 8x8 output positions and at most at CROP_SIZE x CROP_SIZE of them
+    assert weights * 64 < macs < weights * CROP_SIZE * CROP_SIZE + embedder.embed[1].weight.numel()
