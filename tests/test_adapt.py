@@ -172,3 +172,14 @@ def test_adapt_fine_tunes_and_the_running_server_loads_it_under_a_stream(verifie
     by_frame = {f["frame_index"]: f["model_version"] for f in recorded}
     assert all(c["model_version"] == by_frame[c["frame_index"]] for c in cells)
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_bccd_accuracy_of_the_committed_weights_is_a_share() -> None:
+    """adapt's forgetting check (held-out BCCD WBC nodes, CNN+GNN) runs on real weights and data."""
+    from leukograph.deploy.paths import WEIGHTS_DIR
+    from leukograph.training.adapt import bccd_accuracy
+    from leukograph.training.checkpoints import load_models
+
+    embedder, gnn, _ = load_models(WEIGHTS_DIR)
+    accuracy = bccd_accuracy(embedder, gnn, None)
+    assert accuracy is not None and 0.5 < accuracy <= 1.0

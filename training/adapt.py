@@ -178,12 +178,14 @@ def verified_accuracy(model: Adapter, frames: list[VerifiedFrame]) -> dict[str, 
 
 def bccd_accuracy(embedder: CropEmbedder, gnn: CellGraphNet, data_root: str | None) -> float | None:
     """WBC node accuracy (CNN+GNN) on the project's held-out BCCD frames; None without the BCCD data."""
+    from leukograph.client.contract import UNIDENTIFIED_THRESHOLD
     from leukograph.training.evaluate import Models, evaluate_bccd
 
     models = Models.__new__(Models)  # the two served stages only (no baseline needed here)
     models.embedder, models.graph = embedder.eval(), CellGraphStage(gnn).eval()
+    models.cnn_temperature = 1.0  # only the CNN+GNN row is read
     try:
-        report = evaluate_bccd(models, data_root)
+        report = evaluate_bccd(models, data_root, UNIDENTIFIED_THRESHOLD)
     except UserError:
         return None
     return float(report["CNN+GNN"]["wbc_nodes"]["accuracy"])
