@@ -165,7 +165,7 @@ class CropSampler:
 
 # ---- CNN -----------------------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
-                    batch_size: int, seed: int, label_smoothing: float = 0.1) -> float:
+                    batch_size: int, seed: int, label_smoothing: float = 0.1, strength: float = 1.0) -> float:
     """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are."""
     model.train()
     device = next(model.parameters()).device
@@ -175,7 +175,7 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
     total, count = 0.0, 0
     for start in tqdm(range(0, len(items), batch_size), desc=f"cnn epoch {epoch}", leave=False):
         crops, labels = sampler.batch(items[start:start + batch_size])
-        _, logits = model(augment_batch(crops, generator, STORE_ZOOM).to(device))
+        _, logits = model(augment_batch(crops, generator, STORE_ZOOM, strength).to(device))
         loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,7 +238,8 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     steps = -(-(len(sampler.nucleated) + sum(bool(c) for c in sampler.context)) // args.batch_size)
 
     def run_epoch(model, optimizer, scheduler, epoch):
-        return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed)
+        return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed,
+                               strength=args.aug_strength)
 
     def validate(model):
         return cell_metrics(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
@@ -424,6 +425,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--cnn-epochs", type=int, default=40)
     parser.add_argument("--cnn-width", type=int, default=32)
+    parser.add_argument("--aug-strength", type=float, default=1.0,
+                        help="scales every augmentation range of the CNN's crops (training/augment.py)")
     parser.add_argument("--gnn-epochs", type=int, default=25)
     parser.add_argument("--gnn-lr", type=float, default=3e-3)
     parser.add_argument("--gnn-hidden", type=int, default=64)

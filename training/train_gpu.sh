@@ -8,7 +8,8 @@
 #   bash training/train_gpu.sh .gpu/cnn-pack.pt OUT_DIR               # on the GPU machine, in the repository root
 #
 # Writes OUT_DIR/cnn-<run>.pt (released checkpoints) and OUT_DIR/train-logs.txt. Environment: PYTHON (python3),
-# EPOCHS (40), THREADS (threads per run, 2), RUNS (default: all below).
+# EPOCHS (40), THREADS (threads per run, 2), RUNS (default: the first six below; the aug* runs compare
+# augmentation strengths, each also without PBC and without BCCD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=${1:?usage: training/train_gpu.sh PACK OUT_DIR}
@@ -24,6 +25,12 @@ declare -A VARIANTS=(
   [no-bccd]="--exclude-source bccd"
   [width24]="--cnn-width 24"
   [width48]="--cnn-width 48"
+  [aug15]="--aug-strength 1.5"
+  [aug15-no-pbc]="--aug-strength 1.5 --exclude-source pbc"
+  [aug15-no-bccd]="--aug-strength 1.5 --exclude-source bccd"
+  [aug2]="--aug-strength 2"
+  [aug2-no-pbc]="--aug-strength 2 --exclude-source pbc"
+  [aug2-no-bccd]="--aug-strength 2 --exclude-source bccd"
 )
 RUNS=${RUNS:-"seed0 seed1 no-pbc no-bccd width24 width48"}
 
