@@ -425,7 +425,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--cnn-epochs", type=int, default=40)
     parser.add_argument("--cnn-width", type=int, default=32)
-    parser.add_argument("--aug-strength", type=float, default=1.0,
+    parser.add_argument("--aug-strength", type=float, default=1.5,
                         help="scales every augmentation range of the CNN's crops (training/augment.py)")
     parser.add_argument("--gnn-epochs", type=int, default=25)
     parser.add_argument("--gnn-lr", type=float, default=3e-3)
