@@ -484,7 +484,9 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "## Training", "",
         *([f"- {line}" for line in train_summary.get("recipe", [])] + [""] if train_summary else []),
         f"The last `leukograph train` run behind these weights took {seconds} wall time (the recipe above says which "
-        "stages ran where). Augmentation per batch (training/augment.py): any rotation/flip, box scale 0.8-1.25 and "
+        "stages ran where). Augmentation per batch (training/augment.py; ranges at strength 1, these weights' CNN "
+        f"at strength {(train_summary or {}).get('cnn_args', {}).get('aug_strength', '1.0')}): any rotation/flip, "
+        "box scale 0.8-1.25 and "
         "shift, resolution 30-100%, HED stain jitter, hue, saturation, per-channel gain, brightness/contrast, gamma, "
         "grayscale, blur, noise, JPEG, vignetting. Model selection: best mean per-source validation macro-F1 "
         f"(CNN {val.get('cnn', {}).get('score', 0):.3f}, CNN+GNN {val.get('gnn', {}).get('score', 0):.3f}).", "",
