@@ -39,7 +39,7 @@ from leukograph.training.datasets import load_bccd, split_frames
 
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
 N_FRAMES = 8
-REVIEW_THRESHOLD = "0.8"  # this sample has both pre-classified cells and an unidentified queue to work through
+REVIEW_THRESHOLD = "0.9"  # this sample has both pre-classified cells and an unidentified queue to work through
 CHROMIUM = Path(os.environ.get("LEUKOGRAPH_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("LEUKOGRAPH_CHROMEDRIVER", "/usr/bin/chromedriver"))
 SCREENSHOT_DIR = os.environ.get("LEUKOGRAPH_SCREENSHOT_DIR")  # set to docs/ to refresh the README's screenshots
