@@ -21,7 +21,7 @@ from leukograph.build_engines.compat import plans_match, same_compute_capability
 from leukograph.build_engines.profiles import CONFIG_LIMIT_KEYS, limit_disagreements
 from leukograph.build_engines.runner import REPORT_FILE, read_build_report
 from leukograph.client.contract import STAGES, StageSpec
-from leukograph.client.errors import UserError
+from leukograph.client.errors import UserError, run_module
 from leukograph.deploy.paths import MODEL_REPOSITORY
 
 PLAN_FILE = "model.plan"
@@ -133,10 +133,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except UserError as exc:
-        print(f"plan_check: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_module(main, get_args_parser(), "plan_check")

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from leukograph.client.contract import STAGES
-from leukograph.client.errors import UserError
+from leukograph.client.errors import UserError, run_module
 from leukograph.deploy.paths import DATA_ENV, MODEL_REPOSITORY, REPO_ROOT, data_root
 
 BCCD_FILES = ("labels.csv", "derived/frame_summary.csv", "LICENSE", "README.md")
@@ -124,8 +124,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except UserError as exc:
-        print(f"builder_context: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_module(main, get_args_parser(), "builder_context: error")

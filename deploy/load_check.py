@@ -18,11 +18,10 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from leukograph.client.errors import UserError
+from leukograph.client.errors import UserError, run_module
 from leukograph.deploy.server import TritonServer, free_port
 
 
@@ -103,8 +102,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except UserError as exc:
-        print(f"load check: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_module(main, get_args_parser(), "load check: error")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukograph.client.contract import BOXES, CROP_EMBEDDER, FRAME, WBC_CLASSES
+from leukograph.client.contract import BOXES, CROP_EMBEDDER, CROP_SIZE, FRAME, WBC_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
 from leukograph.client.localize import WBC
@@ -85,8 +85,6 @@ def ms_per_cell(model: CropEmbedder, frame: np.ndarray, boxes: np.ndarray) -> di
 
 def macs_per_crop(model: CropEmbedder) -> int:
     """Multiply-adds of one CROP_SIZE crop through the CNN's convolutions and linear layers."""
-    from leukograph.client.contract import CROP_SIZE
-
     total = 0
 
     def count(module: torch.nn.Module, _inputs, output: torch.Tensor) -> None:
@@ -173,8 +171,6 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"checkpoint(s) not found: {', '.join(missing)}")
     torch.set_num_threads(args.threads)
-    from leukograph.client.contract import CROP_SIZE
-
     sets = TestSets(args.data_root)
     rows = [evaluate_checkpoint(path, sets) for path in args.checkpoints]
     result = {"crop": CROP_SIZE, "cores": os.cpu_count(), "load_avg": list(os.getloadavg()), "rows": rows}
