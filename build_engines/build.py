@@ -59,7 +59,15 @@ from leukograph.build_engines.onnx_ops import check_trt_compat, tensorrt_table_v
 from leukograph.build_engines.plan_check import add_check_arguments, run_check, sha256
 from leukograph.build_engines.profiles import Profiles, add_profile_arguments, contract_limits, profiles_from_args
 from leukograph.build_engines.runner import REPORT_FILE, TensorRtUnavailable
-from leukograph.client.contract import MODEL_FILES, STAGES, StageSpec, stage_path
+from leukograph.client.contract import (
+    CELL_DETECTOR,
+    DETECTOR_FP32_AFTER,
+    MODEL_FILES,
+    SERVED_STAGES,
+    STAGES,
+    StageSpec,
+    stage_path,
+)
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import MODEL_REPOSITORY, REPO_ROOT
 
@@ -152,8 +160,9 @@ def check_qdq_graph(path: Path, reference: Path) -> None:
 def network_onnx(stage: StageSpec, onnx_path: Path, precision: str, work_dir: Path,
                  qdq_paths: dict[str, Path]) -> Path:
     """The ONNX file TensorRT parses for `precision` (see the module docstring)."""
-    if precision == "fp16":
-        return fp16.convert_file(onnx_path, work_dir / "onnx")
+    if precision == "fp16":  # the detector keeps its peak extraction and box decoding fp32
+        return fp16.convert_file(onnx_path, work_dir / "onnx",
+                                 fp32_after=DETECTOR_FP32_AFTER if stage is CELL_DETECTOR else None)
     if precision == "int8-qdq":
         path, is_qdq = int8.network_path(onnx_path.parent.parent.parent, stage, qdq_paths)
         if is_qdq:
@@ -296,7 +305,11 @@ def verify_engines(repository: Path, built: dict[str, Path], profiles: Profiles,
 
     reference = verify.ort_pipeline(repository)
     candidate = []
+    detector = None
     try:
+        if CELL_DETECTOR.name in built:  # the detector alone: its cells against ONNX Runtime's on the frames
+            detector = verify.detector_agreement(repository, TrtRunner(built[CELL_DETECTOR.name], CELL_DETECTOR),
+                                                 verification_samples(profiles, args.box_source, args.data_root))
         for stage, ort_stage in zip(STAGES, reference):
             plan = built.get(stage.name) or stage_dir(repository, stage) / PLAN_FILE
             candidate.append(TrtRunner(plan, stage) if plan.exists() else ort_stage)
@@ -320,7 +333,8 @@ def verify_engines(repository: Path, built: dict[str, Path], profiles: Profiles,
             "tolerances": {"min_class_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
                            "max_prob_diff": args.max_prob_diff, "min_embedding_cosine": args.min_embedding_cosine},
             "result": comparison.summary(), "line": comparison.line(), "largest_frame": largest,
-            "failures": failures, "passed": not failures}
+            "detector": detector, "failures": failures + (detector or {}).get("failures", []),
+            "passed": not failures and not (detector or {}).get("failures")}
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
@@ -330,7 +344,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      add_help=add_help)
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
                         help="reads <stage>/1/model.onnx, writes <stage>/1/model.plan and build_report.json")
-    parser.add_argument("--stages", nargs="+", choices=[s.name for s in STAGES], default=[s.name for s in STAGES])
+    parser.add_argument("--stages", nargs="+", choices=[s.name for s in SERVED_STAGES],
+                        default=[s.name for s in SERVED_STAGES])
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
                         help="fp16: FP16 ONNX, strongly typed; fp32: TF32 off; tf32: TF32 on (TensorRT's default); "
                              "int8-qdq: a QDQ ONNX per stage (--qdq-onnx)")
@@ -382,10 +397,10 @@ def main(args: argparse.Namespace) -> int:
     if args.check_plans:
         return run_check(args.model_repository, args.serving_tensorrt_version, args.serving_compute_capability)
     profiles = profiles_from_args(args)
-    stages = [s for s in STAGES if s.name in args.stages]
+    stages = [s for s in SERVED_STAGES if s.name in args.stages]
     if args.check_only:
         qdq_paths = parse_qdq_arguments(args.qdq_onnx) if args.precision == "int8-qdq" else {}
-        graphs = {name: int8.network_path(args.model_repository, next(s for s in STAGES if s.name == name),
+        graphs = {name: int8.network_path(args.model_repository, next(s for s in SERVED_STAGES if s.name == name),
                                           qdq_paths)[0] if args.precision == "int8-qdq" else path
                   for name, path in _onnx_paths(args.model_repository, stages).items()}
         problems = {name: check_trt_compat(path) for name, path in graphs.items()}

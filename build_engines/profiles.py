@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from leukograph.client.contract import MAX_CELLS, MAX_FRAME_SIDE, MIN_FRAME_SIDE, STAGES, StageSpec
+from leukograph.client.contract import MAX_CELLS, MAX_FRAME_SIDE, MIN_FRAME_SIDE, SERVED_STAGES, StageSpec
 from leukograph.client.errors import UserError
 
 TYPICAL_CELLS = 16
@@ -94,7 +94,7 @@ class Profiles:
     def to_json(self) -> dict:
         return {"cells": asdict(self.cells), "height": asdict(self.height), "width": asdict(self.width),
                 "per_input": {stage.name: {name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
-                                           for name, s in self.shapes(stage).items()} for stage in STAGES}}
+                                           for name, s in self.shapes(stage).items()} for stage in SERVED_STAGES}}
 
 
 def limit_disagreements(served: dict[str, int], config_limits: dict[str, int]) -> list[str]:

@@ -83,3 +83,28 @@ def held_out_samples(box_source: str = "auto", frame_size: tuple[int, int] | Non
 def ort_pipeline(repository: Path, threads: int = 1) -> list[OrtRunner]:
     """ONNX Runtime fp32 runners for both stages' `model.onnx` in `repository`."""
     return [OrtRunner(stage_path(repository, stage, MODEL_FILES["onnxruntime"]), stage, threads) for stage in STAGES]
+
+
+def detector_agreement(repository: Path, candidate, samples: list[Sample], min_box_iou: float = 0.9,
+                       max_count_diff: int = 2) -> dict:
+    """A built cell_detector (any runner) against the ONNX graph in ONNX Runtime on the samples' frames: each frame's
+    cell count may differ by at most `max_count_diff` (scores at the threshold may cross it), and each reference cell
+    must have a candidate box of the same kind with IoU >= `min_box_iou`."""
+    from leukograph.client.contract import BOXES, CELL_COUNT, CELL_DETECTOR, FRAME, KINDS
+
+    reference = OrtRunner(stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"]), CELL_DETECTOR)
+    failures, matched, total = [], 0, 0
+    for sample in samples:
+        want, got = reference.infer({FRAME.name: sample.frame}), candidate.infer({FRAME.name: sample.frame})
+        n_want, n_got = int(want[CELL_COUNT.name][0]), int(got[CELL_COUNT.name][0])
+        if abs(n_want - n_got) > max_count_diff:
+            failures.append(f"{sample.frame_id}: cell_detector finds {n_got} cells, ONNX Runtime {n_want}")
+        if n_want and n_got:
+            iou = box_iou(want[BOXES.name][:n_want], got[BOXES.name][:n_got])
+            same_kind = want[KINDS.name][:n_want, None] == got[KINDS.name][None, :n_got]
+            matched += int(((iou * same_kind).max(axis=1) >= min_box_iou).sum())
+        total += n_want
+    share = matched / total if total else 1.0
+    if share < 0.98:
+        failures.append(f"cell_detector: {share:.1%} of ONNX Runtime's cells matched (IoU >= {min_box_iou})")
+    return {"frames": len(samples), "cells": total, "matched_share": round(share, 4), "failures": failures}

@@ -92,34 +92,31 @@ class StageSpec:
 
 FRAME = TensorSpec("FRAME", "uint8", (-1, -1, 3))  # H x W x RGB
 BOXES = TensorSpec("BOXES", "float32", (-1, 4))  # x1, y1, x2, y2 in frame pixels
-EMBEDDINGS = TensorSpec("EMBEDDINGS", "float32", (-1, EMBED_DIM))
+# Rows [0, CELL_COUNT) of BOXES are cells; the rest is padding (the detector's fixed K rows). Both classifier stages
+# take only those rows (in-graph: NonZero + Gather), so padding never changes a cell's result nor joins the kNN graph.
+# A client sending its own N boxes sends CELL_COUNT = N.
+CELL_COUNT = TensorSpec("CELL_COUNT", "int32", (1,))
+EMBEDDINGS = TensorSpec("EMBEDDINGS", "float32", (-1, EMBED_DIM))  # one row per real cell
 FRAME_SIZE = TensorSpec("FRAME_SIZE", "float32", (2,))  # height, width
-PROBS = TensorSpec("PROBS", "float32", (-1, NUM_CLASSES))
+PROBS = TensorSpec("PROBS", "float32", (-1, NUM_CLASSES))  # one row per real cell
 LABELS = TensorSpec("LABELS", "int32", (-1,))
 
 CROP_EMBEDDER = StageSpec(
     name="crop_embedder",
-    inputs=(FRAME, BOXES),
+    inputs=(FRAME, BOXES, CELL_COUNT),
     outputs=(EMBEDDINGS, FRAME_SIZE),
-    description="crop every box (+margin) from the frame in-graph, resize, embed with the CNN",
+    description="crop the first CELL_COUNT boxes (+margin) from the frame in-graph, resize, embed with the CNN",
     dynamic_axes={"FRAME": {0: "height", 1: "width"}, "BOXES": {0: "cells"}, "EMBEDDINGS": {0: "cells"}},
 )
 CELL_GRAPH = StageSpec(
     name="cell_graph",
-    inputs=(EMBEDDINGS, BOXES, FRAME_SIZE),
+    inputs=(EMBEDDINGS, BOXES, FRAME_SIZE, CELL_COUNT),
     outputs=(PROBS, LABELS),
-    description="kNN graph of the cells built in-graph, dense GNN, per-cell class probabilities",
+    description="kNN graph of the first CELL_COUNT cells built in-graph, dense GNN, per-cell class probabilities",
     dynamic_axes={"EMBEDDINGS": {0: "cells"}, "BOXES": {0: "cells"}, "PROBS": {0: "cells"},
                   "LABELS": {0: "cells"}},
 )
-PIPELINE_NAME = "leukocyte_pipeline"
-PIPELINE = StageSpec(
-    name=PIPELINE_NAME,
-    inputs=(FRAME, BOXES),
-    outputs=(PROBS, LABELS),
-    description="ensemble: crop_embedder then cell_graph",
-)
-STAGES: tuple[StageSpec, ...] = (CROP_EMBEDDER, CELL_GRAPH)
+STAGES: tuple[StageSpec, ...] = (CROP_EMBEDDER, CELL_GRAPH)  # the classifier: CNN then GNN
 
 # ---- detector stage (frame in, fixed-K padded cells out) -------------------------------------------
 # The learned detector sees the frame stretched to DETECTOR_SIZE x DETECTOR_SIZE and predicts, per output pixel
@@ -135,7 +132,6 @@ DETECTOR_FP32_AFTER = "Sigmoid"
 SCORES = TensorSpec("SCORES", "float32", (MAX_CELLS,))
 KINDS = TensorSpec("KINDS", "int32", (MAX_CELLS,))  # index into CELL_KINDS
 DETECTED_BOXES = TensorSpec("BOXES", "float32", (MAX_CELLS, 4))
-CELL_COUNT = TensorSpec("CELL_COUNT", "int32", (1,))  # rows [0, CELL_COUNT) are cells
 CELL_DETECTOR = StageSpec(
     name="cell_detector",
     inputs=(FRAME,),
@@ -143,6 +139,40 @@ CELL_DETECTOR = StageSpec(
     description="learned detector: frame -> MAX_CELLS boxes/scores/kinds sorted by score, CELL_COUNT above threshold",
     dynamic_axes={"FRAME": {0: "height", 1: "width"}},
 )
+SERVED_STAGES: tuple[StageSpec, ...] = (CELL_DETECTOR, *STAGES)  # every step of the model repository
+
+# ---- the two ensembles -----------------------------------------------------------------------------
+# leukocyte_pipeline (the default, `--localizer server`): bare frames in; the detector finds the cells on the server.
+# leukocyte_pipeline_boxes (`--localizer client`): frames with the client's own boxes (the classical localiser).
+PIPELINE_NAME = "leukocyte_pipeline"
+PIPELINE = StageSpec(
+    name=PIPELINE_NAME,
+    inputs=(FRAME,),
+    outputs=(DETECTED_BOXES, SCORES, KINDS, CELL_COUNT, PROBS, LABELS),
+    description="ensemble: cell_detector, then crop_embedder and cell_graph on the first CELL_COUNT boxes",
+)
+BOXES_PIPELINE = StageSpec(
+    name=f"{PIPELINE_NAME}_boxes",
+    inputs=(FRAME, BOXES, CELL_COUNT),
+    outputs=(PROBS, LABELS),
+    description="ensemble: crop_embedder then cell_graph on the client's boxes",
+)
+PIPELINES: tuple[StageSpec, ...] = (PIPELINE, BOXES_PIPELINE)
+# Which steps each ensemble chains, in order.
+PIPELINE_STEPS: dict[str, tuple[StageSpec, ...]] = {PIPELINE.name: SERVED_STAGES, BOXES_PIPELINE.name: STAGES}
+LOCALIZERS = ("server", "client")  # server: the ensemble's detector; client: the classical localiser's boxes
+PIPELINE_OF_LOCALIZER = {"server": PIPELINE, "client": BOXES_PIPELINE}
+
+
+def cell_count(boxes: np.ndarray) -> np.ndarray:
+    """CELL_COUNT for a request whose every box row is a cell."""
+    return np.array([len(boxes)], dtype=CELL_COUNT.np_dtype)
+
+
+def boxes_feed(frame: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
+    """crop_embedder's inputs (the boxes ensemble's) by name, for a frame and its N cells: FRAME, BOXES, CELL_COUNT."""
+    return {FRAME.name: frame, BOXES.name: boxes, CELL_COUNT.name: cell_count(boxes)}
+
 
 # ---- model repository layout ---------------------------------------------------------------------
 VERSION_DIR = "1"  # every step serves one version
@@ -209,38 +239,59 @@ def _check_frame_side(height: float, width: float, what: str) -> None:
         raise ContractError(f"{what} must be in [{MIN_FRAME_SIDE}, {MAX_FRAME_SIDE}], got {height:g}x{width:g}")
 
 
-def _check_boxes(boxes: np.ndarray, height: float, width: float) -> None:
-    """BOXES of a frame of that size: dtype, shape, 1..MAX_CELLS cells, finite, ordered corners, inside the frame."""
+def _check_cell_count(count: np.ndarray | None, rows: int) -> int:
+    """CELL_COUNT (int32 [1], 0..rows) as an int; None means every row is a cell."""
+    if count is None:
+        return rows
+    _check_tensor(CELL_COUNT, count)
+    n = int(count[0])
+    if not 0 <= n <= rows:
+        raise ContractError(f"{CELL_COUNT.name} is {n}, outside [0, {rows}] (the rows of {BOXES.name})")
+    return n
+
+
+def _check_boxes(boxes: np.ndarray, height: float, width: float, count: np.ndarray | None = None) -> int:
+    """BOXES of a frame of that size: dtype, shape, 1..MAX_CELLS rows; the first CELL_COUNT rows (the cells) finite,
+    ordered corners, inside the frame. Padding rows after them are not looked at. Returns the number of cells."""
     if boxes.dtype != BOXES.np_dtype:
         raise ContractError(f"{BOXES.name} must be {BOXES.dtype}, got {boxes.dtype}")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ContractError(f"{BOXES.name} must be Nx4, got shape {tuple(boxes.shape)}")
-    n = boxes.shape[0]
-    if n == 0:
+    rows = boxes.shape[0]
+    if rows == 0:
         raise ContractError(f"{BOXES.name} is empty: send no request for a frame without cells")
-    if n > MAX_CELLS:
-        raise ContractError(f"{BOXES.name} has {n} cells, more than MAX_CELLS={MAX_CELLS}")
-    if not np.isfinite(boxes).all():
+    if rows > MAX_CELLS:
+        raise ContractError(f"{BOXES.name} has {rows} cells, more than MAX_CELLS={MAX_CELLS}")
+    n = _check_cell_count(count, rows)
+    cells = boxes[:n]
+    if not np.isfinite(cells).all():
         raise ContractError(f"{BOXES.name} contains NaN or infinity")
-    if (boxes[:, 2] <= boxes[:, 0]).any() or (boxes[:, 3] <= boxes[:, 1]).any():
+    if (cells[:, 2] <= cells[:, 0]).any() or (cells[:, 3] <= cells[:, 1]).any():
         raise ContractError(f"{BOXES.name} must have x2 > x1 and y2 > y1")
-    if (boxes[:, :2] < -0.5).any() or (boxes[:, 2] > width + 0.5).any() or (boxes[:, 3] > height + 0.5).any():
+    if (cells[:, :2] < -0.5).any() or (cells[:, 2] > width + 0.5).any() or (cells[:, 3] > height + 0.5).any():
         raise ContractError(f"{BOXES.name} reach outside the {width:g}x{height:g} frame")
+    return n
 
 
-def validate_request(frame: np.ndarray, boxes: np.ndarray) -> None:
-    """Check one (frame, boxes) request, i.e. crop_embedder's inputs; raise ContractError with one clear line."""
+def validate_frame(frame: np.ndarray) -> None:
+    """Check one bare FRAME (the detector pipeline's only input)."""
     if frame.dtype != FRAME.np_dtype:
         raise ContractError(f"{FRAME.name} must be {FRAME.dtype}, got {frame.dtype}")
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ContractError(f"{FRAME.name} must be HxWx3, got shape {tuple(frame.shape)}")
-    height, width = frame.shape[:2]
-    _check_frame_side(height, width, f"{FRAME.name} side")
-    _check_boxes(boxes, height, width)
+    _check_frame_side(frame.shape[0], frame.shape[1], f"{FRAME.name} side")
 
 
-def validate_cell_graph(embeddings: np.ndarray, boxes: np.ndarray, frame_size: np.ndarray) -> None:
-    """cell_graph's inputs: the crop_embedder's outputs plus the request's boxes."""
+def validate_request(frame: np.ndarray, boxes: np.ndarray, count: np.ndarray | None = None) -> None:
+    """Check one (frame, boxes[, CELL_COUNT]) request, i.e. crop_embedder's inputs; raise ContractError with one
+    clear line. Without `count` every row of `boxes` is a cell."""
+    validate_frame(frame)
+    _check_boxes(boxes, *frame.shape[:2], count)
+
+
+def validate_cell_graph(embeddings: np.ndarray, boxes: np.ndarray, frame_size: np.ndarray,
+                        count: np.ndarray | None = None) -> None:
+    """cell_graph's inputs: the crop_embedder's outputs plus the request's boxes and CELL_COUNT."""
     for spec, array in zip(CELL_GRAPH.inputs, (embeddings, boxes, frame_size)):
         _check_tensor(spec, array)
     for spec, array in ((EMBEDDINGS, embeddings), (FRAME_SIZE, frame_size)):
@@ -248,9 +299,9 @@ def validate_cell_graph(embeddings: np.ndarray, boxes: np.ndarray, frame_size: n
             raise ContractError(f"{spec.name} contains NaN or infinity")
     height, width = (float(v) for v in frame_size)
     _check_frame_side(height, width, FRAME_SIZE.name)
-    _check_boxes(boxes, height, width)
-    if embeddings.shape[0] != boxes.shape[0]:
-        raise ContractError(f"{EMBEDDINGS.name} has {embeddings.shape[0]} rows for {boxes.shape[0]} {BOXES.name}")
+    n = _check_boxes(boxes, height, width, count)
+    if embeddings.shape[0] != n:
+        raise ContractError(f"{EMBEDDINGS.name} has {embeddings.shape[0]} rows for {n} cells")
 
 
 def validate_stage(stage: StageSpec, inputs: dict[str, np.ndarray]) -> None:
@@ -258,9 +309,12 @@ def validate_stage(stage: StageSpec, inputs: dict[str, np.ndarray]) -> None:
     missing = [name for name in stage.input_names if name not in inputs]
     if missing:
         raise ContractError(f"input {missing[0]} is missing")
-    if stage.name == CROP_EMBEDDER.name:
-        validate_request(inputs[FRAME.name], inputs[BOXES.name])
+    if stage.name == CELL_DETECTOR.name:
+        validate_frame(inputs[FRAME.name])
+    elif stage.name == CROP_EMBEDDER.name:
+        validate_request(inputs[FRAME.name], inputs[BOXES.name], inputs[CELL_COUNT.name])
     elif stage.name == CELL_GRAPH.name:
-        validate_cell_graph(inputs[EMBEDDINGS.name], inputs[BOXES.name], inputs[FRAME_SIZE.name])
+        validate_cell_graph(inputs[EMBEDDINGS.name], inputs[BOXES.name], inputs[FRAME_SIZE.name],
+                            inputs[CELL_COUNT.name])
     else:
         raise ValueError(f"{stage.name} is not a stage with inputs to validate")

@@ -99,11 +99,12 @@ class PoolStats:
 class EndpointPool:
     """Round robin over several servers' `leukocyte_pipeline`, with failover and (dns:///) re-resolution."""
 
-    def __init__(self, spec: str, protocol: str = "grpc", *, max_in_flight: int = 2,
+    def __init__(self, spec: str, protocol: str = "grpc", *, localizer: str = "server", max_in_flight: int = 2,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, resolve_every_s: float = RESOLVE_EVERY_S,
                  log: Callable[[str], None] = _default_log) -> None:
         self.url = spec
         self.protocol = protocol
+        self.localizer = localizer
         self.use_shm = False
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
@@ -141,7 +142,8 @@ class EndpointPool:
             removed = [u for u in self._order if u not in urls]
             for url in added:
                 self._endpoints[url] = _Endpoint(url, TritonPipelineClient(
-                    url, self.protocol, max_in_flight=self.max_in_flight, request_timeout_s=self.request_timeout_s))
+                    url, self.protocol, localizer=self.localizer, max_in_flight=self.max_in_flight,
+                    request_timeout_s=self.request_timeout_s))
             for url in removed:
                 endpoint = self._endpoints[url]
                 endpoint.retired = True
@@ -220,7 +222,7 @@ class EndpointPool:
                 self._drop(endpoint)
 
     # ---- requests ------------------------------------------------------------------------------
-    def submit(self, frame: np.ndarray, boxes: np.ndarray, callback: Callable[[InferOutcome], None],
+    def submit(self, frame: np.ndarray, boxes: np.ndarray | None, callback: Callable[[InferOutcome], None],
                validate: bool = True) -> None:
         """Like TritonPipelineClient.submit; a server that turns out unavailable passes the request to the next."""
         started = time.perf_counter()
@@ -252,7 +254,8 @@ class EndpointPool:
 
         attempt()
 
-    def infer(self, frame: np.ndarray, boxes: np.ndarray, validate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, frame: np.ndarray, boxes: np.ndarray | None, validate: bool = True) -> tuple[np.ndarray,
+                                                                                                 np.ndarray]:
         """One blocking request through `submit` (round robin, failover). Raises PipelineError."""
         finished = threading.Event()
         result: list[InferOutcome] = []
@@ -352,16 +355,17 @@ class EndpointPool:
         self.close()
 
 
-def open_client(url: str | None, protocol: str = "grpc", *, shm: bool = False, max_in_flight: int = 2,
+def open_client(url: str | None, protocol: str = "grpc", *, localizer: str = "server", shm: bool = False,
+                max_in_flight: int = 2,
                 log: Callable[[str], None] = _default_log) -> TritonPipelineClient | EndpointPool:
     """A TritonPipelineClient for one server URL (or none: the default), an EndpointPool for a list or dns:///.
 
     Raises ValueError for a malformed URL list and for --shm with several servers."""
     if url is None:
-        return TritonPipelineClient(None, protocol, shm=shm, max_in_flight=max_in_flight)
+        return TritonPipelineClient(None, protocol, localizer=localizer, shm=shm, max_in_flight=max_in_flight)
     fixed, dns = parse_urls(url)
     if dns is None and len(fixed) == 1:
-        return TritonPipelineClient(fixed[0], protocol, shm=shm, max_in_flight=max_in_flight)
+        return TritonPipelineClient(fixed[0], protocol, localizer=localizer, shm=shm, max_in_flight=max_in_flight)
     if shm:
         raise ValueError("--shm needs one server on this host, not a list or a dns:/// name")
-    return EndpointPool(url, protocol, max_in_flight=max_in_flight, log=log)
+    return EndpointPool(url, protocol, localizer=localizer, max_in_flight=max_in_flight, log=log)

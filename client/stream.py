@@ -1,9 +1,11 @@
 """`leukograph stream SOURCE`: count a sample's white cells from a microscope stream through the Triton ensemble.
 
-Per frame: capture (camera / video / folder / URL, `sources`) -> localise cells on the client (`localize`) ->
-FRAME + BOXES to `leukocyte_pipeline` over gRPC (async, at most --max-in-flight outstanding; system shm with --shm)
--> in frame order: track ids (`CellTracker`), labels with the review threshold (`label_cells`), one SQLite
-transaction per frame (`ResultStore.record_frame`, which owns counting and idempotency) -> overlay / video.
+Per frame: capture (camera / video / folder / URL, `sources`) -> the bare FRAME to `leukocyte_pipeline`, whose
+detector finds the cells on the server (`--localizer server`, the default), or the classical localiser on the client
+(`localize`) and FRAME + BOXES to `leukocyte_pipeline_boxes` (`--localizer client`, e.g. an edge server without the
+detector) -> over gRPC (async, at most --max-in-flight outstanding; system shm with --shm) -> in frame order: track
+ids (`CellTracker`), labels with the review threshold (`label_cells`), one SQLite transaction per frame
+(`ResultStore.record_frame`, which owns counting and idempotency) -> overlay / video.
 
 Pacing and drops: a live source (camera, URL), or a file with --realtime FPS, is never waited for: when the server is
 slower, the OLDEST waiting frame is dropped (and counted) so the queue stays bounded and results stay fresh. A file
@@ -51,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from leukograph.client.contract import CELL_KINDS, MAX_CELLS, NUM_CLASSES
+from leukograph.client.contract import CELL_KINDS, LOCALIZERS, MAX_CELLS, NUM_CLASSES
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.endpoints import open_client
 from leukograph.client.errors import UserError
@@ -99,7 +101,7 @@ class Pending:
 
     seq: int
     frame: Frame
-    cells: Cells
+    cells: Cells | None  # None until the answer brings the server detector's cells
     state: str = "in_flight"
     probs: np.ndarray | None = None
     error: str | None = None
@@ -185,7 +187,8 @@ class StreamSession:
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
-        _warm_up_localizer()
+        if self.args.localizer == "client":
+            _warm_up_localizer()
         if self.state.differential.is_complete:
             self.request_stop(f"sample already complete ({self.state.differential.n_wbc} WBC, "
                               f"target {self.state.target})")
@@ -239,6 +242,12 @@ class StreamSession:
     def _start_frame(self, frame: Frame) -> None:
         if self.latency_from_take:
             frame.captured_mono = time.perf_counter()
+        if self.args.localizer == "server":  # the ensemble's detector finds the cells; they come with the answer
+            pending = Pending(self.seq, frame, None)
+            self.pending[self.seq] = pending
+            self.seq += 1
+            self._submit(pending)
+            return
         cells = localize(frame.rgb)
         if len(cells) > MAX_CELLS:  # localize caps already; never send an invalid request
             keep = np.sort(np.argsort(-cells.scores, kind="stable")[:MAX_CELLS])
@@ -267,7 +276,8 @@ class StreamSession:
         pending.attempts += 1
         self.in_flight += 1
         seq = pending.seq
-        self.client.submit(pending.frame.rgb, pending.cells.boxes, lambda outcome: self.results.put((seq, outcome)))
+        boxes = None if self.args.localizer == "server" else pending.cells.boxes
+        self.client.submit(pending.frame.rgb, boxes, lambda outcome: self.results.put((seq, outcome)))
 
     def _drain_results(self, timeout: float) -> None:
         try:
@@ -314,6 +324,8 @@ class StreamSession:
         pending = self.pending[seq]
         if outcome.ok:
             pending.state, pending.probs = "done", outcome.probs
+            if outcome.boxes is not None:  # a bare frame: the cells the server's detector found
+                pending.cells = Cells(outcome.boxes, outcome.kinds, outcome.scores)
             pending.infer_ms = 1e3 * outcome.latency_s
             self.counters.infer_ms.append(pending.infer_ms)
             self.outage_since = None
@@ -488,6 +500,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         f"{DEFAULT_URLS['http']} for HTTP); several servers: a comma-separated list or "
                         "dns:///NAME:PORT, one request each in turn")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    parser.add_argument("--localizer", choices=LOCALIZERS, default="server",
+                        help="server: send bare frames, the ensemble's detector finds the cells (default); client: "
+                        "find them here with the classical localiser and send the boxes (a server without the "
+                        "detector)")
     parser.add_argument("--shm", action="store_true",
                         help="send FRAME/BOXES through system shared memory (client on the server's host)")
     parser.add_argument("--max-in-flight", type=int, default=2, help="requests outstanding at once (default 2)")
@@ -563,7 +579,8 @@ def main(args: argparse.Namespace) -> int:
             if source.live and args.max_fps is not None:
                 raise UserError("--max-fps is for files; a live source runs at its own rate")
             try:  # one URL: one client; a list or dns:///NAME:PORT: round robin over servers (client/endpoints.py)
-                client = open_client(args.url, args.protocol, shm=args.shm, max_in_flight=args.max_in_flight, log=log)
+                client = open_client(args.url, args.protocol, localizer=args.localizer, shm=args.shm,
+                                     max_in_flight=args.max_in_flight, log=log)
             except ValueError as exc:
                 raise UserError(f"--url: {exc}") from None
             try:

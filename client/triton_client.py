@@ -6,8 +6,11 @@ Torch-free. Names, dtypes and limits come from `contract`; nothing is restated h
     client = TritonPipelineClient("127.0.0.1:8001")           # protocol="grpc" (default) or "http"
     client.wait_ready(timeout=60)                               # server live + ensemble ready, with backoff
     client.weights_id                                           # from the server (see `fetch_weights_id`)
-    probs, labels = client.infer(frame, boxes)                  # blocking, one frame
-    client.submit(frame, boxes, callback)                       # async: callback(InferOutcome) on another thread
+    outcome = client.infer_outcome(frame)                       # blocking, one bare frame: the server's detector
+    outcome.boxes, outcome.kinds, outcome.scores, outcome.probs # ... finds the cells (`leukocyte_pipeline`)
+    probs, labels = client.infer(frame, boxes)                  # blocking, the client's own boxes
+                                                                # (`leukocyte_pipeline_boxes`, CELL_COUNT = N)
+    client.submit(frame, boxes_or_None, callback)               # async: callback(InferOutcome) on another thread
     client.reconnect(timeout)                                   # after a failure: fresh channel, ready, shm again
     client.close()                                              # unregisters and frees shm regions
 
@@ -45,7 +48,20 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from leukograph.client import contract
-from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PIPELINE_NAME, PROBS
+from leukograph.client.contract import (
+    BOXES,
+    BOXES_PIPELINE,
+    CELL_COUNT,
+    DETECTED_BOXES,
+    FRAME,
+    KINDS,
+    LABELS,
+    PIPELINE,
+    PIPELINE_OF_LOCALIZER,
+    PROBS,
+    SCORES,
+    cell_count,
+)
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
@@ -98,12 +114,16 @@ class AccessDenied(RequestRejected):
 
 @dataclass
 class InferOutcome:
-    """What an async request produced: probs/labels, or an error (classified)."""
+    """What a request produced: probs/labels (one row per cell), or an error (classified). For a bare frame (the
+    server's detector) also the cells it found: boxes [N,4], kinds [N] (index into CELL_KINDS), scores [N]."""
 
     probs: np.ndarray | None
     labels: np.ndarray | None
     error: PipelineError | None
     latency_s: float  # submit -> callback
+    boxes: np.ndarray | None = None
+    kinds: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -166,7 +186,7 @@ class TritonPipelineClient:
     transport's threads. At most `max_in_flight` async requests should be outstanding (shm slots are per request).
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *, model_name: str = PIPELINE_NAME,
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, localizer: str = "server",
                  shm: bool = False, max_in_flight: int = 2,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, verbose: bool = False,
                  timing_hook: Callable[[dict[str, float]], None] | None = None) -> None:
@@ -174,9 +194,14 @@ class TritonPipelineClient:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if localizer not in PIPELINE_OF_LOCALIZER:
+            raise ValueError(f"localizer must be one of {tuple(PIPELINE_OF_LOCALIZER)}, got {localizer!r}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
-        self.model_name = model_name
+        self.localizer = localizer
+        # The ensemble this client waits for and reads the weights id from; each request goes to the ensemble that
+        # takes its inputs (`_model`): bare frames to leukocyte_pipeline, frames with boxes to ..._boxes.
+        self.model_name = PIPELINE_OF_LOCALIZER[localizer].name
         self.use_shm = shm
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
@@ -330,66 +355,101 @@ class TritonPipelineClient:
             raise self._restricted_call_error(exc) from None
         slot.registered = True
 
-    def _inputs(self, frame: np.ndarray, boxes: np.ndarray, slot: _ShmSlot | None) -> list[Any]:
-        frame = np.ascontiguousarray(frame)
-        boxes = np.ascontiguousarray(boxes)
-        frame_input = self._module.InferInput(FRAME.name, list(frame.shape), FRAME.client_dtype)
-        boxes_input = self._module.InferInput(BOXES.name, list(boxes.shape), BOXES.client_dtype)
+    def _inputs(self, frame: np.ndarray, boxes: np.ndarray | None, slot: _ShmSlot | None) -> list[Any]:
+        """FRAME (and BOXES) through the shm slot or on the wire; CELL_COUNT (4 bytes) always on the wire."""
+        arrays = [np.ascontiguousarray(frame)] + ([] if boxes is None else [np.ascontiguousarray(boxes)])
+        specs = [FRAME] if boxes is None else [FRAME, BOXES]
+        inputs = [self._module.InferInput(spec.name, list(array.shape), spec.client_dtype)
+                  for spec, array in zip(specs, arrays)]
         if slot is None:
-            frame_input.set_data_from_numpy(frame)
-            boxes_input.set_data_from_numpy(boxes)
-            return [frame_input, boxes_input]
-        import tritonclient.utils.shared_memory as shm
+            for tensor, array in zip(inputs, arrays):
+                tensor.set_data_from_numpy(array)
+        else:
+            import tritonclient.utils.shared_memory as shm
 
-        offset = _aligned(frame.nbytes)
-        needed = offset + boxes.nbytes
-        if slot.handle is None or slot.byte_size < needed:
-            slot.ensure_capacity(needed)
-        if not slot.registered:
-            self._register(slot)
-        shm.set_shared_memory_region(slot.handle, [frame])
-        shm.set_shared_memory_region(slot.handle, [boxes], offset=offset)
-        frame_input.set_shared_memory(slot.name, frame.nbytes)
-        boxes_input.set_shared_memory(slot.name, boxes.nbytes, offset=offset)
-        return [frame_input, boxes_input]
+            offsets = [0, _aligned(arrays[0].nbytes)][:len(arrays)]
+            needed = offsets[-1] + arrays[-1].nbytes
+            if slot.handle is None or slot.byte_size < needed:
+                slot.ensure_capacity(needed)
+            if not slot.registered:
+                self._register(slot)
+            for tensor, array, offset in zip(inputs, arrays, offsets):
+                shm.set_shared_memory_region(slot.handle, [array], offset=offset)
+                tensor.set_shared_memory(slot.name, array.nbytes, offset=offset)
+        if boxes is not None:
+            count = self._module.InferInput(CELL_COUNT.name, [1], CELL_COUNT.client_dtype)
+            count.set_data_from_numpy(cell_count(boxes))
+            inputs.append(count)
+        return inputs
 
     # ---- inference -----------------------------------------------------------------------------
-    def _outputs(self) -> list[Any]:
-        return [self._module.InferRequestedOutput(name) for name in PIPELINE.output_names]
+    @staticmethod
+    def _pipeline(boxes: np.ndarray | None):
+        return PIPELINE if boxes is None else BOXES_PIPELINE
 
-    def _parse(self, result: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def _outputs(self, boxes: np.ndarray | None) -> list[Any]:
+        return [self._module.InferRequestedOutput(name) for name in self._pipeline(boxes).output_names]
+
+    @staticmethod
+    def _validate(frame: np.ndarray, boxes: np.ndarray | None) -> None:
+        if boxes is None:
+            contract.validate_frame(frame)
+        else:
+            contract.validate_request(frame, boxes)
+
+    def _parse(self, result: Any, boxes: np.ndarray | None, latency_s: float) -> InferOutcome:
+        """The answer as an InferOutcome; a bare frame's padded detector rows are cut to its CELL_COUNT cells."""
+        if boxes is None:
+            count = result.as_numpy(CELL_COUNT.name)
+            arrays = {spec.name: result.as_numpy(spec.name) for spec in (DETECTED_BOXES, SCORES, KINDS)}
+            if count is None or count.shape != (1,) or any(a is None for a in arrays.values()):
+                raise RequestRejected("malformed answer: the detector's outputs are missing")
+            n = int(count[0])
+            found = {"boxes": arrays[DETECTED_BOXES.name][:n].astype(np.float32, copy=False),
+                     "kinds": arrays[KINDS.name][:n].astype(np.int64), "scores": arrays[SCORES.name][:n]}
+        else:
+            n, found = len(boxes), {}
         probs = result.as_numpy(PROBS.name)
         labels = result.as_numpy(LABELS.name)
         if probs is None or labels is None or probs.shape != (n, contract.NUM_CLASSES) or labels.shape != (n,):
             got = None if probs is None else probs.shape
             raise RequestRejected(f"malformed answer: PROBS {got} for {n} cells")
-        return probs.astype(PROBS.np_dtype, copy=False), labels.astype(LABELS.np_dtype, copy=False)
+        return InferOutcome(probs.astype(PROBS.np_dtype, copy=False), labels.astype(LABELS.np_dtype, copy=False),
+                            None, latency_s, **found)
 
-    def infer(self, frame: np.ndarray, boxes: np.ndarray, validate: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """One blocking request: (PROBS [N,C] float32, LABELS [N] int32). Raises PipelineError (classified).
+    def infer(self, frame: np.ndarray, boxes: np.ndarray | None, validate: bool = True) -> tuple[np.ndarray,
+                                                                                                 np.ndarray]:
+        """One blocking request: (PROBS [N,C] float32, LABELS [N] int32). Raises PipelineError (classified)."""
+        outcome = self.infer_outcome(frame, boxes, validate)
+        return outcome.probs, outcome.labels
 
-        validate: check the request against the contract first (`contract.validate_request`); a bad one raises
-        RequestNotSent ("not sent: ...") without reaching the server. validate=False sends it as it is."""
+    def infer_outcome(self, frame: np.ndarray, boxes: np.ndarray | None = None,
+                      validate: bool = True) -> InferOutcome:
+        """One blocking request; raises PipelineError (classified). boxes None: a bare frame, the server's detector
+        finds the cells (the outcome carries them); else the client's boxes, one PROBS row each.
+
+        validate: check the request against the contract first; a bad one raises RequestNotSent ("not sent: ...")
+        without reaching the server. validate=False sends it as it is."""
         slot = self._take_slot() if self._slots else None
         try:
             try:
                 started = time.perf_counter()
                 if validate:
-                    contract.validate_request(frame, boxes)
+                    self._validate(frame, boxes)
                 inputs = self._inputs(frame, boxes, slot)
                 encoded = time.perf_counter()
-                result = self._client.infer(self.model_name, inputs, outputs=self._outputs(),
+                result = self._client.infer(self._pipeline(boxes).name, inputs, outputs=self._outputs(boxes),
                                             **self._timeout_kwargs())
                 answered = time.perf_counter()
             except contract.ContractError as exc:
                 raise RequestNotSent(f"not sent: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 raise classify_error(exc) from None
-            outputs = self._parse(result, len(boxes))
+            outcome = self._parse(result, boxes, answered - started)
             if self.timing_hook is not None:
                 self.timing_hook({"encode": encoded - started, "infer": answered - encoded,
                                   "decode": time.perf_counter() - answered})
-            return outputs
+            return outcome
         finally:
             if slot is not None:
                 self._free_slots.put(slot.index)
@@ -403,48 +463,49 @@ class TritonPipelineClient:
         except queue.Empty:
             raise ServerUnavailable("no free shared-memory slot: too many requests in flight") from None
 
-    def submit(self, frame: np.ndarray, boxes: np.ndarray, callback: Callable[[InferOutcome], None],
+    def submit(self, frame: np.ndarray, boxes: np.ndarray | None, callback: Callable[[InferOutcome], None],
                validate: bool = True) -> None:
         """Send one request without waiting; `callback(InferOutcome)` runs on a transport thread when it ends.
+        boxes None: a bare frame (the server's detector), as in `infer_outcome`.
 
         Never raises for request failures: they reach the callback (possibly before submit returns).
-        validate: as in `infer`."""
+        validate: as in `infer_outcome`."""
         started = time.perf_counter()
-        n = len(boxes)
         slot: _ShmSlot | None = None
 
         def finish(result: Any, error: BaseException | None) -> None:
             if slot is not None:
                 self._free_slots.put(slot.index)
+            latency = time.perf_counter() - started
             if error is None:
                 try:
-                    probs, labels = self._parse(result, n)
+                    outcome = self._parse(result, boxes, latency)
                 except PipelineError as exc:
-                    callback(InferOutcome(None, None, exc, time.perf_counter() - started))
-                    return
-                callback(InferOutcome(probs, labels, None, time.perf_counter() - started))
+                    outcome = InferOutcome(None, None, exc, latency)
             else:
-                callback(InferOutcome(None, None, classify_error(error), time.perf_counter() - started))
+                outcome = InferOutcome(None, None, classify_error(error), latency)
+            callback(outcome)
 
         try:
             if validate:
-                contract.validate_request(frame, boxes)
+                self._validate(frame, boxes)
         except contract.ContractError as exc:
             finish(None, RequestNotSent(f"not sent: {exc}"))
             return
         try:
             slot = self._take_slot() if self._slots else None
             inputs = self._inputs(frame, boxes, slot)
+            name, outputs = self._pipeline(boxes).name, self._outputs(boxes)
             if self.protocol == "grpc":
-                self._client.async_infer(self.model_name, inputs, callback=finish, outputs=self._outputs(),
+                self._client.async_infer(name, inputs, callback=finish, outputs=outputs,
                                          client_timeout=self.request_timeout_s)
             else:
-                future = self._executor.submit(self._http_worker_infer, self._local, inputs)
+                future = self._executor.submit(self._http_worker_infer, self._local, name, inputs, outputs)
                 future.add_done_callback(lambda f: finish(None if f.exception() else f.result(), f.exception()))
         except Exception as exc:  # noqa: BLE001 - transport failures go to the callback
             finish(None, exc)
 
-    def _http_worker_infer(self, local: threading.local, inputs: list[Any]) -> Any:
+    def _http_worker_infer(self, local: threading.local, name: str, inputs: list[Any], outputs: list[Any]) -> Any:
         """Runs on an executor thread with that thread's own HTTP client (geventhttpclient can't share)."""
         client = getattr(local, "client", None)
         if client is None:
@@ -453,7 +514,7 @@ class TritonPipelineClient:
                 network_timeout=self.request_timeout_s)
             with self._lock:
                 self._worker_clients.append(client)
-        return client.infer(self.model_name, inputs, outputs=self._outputs())
+        return client.infer(name, inputs, outputs=outputs)
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

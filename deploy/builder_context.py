@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from leukograph.client.contract import STAGES
+from leukograph.client.contract import SERVED_STAGES
 from leukograph.client.errors import UserError, run_module
 from leukograph.deploy.paths import DATA_ENV, MODEL_REPOSITORY, REPO_ROOT, data_root
 
@@ -74,7 +74,7 @@ def _copy(source: Path, target: Path) -> None:
 def stage_onnx(repository: Path, dest: Path) -> list[Path]:
     """Copy `<repository>/<stage>/1/model.onnx` of every stage to `dest/<stage>/1/model.onnx`."""
     copied = []
-    for stage in STAGES:
+    for stage in SERVED_STAGES:
         source = repository / stage.name / "1" / "model.onnx"
         if not source.exists():
             raise UserError(f"{source} not found: run `leukograph export --model-repository {repository}` first")

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from leukograph.client import stream
+from leukograph.client.contract import LOCALIZERS
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import MODEL_REPOSITORY
 from leukograph.deploy.server import TritonServer, ensure_exported, free_port
@@ -39,6 +40,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--target", type=int, default=100, help="stop at this many identified WBCs")
     parser.add_argument("--db", default="leukograph-demo.sqlite", help="result database")
     parser.add_argument("--save", default=None, metavar="VIDEO", help="also write the annotated video")
+    parser.add_argument("--localizer", choices=LOCALIZERS, default="server",
+                        help="server: bare frames, the ensemble's detector finds the cells (default); client: the "
+                        "classical localiser on the client")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server")
     return parser
 
@@ -58,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"Triton ready in {server.startup_s:.1f} s; streaming {count} held-out BCCD frames as sample "
                   f"{sample}", flush=True)
             stream_args = ["--url", server.grpc_url, "--sample", sample, "--target", str(args.target),
-                           "--db", args.db]
+                           "--db", args.db, "--localizer", args.localizer]
             if args.save:
                 stream_args += ["--save", args.save]
             code = stream.main(stream.get_args_parser().parse_args([tmp, *stream_args]))

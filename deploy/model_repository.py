@@ -2,9 +2,16 @@
 
 Layout (both backends)::
 
+    <repository>/cell_detector/config.pbtxt       + 1/model.py (python step) & model.onnx  | 1/model.plan
     <repository>/crop_embedder/config.pbtxt       + 1/model.py (python step) & model.onnx  | 1/model.plan
     <repository>/cell_graph/config.pbtxt          + 1/model.py (python step) & model.onnx  | 1/model.plan
     <repository>/leukocyte_pipeline/config.pbtxt  + 1/ (empty version folder the ensemble needs)
+    <repository>/leukocyte_pipeline_boxes/config.pbtxt  + 1/
+
+Two ensembles share the steps: ``leukocyte_pipeline`` takes a bare FRAME, runs cell_detector, then crop_embedder and
+cell_graph on the detector's first CELL_COUNT boxes, and returns the detector's BOXES / SCORES / KINDS / CELL_COUNT
+with PROBS / LABELS (the client's default, ``--localizer server``); ``leukocyte_pipeline_boxes`` takes FRAME, the
+client's BOXES and CELL_COUNT (the classical localiser, ``--localizer client``).
 
 Backends:
 
@@ -60,6 +67,9 @@ from leukograph.client.contract import (
     CONFIG_FILE,
     MODEL_FILES,
     PIPELINE,
+    PIPELINE_STEPS,
+    PIPELINES,
+    SERVED_STAGES,
     STAGES,
     VERSION_DIR,
     VERSION_FILE,
@@ -77,7 +87,8 @@ DEFAULT_PRECISION = "fp32"
 INT8_ONNX_FILES = {contract.CROP_EMBEDDER.name: "model.int8.onnx"}
 EXTRA_BACKENDS = ("pytorch",)  # python-backend steps in PyTorch (deploy/bench_gpu.sh); not for the committed repo
 DEFAULT_ORT_THREADS = 1
-INSTANCES = {contract.CROP_EMBEDDER.name: 2, contract.CELL_GRAPH.name: 1}  # see the module docstring
+# see the module docstring
+INSTANCES = {contract.CELL_DETECTOR.name: 1, contract.CROP_EMBEDDER.name: 2, contract.CELL_GRAPH.name: 1}
 # Kept with the committed repository: ONNX files, plans and version.json are build products.
 REPOSITORY_GITIGNORE = "".join(f"*/{VERSION_DIR}/{name}\n" for name in (
     MODEL_FILES["onnxruntime"], MODEL_FILES["onnxruntime"] + ".data", MODEL_FILES["tensorrt"], VERSION_FILE,
@@ -145,12 +156,13 @@ def stage_config(stage: StageSpec, backend: str, ort_threads: int = DEFAULT_ORT_
     return config
 
 
-def ensemble_config(backend: str) -> pb.ModelConfig:
-    """The ensemble: crop_embedder(FRAME, BOXES) -> cell_graph(EMBEDDINGS, BOXES, FRAME_SIZE)."""
-    config = pb.ModelConfig(name=PIPELINE.name, platform="ensemble", max_batch_size=0)
-    _tensors(config.input, PIPELINE.inputs)
-    _tensors(config.output, PIPELINE.outputs)
-    for stage in STAGES:
+def ensemble_config(backend: str, pipeline: StageSpec = PIPELINE) -> pb.ModelConfig:
+    """An ensemble: its steps (`contract.PIPELINE_STEPS`) in order, e.g. cell_detector(FRAME) -> crop_embedder(FRAME,
+    BOXES, CELL_COUNT) -> cell_graph(EMBEDDINGS, BOXES, FRAME_SIZE, CELL_COUNT)."""
+    config = pb.ModelConfig(name=pipeline.name, platform="ensemble", max_batch_size=0)
+    _tensors(config.input, pipeline.inputs)
+    _tensors(config.output, pipeline.outputs)
+    for stage in PIPELINE_STEPS[pipeline.name]:
         step = config.ensemble_scheduling.step.add(model_name=stage.name, model_version=-1)
         # Every tensor keeps its contract name across steps, so each map is the identity.
         for name in stage.input_names:
@@ -190,19 +202,21 @@ def render(backend: str = "onnxruntime", ort_threads: int = DEFAULT_ORT_THREADS,
     """Every generated text file, by path relative to the repository (the no-drift test compares these)."""
     if backend not in BACKENDS + EXTRA_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + EXTRA_BACKENDS)}")
-    unknown = set(instances or {}) - {s.name for s in STAGES}
+    unknown = set(instances or {}) - {s.name for s in SERVED_STAGES}
     if unknown or any(count < 1 for count in (instances or {}).values()):
-        raise UserError(f"instances must be STAGE=N with N >= 1 and STAGE among {', '.join(s.name for s in STAGES)}")
+        raise UserError("instances must be STAGE=N with N >= 1 and STAGE among "
+                        f"{', '.join(s.name for s in SERVED_STAGES)}")
     if precision != "fp32" and backend != "onnxruntime":
         raise UserError(f"--precision {precision} is for the onnxruntime backend; TensorRT's INT8 engine comes from "
                         "`leukograph build-engines --precision int8-qdq`")
     files = {f"{s.name}/{CONFIG_FILE}": config_text(stage_config(s, backend, ort_threads, instances, precision),
-                                                    backend) for s in STAGES}
-    files[f"{PIPELINE.name}/{CONFIG_FILE}"] = config_text(ensemble_config(backend), backend)
-    files[f"{PIPELINE.name}/{VERSION_DIR}/{GITKEEP}"] = ""
+                                                    backend) for s in SERVED_STAGES}
+    for pipeline in PIPELINES:
+        files[f"{pipeline.name}/{CONFIG_FILE}"] = config_text(ensemble_config(backend, pipeline), backend)
+        files[f"{pipeline.name}/{VERSION_DIR}/{GITKEEP}"] = ""
     files[".gitignore"] = REPOSITORY_GITIGNORE
     if backend in ("onnxruntime", "pytorch"):
-        files.update({f"{s.name}/{VERSION_DIR}/{STEP_FILE}": step_shim(backend) for s in STAGES})
+        files.update({f"{s.name}/{VERSION_DIR}/{STEP_FILE}": step_shim(backend) for s in SERVED_STAGES})
     return files
 
 
@@ -229,7 +243,7 @@ def generate(repository: Path = MODEL_REPOSITORY, backend: str = "onnxruntime",
             path.write_text(text)
         written.append(path)
     if backend == "tensorrt":  # a stale model.py would be confusing next to a plan
-        for stage in STAGES:
+        for stage in SERVED_STAGES:
             stage_path(repository, stage, STEP_FILE).unlink(missing_ok=True)
     return written
 
@@ -249,7 +263,7 @@ def served_files(repository: Path) -> dict[str, str]:
     """{step: the model file its config serves} (onnx_file of python steps; the plan / TorchScript file otherwise)."""
     backend = backend_of(repository)
     files = {}
-    for stage in STAGES:
+    for stage in SERVED_STAGES:
         parameters = read_config(repository / stage.name / CONFIG_FILE).parameters
         files[stage.name] = (parameters["onnx_file"].string_value if backend == "onnxruntime"
                              and "onnx_file" in parameters else MODEL_FILES[backend])
@@ -282,7 +296,7 @@ def set_precision(repository: Path, precision: str) -> bool:
 def instance_counts(repository: Path) -> dict[str, int]:
     """{step: instances} as the repository's configs say (what the server will run)."""
     return {stage.name: sum(group.count for group in read_config(repository / stage.name / CONFIG_FILE)
-                            .instance_group) for stage in STAGES}
+                            .instance_group) for stage in SERVED_STAGES}
 
 
 def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, device: str = "auto") -> dict[str, Path]:
@@ -295,12 +309,14 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
     import torch  # heavy: only here
 
     from leukograph.training.checkpoints import load_models
+    from leukograph.training.detector import DetectorStage, detector_weights_dir, load_detector
     from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
     target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     embedder, gnn, _ = load_models(Path(weights_dir))
     crop_stage = CropEmbedderStage(embedder).eval().to(target)
     graph_stage = CellGraphStage(gnn).eval().to(target)
+    detector_stage = DetectorStage(load_detector(detector_weights_dir(Path(weights_dir)))).eval().to(target)
     generator = torch.Generator().manual_seed(0)
 
     def example(height: int, width: int, cells: int) -> tuple:
@@ -308,24 +324,29 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
         corner = torch.rand(cells, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
         size = 8 + torch.rand(cells, 2, generator=generator) * 40
         boxes = torch.cat([corner, corner + size], 1).to(torch.float32)
-        return frame.to(target), boxes.to(target)
+        return frame.to(target), boxes.to(target), torch.tensor([cells], dtype=torch.int32, device=target)
 
     written = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings: the second-size check below is what counts
-        frame, boxes = example(240, 320, 6)
-        traced_crop = torch.jit.trace(crop_stage, (frame, boxes), check_trace=False)
-        embeddings, frame_size = crop_stage(frame, boxes)
-        traced_graph = torch.jit.trace(graph_stage, (embeddings, boxes, frame_size), check_trace=False)
-        frame, boxes = example(300, 410, 17)  # other sizes: the trace must not have frozen them
-        want_e, want_s = crop_stage(frame, boxes)
-        got_e, got_s = traced_crop(frame, boxes)
-        want_p, _ = graph_stage(want_e, boxes, want_s)
-        got_p, _ = traced_graph(want_e, boxes, want_s)
-        if not (torch.allclose(want_e, got_e, atol=1e-4) and torch.equal(want_s, got_s)
-                and torch.allclose(want_p, got_p, atol=1e-5)):
+        frame, boxes, count = example(240, 320, 6)
+        traced_detector = torch.jit.trace(detector_stage, (frame,), check_trace=False)
+        traced_crop = torch.jit.trace(crop_stage, (frame, boxes, count), check_trace=False)
+        embeddings, frame_size = crop_stage(frame, boxes, count)
+        traced_graph = torch.jit.trace(graph_stage, (embeddings, boxes, frame_size, count), check_trace=False)
+        frame, boxes, count = example(300, 410, 17)  # other sizes: the trace must not have frozen them
+        count = count - 3  # ... nor the cell count: the last 3 rows are padding
+        want_b, *_ = detector_stage(frame)
+        got_b, *_ = traced_detector(frame)
+        want_e, want_s = crop_stage(frame, boxes, count)
+        got_e, got_s = traced_crop(frame, boxes, count)
+        want_p, _ = graph_stage(want_e, boxes, want_s, count)
+        got_p, _ = traced_graph(want_e, boxes, want_s, count)
+        if not (torch.allclose(want_b, got_b, atol=1e-3) and torch.allclose(want_e, got_e, atol=1e-4)
+                and torch.equal(want_s, got_s) and torch.allclose(want_p, got_p, atol=1e-5) and len(got_p) == 14):
             raise UserError("TorchScript trace of the stages differs from eager on a second input size")
-    for stage, module in ((contract.CROP_EMBEDDER, traced_crop), (contract.CELL_GRAPH, traced_graph)):
+    for stage, module in ((contract.CELL_DETECTOR, traced_detector), (contract.CROP_EMBEDDER, traced_crop),
+                          (contract.CELL_GRAPH, traced_graph)):
         path = stage_path(repository, stage, MODEL_FILES["pytorch"])
         path.parent.mkdir(parents=True, exist_ok=True)
         module.save(str(path))
@@ -342,7 +363,7 @@ def digest_info(repository: Path = MODEL_REPOSITORY) -> dict:
     backend = backend_of(repository)
     files = served_files(repository)
     models = {}
-    for stage in STAGES:
+    for stage in SERVED_STAGES:
         path = stage_path(repository, stage, files[stage.name])
         if not path.exists():
             raise UserError(f"{path} is missing: run `leukograph export`{' --int8' if 'int8' in path.name else ''} "
@@ -405,7 +426,7 @@ def main(args: argparse.Namespace) -> int:
             print(path)
         print(f"repository digest: {repository_digest(repository)}")
         write_digest(repository)
-    elif all(stage_path(repository, s, name).exists() for s, name in zip(STAGES, served_files(repository).values())):
+    elif all(stage_path(repository, name, file).exists() for name, file in served_files(repository).items()):
         print(f"repository digest: {repository_digest(repository)}")
         write_digest(repository)
     else:

@@ -28,7 +28,8 @@ def data_root(cli_value: str | os.PathLike | None = None) -> Path:
 
 
 # Release weights shipped with the package; LEUKOGRAPH_WEIGHTS points elsewhere (e.g. a fresh training run).
-WEIGHTS_DIR = Path(os.environ.get(WEIGHTS_ENV) or PACKAGE_ROOT / "training" / "weights").expanduser().resolve()
+RELEASE_WEIGHTS_DIR = PACKAGE_ROOT / "training" / "weights"
+WEIGHTS_DIR = Path(os.environ.get(WEIGHTS_ENV) or RELEASE_WEIGHTS_DIR).expanduser().resolve()
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 CACHE_DIR = Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache").expanduser().resolve()
 

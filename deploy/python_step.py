@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from leukograph.client import contract
 from leukograph.deploy.runners import OrtRunner
+from leukograph.deploy.runners.base import no_cell_outputs
 
 
 def _error(message: str, code: str) -> pb_utils.TritonError:
@@ -32,7 +33,7 @@ class StepModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         name = args["model_name"]
-        stages = {s.name: s for s in contract.STAGES}
+        stages = {s.name: s for s in contract.SERVED_STAGES}
         if name not in stages:
             raise ValueError(f"model {name!r} is not a contract stage ({', '.join(stages)})")
         self.stage = stages[name]
@@ -50,6 +51,16 @@ class StepModel:
 
     def run(self, request) -> pb_utils.InferenceResponse:
         raise NotImplementedError
+
+    def no_cells_response(self, inputs: dict) -> pb_utils.InferenceResponse | None:
+        """The answer for CELL_COUNT = 0 (the detector found no cell): empty per-cell outputs, without running a graph
+        over zero cells; None when there are cells."""
+        count = inputs.get(contract.CELL_COUNT.name)
+        if count is None or int(np.asarray(count).reshape(-1)[0]) > 0:
+            return None
+        outputs = no_cell_outputs(self.stage, inputs.get(contract.FRAME.name))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value)
+                                                          for name, value in outputs.items()])
 
     def input_tensors(self, request) -> dict:
         """The request's Triton tensors by contract input name; a missing one is the client's fault."""
@@ -88,6 +99,9 @@ class TritonPythonModel(StepModel):
     def run(self, request) -> pb_utils.InferenceResponse:
         inputs = {name: tensor.as_numpy() for name, tensor in self.input_tensors(request).items()}
         contract.validate_stage(self.stage, inputs)
+        empty = self.no_cells_response(inputs)
+        if empty is not None:
+            return empty
         outputs = self.runner.infer(inputs)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(spec.name, np.ascontiguousarray(outputs[spec.name], dtype=spec.np_dtype))

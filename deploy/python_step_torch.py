@@ -52,6 +52,9 @@ class TritonPythonModel(StepModel):
         # Validation reads small tensors (boxes, sizes) on the CPU; FRAME only needs its shape and dtype.
         contract.validate_stage(self.stage, {k: v.numpy() if k != contract.FRAME.name else _shape_proxy(v)
                                              for k, v in inputs.items()})
+        if contract.CELL_COUNT.name in inputs and int(inputs[contract.CELL_COUNT.name][0]) == 0:
+            return self.no_cells_response({k: v.numpy() if k != contract.FRAME.name else _shape_proxy(v)
+                                           for k, v in inputs.items()})
         feeds = [inputs[name].to(self.device, non_blocking=True) for name in self.stage.input_names]
         outputs = self.module(*feeds)
         return pb_utils.InferenceResponse(output_tensors=[

@@ -50,7 +50,7 @@ from types import FrameType
 
 import numpy as np
 
-from leukograph.client.contract import MIN_FRAME_SIDE, MODEL_FILES, PIPELINE, STAGES, stage_path
+from leukograph.client.contract import MIN_FRAME_SIDE, MODEL_FILES, PIPELINES, SERVED_STAGES, stage_path
 from leukograph.client.errors import UserError
 from leukograph.client.triton_client import (
     ADMIN_HEADER,
@@ -113,7 +113,7 @@ def onnx_stale(repository: Path, weights: Path) -> str | None:
     """Why the repository's ONNX files need (re-)exporting, or None when they are up to date."""
     checkpoints = sorted(weights.glob("*.pt")) if weights.is_dir() else []
     newest = max((p.stat().st_mtime for p in checkpoints), default=None)
-    for stage in STAGES:
+    for stage in SERVED_STAGES:
         path = stage_path(repository, stage, MODEL_FILES["onnxruntime"])
         if not path.exists():
             return f"{path} is missing"
@@ -138,7 +138,7 @@ def int8_stale(repository: Path) -> str | None:
 
 
 def ensure_exported(repository: Path, weights: Path | None = None, precision: str | None = None) -> bool:
-    """Export both stages when model.onnx is missing or older than the weights, and the INT8 crop_embedder when the
+    """Export the three stages when model.onnx is missing or older than the weights, and the INT8 crop_embedder when the
     repository serves it (`precision`, when given, is set first); True when it exported."""
     from leukograph.deploy.model_repository import backend_of, set_precision, write_digest
 
@@ -402,9 +402,11 @@ class Supervisor:
             client = TritonPipelineClient(self.server.grpc_url, "grpc", request_timeout_s=self.probe_timeout_s)
         except Exception as exc:  # noqa: BLE001 - cannot even connect
             return f"no connection: {exc}"
-        try:
+        try:  # both ensembles: the client's boxes, and a bare frame through the detector
             probs, _ = client.infer(self._frame, self._boxes)
-            return None if probs.shape[0] == 1 and np.isfinite(probs).all() else "malformed probe answer"
+            detected = client.infer_outcome(self._frame)
+            well_formed = probs.shape[0] == 1 and np.isfinite(probs).all() and np.isfinite(detected.probs).all()
+            return None if well_formed else "malformed probe answer"
         except PipelineError as exc:
             return str(exc)
         finally:
@@ -457,7 +459,7 @@ def reload_pipeline(grpc_url: str, key: str | None = None, timeout: float = 300.
     key = key or admin_key()
     headers = {GRPC_RESTRICTED_PREFIX + ADMIN_HEADER: key} if key else {}
     client = grpcclient.InferenceServerClient(grpc_url)
-    names = [PIPELINE.name, *(stage.name for stage in STAGES)]
+    names = [*(pipeline.name for pipeline in PIPELINES), *(stage.name for stage in SERVED_STAGES)]
     try:
         started = time.monotonic()
         for name in names:  # the pipeline first: from here on no request reaches a step
@@ -466,8 +468,9 @@ def reload_pipeline(grpc_url: str, key: str | None = None, timeout: float = 300.
             if time.monotonic() - started > timeout:
                 raise ReloadFailed(f"{grpc_url}: the pipeline did not unload within {timeout:g} s")
             time.sleep(0.05)
-        client.load_model(PIPELINE.name, headers=headers, client_timeout=timeout)
-        if not client.is_model_ready(PIPELINE.name):
+        for pipeline in PIPELINES:
+            client.load_model(pipeline.name, headers=headers, client_timeout=timeout)
+        if not all(client.is_model_ready(pipeline.name) for pipeline in PIPELINES):
             raise ReloadFailed(f"{grpc_url}: the pipeline is not ready after loading")
         return time.monotonic() - started
     except InferenceServerException as exc:

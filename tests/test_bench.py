@@ -98,14 +98,22 @@ def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str])
         assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
         # every request went through both steps; the server's time is about the client's call (Triton's ensemble
         # timestamps end after the response is released, so they can exceed the client's call by a little)
+        # bare frames go through the detector ensemble, the client's boxes through the boxes ensemble
+        pipeline, steps = ((contract.PIPELINE, contract.SERVED_STAGES) if run["boxes"] == "detector"
+                           else (contract.BOXES_PIPELINE, contract.STAGES))
         for model in constants.STAT_MODELS:
-            assert run["server_ms"][model]["requests"] == run["frames"]
-        assert run["server_ms"][contract.PIPELINE_NAME]["success_ms"] <= 1.2 * run["stages_ms"]["infer"] + 2.0
+            served = model in (pipeline.name, *(s.name for s in steps))
+            assert run["server_ms"][model]["requests"] == (run["frames"] if served else 0), (run["name"], model)
+        assert run["server_ms"][pipeline.name]["success_ms"] <= 1.2 * run["stages_ms"]["infer"] + 2.0
     # Triton's outputs equal in-process ONNX Runtime's on a real frame, over every transport
     assert all(check["ok"] and check["labels_equal"] for check in result["checks"].values())
     kinds = {r["kind"] for r in result["runs"]}
     assert {"triton", "ort", "torch"} <= kinds
     assert any("seed style" in r["name"] for r in result["runs"])
+    detector_rows = [r for r in result["runs"] if r["boxes"] == "detector"]
+    assert {r["kind"] for r in detector_rows} == {"triton", "ort"}  # the detector inside the ensemble, and in-process
+    assert all(r["cells"]["mean"] > 10 for r in detector_rows)  # BCCD frames: RBCs and platelets found too
+    assert all(r["stages_p50_ms"][contract.CELL_DETECTOR.name] > 0 for r in detector_rows if r["kind"] == "ort")
     assert {s["cells_requested"] for s in result["cell_sweep"]} == {1, 8}
     assert all(s["cells"]["min"] == s["cells"]["max"] == s["cells_requested"] for s in result["cell_sweep"])
     # no GPU here: the TensorRT rows say exactly why, with no numbers
@@ -163,12 +171,19 @@ def test_pytorch_variant_serves_the_same_outputs(served_repository: Path, tmp_pa
     loaded = frames.load_frames(limit=1)
     image, boxes = loaded.images[0], frames.localise_boxes(loaded.images[0])
     reference = run_pipeline(engines.ort_runners(served_repository, 1), image, boxes)
+    detected = run_pipeline(engines.ort_runners(served_repository, 1, detector=True), image)
     server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_path=tmp_path / "tritonserver.log")
-    with server, TritonRunner(server.grpc_url, "grpc", shm=True) as triton:
+    with server, TritonRunner(server.grpc_url, "grpc", shm=True, localizer="client") as triton, \
+            TritonRunner(server.grpc_url, "grpc", shm=True) as bare:
         served = run_pipeline([triton], image, boxes)
+        served_bare = run_pipeline([bare], image)
     assert np.abs(served[contract.PROBS.name] - reference[contract.PROBS.name]).max() < 1e-4
     assert np.array_equal(served[contract.LABELS.name], reference[contract.LABELS.name])
+    n = int(detected[contract.CELL_COUNT.name][0])  # bare frames: the TorchScript detector finds ORT's cells
+    assert int(served_bare[contract.CELL_COUNT.name][0]) == n > 10
+    assert np.abs(served_bare[contract.BOXES.name] - detected[contract.BOXES.name][:n]).max() < 0.05
+    assert np.abs(served_bare[contract.PROBS.name] - detected[contract.PROBS.name]).max() < 1e-4
 
 
 @pytest.mark.server
@@ -181,5 +196,6 @@ def test_instances_setting_is_served_and_recorded(tmp_path: Path) -> None:
                            "--out-dir", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    assert result["server"]["instances"] == {contract.CROP_EMBEDDER.name: 3, contract.CELL_GRAPH.name: 1}
-    assert [r["transport"] for r in result["runs"]] == ["grpc"]
+    assert result["server"]["instances"] == {contract.CELL_DETECTOR.name: 1, contract.CROP_EMBEDDER.name: 3,
+                                             contract.CELL_GRAPH.name: 1}
+    assert {r["transport"] for r in result["runs"]} == {"grpc"}

@@ -124,7 +124,7 @@ def test_single_cell_images_get_an_image_level_white_cell_class(tmp_path: Path) 
     for record in records:
         white = record["white_cell"]
         assert white["class"] in WBC_CLASSES and white["label"] in NUCLEATED_CLASSES
-        assert white["found_by"] == "localiser" and record["cells"][white["cell_index"]]["kind"] == "wbc"
+        assert white["found_by"] == "detector" and record["cells"][white["cell_index"]]["kind"] == "wbc"
         assert 0.0 <= white["probability"] <= 1.0
     correct = [r["white_cell"]["class"] == img.label for r, img in zip(records, images)]
     assert np.mean(correct) >= MIN_PBC_SAMPLE_ACCURACY, np.mean(correct)

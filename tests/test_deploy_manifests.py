@@ -497,8 +497,8 @@ def test_load_check_loads_a_repository_in_a_real_server(served_repository: Path,
                          env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     [line] = bad.stderr.strip().splitlines()
-    assert line.startswith("load check: error: 2 model(s) failed to load (log "), line
-    assert "crop_embedder: " in line and "cell_graph: " in line and "model.onnx" in line
+    assert line.startswith(f"load check: error: {len(contract.SERVED_STAGES)} model(s) failed to load (log "), line
+    assert all(f"{stage.name}: " in line for stage in contract.SERVED_STAGES) and "model.onnx" in line
     missing = subprocess.run([sys.executable, "-m", "leukograph.deploy.load_check", "--model-repository",
                               str(served_repository), "--tritonserver", "no-such-tritonserver"],
                              capture_output=True, text=True, timeout=60)

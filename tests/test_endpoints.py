@@ -29,6 +29,7 @@ from test_faults import (
 )
 from test_stream import LEUKOGRAPH, N_FRAMES, held_out_bgr, write_png_folder
 
+from leukograph.client import contract
 from leukograph.client.endpoints import EndpointPool, open_client, parse_urls, resolve
 from leukograph.client.localize import localize
 from leukograph.client.triton_client import TritonPipelineClient
@@ -56,10 +57,13 @@ def two_servers(served_repository: Path, tmp_path: Path) -> Iterator[tuple[Trito
 
 
 def inference_count(server: TritonServer) -> int:
-    """Requests the ensemble executed, from the server's own statistics API."""
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/leukocyte_pipeline/stats", timeout=5) as r:
-        stats = json.loads(r.read())
-    return sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
+    """Requests both ensembles executed (bare frames and frames with boxes), from the server's statistics API."""
+    total = 0
+    for pipeline in contract.PIPELINES:
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{pipeline.name}/stats", timeout=5) as r:
+            stats = json.loads(r.read())
+        total += sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
+    return total
 
 
 def frames_with_cells(count: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -47,12 +47,14 @@ def test_not_sent_rejected_and_unavailable_from_a_real_server(triton_server: Tri
         assert not isinstance(rejected.value, RequestNotSent)
     # a shared-memory region the server does not know (as after a restart): NOT_FOUND, worth retrying
     inputs = [grpcclient.InferInput("FRAME", list(frame.shape), "UINT8"),
-              grpcclient.InferInput("BOXES", list(boxes.shape), "FP32")]
+              grpcclient.InferInput("BOXES", list(boxes.shape), "FP32"),
+              grpcclient.InferInput("CELL_COUNT", [1], "INT32")]
     inputs[0].set_shared_memory("leukograph_unregistered_region", frame.nbytes)
     inputs[1].set_shared_memory("leukograph_unregistered_region", boxes.nbytes, offset=frame.nbytes)
+    inputs[2].set_data_from_numpy(np.array([1], np.int32))
     raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
     with pytest.raises(InferenceServerException) as unknown_region:
-        raw.infer("leukocyte_pipeline", inputs)
+        raw.infer("leukocyte_pipeline_boxes", inputs)
     raw.close()
     assert isinstance(classify_error(unknown_region.value), ServerUnavailable)
     with TritonPipelineClient("127.0.0.1:1", request_timeout_s=2.0) as nowhere, pytest.raises(ServerUnavailable):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -23,9 +24,12 @@ import numpy as np
 import pytest
 from test_stream import LEUKOGRAPH, N_FRAMES, write_mjpg_avi, write_png_folder
 
+from leukograph.client import contract
+from leukograph.client.contract import stage_path
 from leukograph.client.images import read_image
-from leukograph.client.localize import localize
 from leukograph.client.records import ResultStore
+from leukograph.deploy.paths import MODEL_REPOSITORY
+from leukograph.deploy.runners import OrtRunner
 from leukograph.deploy.server import TritonServer, free_port
 
 pytestmark = pytest.mark.server
@@ -102,9 +106,17 @@ def kill_server(server: TritonServer) -> None:
     server.process.wait()
 
 
+@functools.cache
+def served_detector() -> OrtRunner:
+    """The cell_detector graph the servers here serve, in-process."""
+    path = stage_path(MODEL_REPOSITORY, contract.CELL_DETECTOR, contract.MODEL_FILES["onnxruntime"])
+    return OrtRunner(path, contract.CELL_DETECTOR)
+
+
 def assert_every_frame_once(db: Path, sample: str, png_folder: Path) -> None:
-    """Frames 0..N-1 each recorded once, with as many cells as the localiser finds in that frame."""
-    expected_cells = [len(localize(read_image(p))) for p in sorted(png_folder.iterdir())]
+    """Frames 0..N-1 each recorded once, with as many cells as the served detector finds in that frame."""
+    expected_cells = [int(served_detector().infer({contract.FRAME.name: read_image(p)})[contract.CELL_COUNT.name][0])
+                      for p in sorted(png_folder.iterdir())]
     with ResultStore(db, create=False) as store:
         frames = store.frames(sample)
         cells = store.cells(sample)

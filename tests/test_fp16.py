@@ -168,8 +168,9 @@ def test_fp32_onnxruntime_matches_pytorch(fp32_repository: Path, torch_stages, s
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
         ort_out = run_pipeline([embedder_o, graph_o], sample.frame, boxes)
         with torch.no_grad():
-            emb, size = embedder_t(torch.from_numpy(sample.frame), torch.from_numpy(boxes))
-            probs, labels = graph_t(emb, torch.from_numpy(boxes), size)
+            count = torch.tensor([len(boxes)], dtype=torch.int32)
+            emb, size = embedder_t(torch.from_numpy(sample.frame), torch.from_numpy(boxes), count)
+            probs, labels = graph_t(emb, torch.from_numpy(boxes), size, count)
         diff = float(np.abs(ort_out["PROBS"] - probs.numpy()).max())
         worst = max(worst, diff)
         assert ort_out["PROBS"].shape == (cells, probs.shape[1])

@@ -153,7 +153,8 @@ def test_int8_matches_fp32_on_every_held_out_frame(int8_repository: Path, sample
 
 def test_generate_repo_precision(tmp_path: Path) -> None:
     repo.generate(tmp_path, "onnxruntime", precision="int8")
-    assert repo.served_files(tmp_path) == {CROP_EMBEDDER.name: "model.int8.onnx", CELL_GRAPH.name: "model.onnx"}
+    assert repo.served_files(tmp_path) == {"cell_detector": "model.onnx", CROP_EMBEDDER.name: "model.int8.onnx",
+                                           CELL_GRAPH.name: "model.onnx"}
     assert repo.precision_of(tmp_path) == "int8"
     assert repo.set_precision(tmp_path, "fp32") and repo.precision_of(tmp_path) == "fp32"
     assert not repo.set_precision(tmp_path, "fp32")
@@ -185,7 +186,7 @@ def test_int8_served_through_triton_matches_in_process_int8(int8_repository: Pat
     triton = []
     try:
         server.start(120.0)
-        triton.append(TritonRunner(server.grpc_url, "grpc"))
+        triton.append(TritonRunner(server.grpc_url, "grpc", localizer="client"))
         in_process = int8.ort_int8_pipeline(int8_repository)
         comparison = compare(in_process, triton, samples[:12])
         assert comparison.failures_for(TOLERANCES["fp32"]) == [], comparison.line()

@@ -49,7 +49,7 @@ def test_committed_repository_matches_generator() -> None:
 @pytest.mark.parametrize("backend", repo.BACKENDS)
 def test_generated_configs_parse(tmp_path: Path, backend: str) -> None:
     repo.generate(tmp_path, backend)
-    for stage in contract.STAGES:
+    for stage in contract.SERVED_STAGES:
         config = parse(tmp_path / stage.name / "config.pbtxt")
         assert config.name == stage.name
         assert config.max_batch_size == 0
@@ -71,16 +71,19 @@ def test_generated_configs_parse(tmp_path: Path, backend: str) -> None:
             assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU"
             assert 1 <= group.count <= 2
             assert not step_file.exists()
-    ensemble = parse(tmp_path / contract.PIPELINE.name / "config.pbtxt")
-    assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 0
-    check_tensors(ensemble.input, contract.PIPELINE.inputs)
-    check_tensors(ensemble.output, contract.PIPELINE.outputs)
-    steps = ensemble.ensemble_scheduling.step
-    assert [s.model_name for s in steps] == [s.name for s in contract.STAGES]
-    for step, stage in zip(steps, contract.STAGES):
-        assert sorted(step.input_map) == sorted(stage.input_names)
-        assert sorted(step.output_map) == sorted(stage.output_names)
-    assert (tmp_path / contract.PIPELINE.name / "1").is_dir()  # Triton needs the ensemble's version folder
+    for pipeline, stages in ((contract.PIPELINE, contract.SERVED_STAGES), (contract.BOXES_PIPELINE, contract.STAGES)):
+        ensemble = parse(tmp_path / pipeline.name / "config.pbtxt")
+        assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 0
+        check_tensors(ensemble.input, pipeline.inputs)
+        check_tensors(ensemble.output, pipeline.outputs)
+        steps = ensemble.ensemble_scheduling.step
+        assert [s.model_name for s in steps] == [s.name for s in stages]
+        for step, stage in zip(steps, stages):
+            assert sorted(step.input_map) == sorted(stage.input_names)
+            assert sorted(step.output_map) == sorted(stage.output_names)
+        assert (tmp_path / pipeline.name / "1").is_dir()  # Triton needs the ensemble's version folder
+    # the bare-frame ensemble starts at the detector: its only input is the frame
+    assert contract.PIPELINE.input_names == [contract.FRAME.name]
 
 
 def test_switching_backends_keeps_model_files(tmp_path: Path) -> None:
@@ -110,10 +113,10 @@ def test_repository_digest_names_the_onnx_files(served_repository: Path, tmp_pat
     assert version.startswith(f"{contract.PIPELINE.name}-onnxruntime-")
     stored = json.loads((served_repository / contract.PIPELINE.name / "1" / repo.VERSION_FILE).read_text())
     assert stored[contract.REPOSITORY_DIGEST_KEY] == version
-    assert set(stored["models"]) == {s.name for s in contract.STAGES}
+    assert set(stored["models"]) == {s.name for s in contract.SERVED_STAGES}
     # A different model file gives a different version.
     repo.generate(tmp_path, "onnxruntime")
-    for stage in contract.STAGES:
+    for stage in contract.SERVED_STAGES:
         path = tmp_path / stage.name / "1" / "model.onnx"
         path.write_bytes((served_repository / stage.name / "1" / "model.onnx").read_bytes())
     assert repo.repository_digest(tmp_path) == version

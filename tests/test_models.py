@@ -52,12 +52,13 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
         if n_cells is not None:
             boxes = boxes[:n_cells] if n_cells <= len(boxes) else _tiled(boxes, n_cells)
         b = torch.from_numpy(boxes)
+        count = torch.tensor([len(b)], dtype=torch.int32)
         with torch.no_grad():
-            embeddings, frame_size = stage(torch.from_numpy(image), b)
+            embeddings, frame_size = stage(torch.from_numpy(image), b, count)
             x = node_inputs(embeddings, b, frame_size)
             pyg = torch.softmax(gnn(x, knn_edge_index(b, frame_size)), 1)
             dense = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)), 1)
-            served, labels = CellGraphStage(gnn)(embeddings, b, frame_size)
+            served, labels = CellGraphStage(gnn)(embeddings, b, frame_size, count)
         assert torch.allclose(pyg, dense, atol=1e-6), (pyg - dense).abs().max()
         # the served stage is calibrated: softmax(logits / temperature), same argmax
         calibrated = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)) / gnn.temperature, 1)
@@ -141,12 +142,13 @@ def test_colour_standardisation_cancels_gain_and_offset_and_matches_onnx(held_ou
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     image = held_out_images[2]
     boxes = localize(image).boxes
-    onnx_embeddings, _ = session.run(None, {"FRAME": image, "BOXES": boxes})
+    count = np.array([len(boxes)], np.int32)
+    onnx_embeddings, _ = session.run(None, {"FRAME": image, "BOXES": boxes, "CELL_COUNT": count})
     with torch.no_grad():
-        torch_embeddings, _ = stage(torch.from_numpy(image), torch.from_numpy(boxes))
+        torch_embeddings, _ = stage(torch.from_numpy(image), torch.from_numpy(boxes), torch.from_numpy(count))
     assert np.abs(onnx_embeddings - torch_embeddings.numpy()).max() < 1e-4
     # whole-frame colour cast (inside the valid range): the embedding moves far less than between cells
     cast = np.clip(image.astype(np.float32) * np.array([0.85, 1.0, 1.1]) + np.array([10.0, 0.0, -10.0]), 0, 255)
-    cast_embeddings, _ = session.run(None, {"FRAME": cast.astype(np.uint8), "BOXES": boxes})
+    cast_embeddings, _ = session.run(None, {"FRAME": cast.astype(np.uint8), "BOXES": boxes, "CELL_COUNT": count})
     between_cells = np.abs(onnx_embeddings[:, None] - onnx_embeddings[None]).mean()
     assert np.abs(cast_embeddings - onnx_embeddings).mean() < 0.1 * between_cells

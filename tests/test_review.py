@@ -59,8 +59,10 @@ def streamed_db(triton_server: TritonServer, tmp_path_factory: pytest.TempPathFa
     for i, frame in enumerate(frames):
         assert cv2.imwrite(str(folder / f"{i:03d}_{frame.frame_id}.png"), cv2.imread(str(frame.image_path)))
     db = tmp_path_factory.mktemp("review_db") / "results.sqlite"
+    # The classical localiser's cells (--localizer client): with them these frames leave the review queue the tests
+    # below work through; the detector's path is tested in test_runners / test_detector_pipeline / test_stream.
     done = run_cli("stream", str(folder), "--url", triton_server.grpc_url, "--db", str(db), "--sample", SAMPLE,
-                   "--target", "200", "--threshold", REVIEW_THRESHOLD)
+                   "--target", "200", "--threshold", REVIEW_THRESHOLD, "--localizer", "client")
     assert done.returncode == 0, done.stderr
     return db
 

@@ -51,8 +51,33 @@ def test_triton_runner_matches_onnxruntime(triton_server: TritonServer, served_r
                                            samples: list[Sample], transport: tuple[str, bool]) -> None:
     protocol, shm = transport
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-    with TritonRunner(url, protocol, shm) as triton:
+    with TritonRunner(url, protocol, shm, localizer="client") as triton:  # the samples' own boxes
         comparison = compare(ort_runners(served_repository, 1), [triton], samples)
         assert set(triton.stage_timings()) == {"encode", "infer", "decode"}  # the client's timing hook
     assert comparison.agreeing_nodes == comparison.nodes > 0
     assert comparison.failures_for(TOLERANCES["fp32"]) == [], comparison.line()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("transport", [("grpc", False), ("grpc", True), ("http", False)])
+def test_bare_frames_through_the_served_detector_match_onnxruntime(
+        triton_server: TritonServer, served_repository: Path, samples: list[Sample],
+        transport: tuple[str, bool]) -> None:
+    """FRAME in, labelled cells out: the ensemble's detector -> crop_embedder -> cell_graph on the server gives what the
+    three ONNX graphs give in-process, cell for cell."""
+    protocol, shm = transport
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    local = ort_runners(served_repository, 1, detector=True)
+    assert [r.stage for r in local] == list(contract.SERVED_STAGES)
+    with TritonRunner(url, protocol, shm) as triton:
+        for sample in samples:
+            want = run_pipeline(local, sample.frame)
+            got = run_pipeline([triton], sample.frame)
+            n = int(want[contract.CELL_COUNT.name][0])
+            assert n > 10 and int(got[contract.CELL_COUNT.name][0]) == n  # a BCCD frame: RBCs, WBC, platelets
+            np.testing.assert_allclose(got[contract.BOXES.name], want[contract.BOXES.name][:n], atol=1e-3)
+            np.testing.assert_array_equal(got[contract.KINDS.name], want[contract.KINDS.name][:n])
+            assert got[contract.PROBS.name].shape == (n, contract.NUM_CLASSES)
+            np.testing.assert_allclose(got[contract.PROBS.name], want[contract.PROBS.name], atol=1e-5)
+            np.testing.assert_array_equal(got[contract.LABELS.name], want[contract.LABELS.name])
+            assert (got[contract.KINDS.name] == contract.CELL_KINDS.index("wbc")).any()

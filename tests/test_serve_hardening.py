@@ -24,7 +24,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -206,11 +205,9 @@ def test_case2_truncated_shm_region(serve: Serve) -> None:
         side = contract.MAX_FRAME_SIDE
         frame = grpcclient.InferInput(contract.FRAME.name, [side, side, 3], contract.FRAME.client_dtype)
         frame.set_shared_memory(name, side * side * 3)
-        boxes = grpcclient.InferInput(contract.BOXES.name, [1, 4], contract.BOXES.client_dtype)
-        boxes.set_data_from_numpy(np.array([[0, 0, 64, 64]], np.float32))
         mark, dead = len(serve.lines), stub_regions(serve.server_pid)
-        with pytest.raises(InferenceServerException):
-            grpc.infer(contract.PIPELINE_NAME, [frame, boxes], client_timeout=30)
+        with pytest.raises(InferenceServerException):  # the bare-frame pipeline: FRAME is its only input
+            grpc.infer(contract.PIPELINE_NAME, [frame], client_timeout=30)
         recovered(serve, mark, dead)
         assert any("exited with code -7" in x for x in serve.lines[mark:]), "".join(serve.lines[mark:])
     finally:
@@ -237,15 +234,16 @@ def test_case3_stub_region_written_as_output(serve: Serve) -> None:
             grpc.register_system_shared_memory("wedge", "/" + region, 1 << 16)
         grpc.register_system_shared_memory("wedge", "/" + region, 1 << 16, headers=grpc_admin(KEY))
         frame, boxes = probe_frame()
-        inputs = [grpcclient.InferInput(contract.FRAME.name, list(frame.shape), contract.FRAME.client_dtype),
-                  grpcclient.InferInput(contract.BOXES.name, list(boxes.shape), contract.BOXES.client_dtype)]
-        inputs[0].set_data_from_numpy(frame)
-        inputs[1].set_data_from_numpy(boxes)
+        inputs = []
+        for name, array in contract.boxes_feed(frame, boxes).items():
+            dtype = contract.BOXES_PIPELINE.input(name).client_dtype
+            inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
+            inputs[-1].set_data_from_numpy(array)
         output = grpcclient.InferRequestedOutput(contract.PROBS.name)
         output.set_shared_memory("wedge", 1 << 16)
         mark, dead = len(serve.lines), stub_regions(serve.server_pid)
         with contextlib.suppress(InferenceServerException):  # may answer: the damage shows in later requests
-            grpc.infer(contract.PIPELINE_NAME, inputs, outputs=[output], client_timeout=5)
+            grpc.infer(contract.BOXES_PIPELINE.name, inputs, outputs=[output], client_timeout=5)
         assert "restarted" in recovered(serve, mark, dead)
     finally:
         grpc.close()

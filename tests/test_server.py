@@ -55,21 +55,25 @@ def bccd_requests(count: int = N_FRAMES) -> list[tuple[str, np.ndarray, np.ndarr
 def onnxruntime_reference(repository: Path, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sessions = [ort.InferenceSession(str(repository / s.name / "1" / "model.onnx"),
                                      providers=["CPUExecutionProvider"]) for s in contract.STAGES]
-    embeddings, frame_size = sessions[0].run(None, {"FRAME": frame, "BOXES": boxes})
-    probs, labels = sessions[1].run(None, {"EMBEDDINGS": embeddings, "BOXES": boxes, "FRAME_SIZE": frame_size})
+    feed = contract.boxes_feed(frame, boxes)
+    embeddings, frame_size = sessions[0].run(None, feed)
+    probs, labels = sessions[1].run(None, {"EMBEDDINGS": embeddings, "BOXES": boxes, "FRAME_SIZE": frame_size,
+                                           "CELL_COUNT": feed["CELL_COUNT"]})
     return probs, labels
 
 
-def infer(module, url: str, frame: np.ndarray, boxes: np.ndarray, model: str = contract.PIPELINE_NAME,
+def infer(module, url: str, frame: np.ndarray, boxes: np.ndarray, model: str = contract.BOXES_PIPELINE.name,
           frame_dtype: str | None = None, boxes_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One request through tritonclient (grpc or http module) with the contract's names and dtypes."""
+    """One request with the client's boxes through tritonclient (grpc or http module), the contract's names and
+    dtypes (CELL_COUNT = N)."""
     client = module.InferenceServerClient(url)
     inputs = []
-    for spec, array, dtype in ((contract.FRAME, frame, frame_dtype), (contract.BOXES, boxes, boxes_dtype)):
+    for spec, array, dtype in ((contract.FRAME, frame, frame_dtype), (contract.BOXES, boxes, boxes_dtype),
+                               (contract.CELL_COUNT, contract.cell_count(boxes), None)):
         tensor = module.InferInput(spec.name, list(array.shape), dtype or spec.client_dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    outputs = [module.InferRequestedOutput(name) for name in contract.PIPELINE.output_names]
+    outputs = [module.InferRequestedOutput(name) for name in contract.BOXES_PIPELINE.output_names]
     try:
         result = client.infer(model, inputs, outputs=outputs)
     finally:
@@ -147,14 +151,17 @@ def test_cell_graph_validates_its_own_inputs(triton_server: TritonServer, frames
     _, frame, boxes = frames[0]
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     h, w = frame.shape[:2]
-    cases = {
-        "EMBEDDINGS has": (np.zeros((len(boxes) + 1, contract.EMBED_DIM), np.float32), np.float32([h, w])),
-        "FRAME_SIZE contains NaN": (np.zeros((len(boxes), contract.EMBED_DIM), np.float32), np.float32([h, np.nan])),
-        "FRAME_SIZE must be in": (np.zeros((len(boxes), contract.EMBED_DIM), np.float32), np.float32([h, 1e6])),
+    n = contract.cell_count(boxes)
+    rows = np.zeros((len(boxes), contract.EMBED_DIM), np.float32)
+    cases = {  # expected text: (EMBEDDINGS, FRAME_SIZE, CELL_COUNT)
+        "EMBEDDINGS has": (np.zeros((len(boxes) + 1, contract.EMBED_DIM), np.float32), np.float32([h, w]), n),
+        "CELL_COUNT is": (rows, np.float32([h, w]), n + 1),
+        "FRAME_SIZE contains NaN": (rows, np.float32([h, np.nan]), n),
+        "FRAME_SIZE must be in": (rows, np.float32([h, 1e6]), n),
     }
-    for expected, (embeddings, frame_size) in cases.items():
+    for expected, (embeddings, frame_size, count) in cases.items():
         inputs = []
-        for spec, array in zip(contract.CELL_GRAPH.inputs, (embeddings, boxes, frame_size)):
+        for spec, array in zip(contract.CELL_GRAPH.inputs, (embeddings, boxes, frame_size, count)):
             tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.client_dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -264,7 +271,7 @@ def test_onnx_staleness_follows_the_weights(tmp_path: Path) -> None:
     generate(repository, "onnxruntime")
     weights.mkdir()
     assert "missing" in onnx_stale(repository, weights)
-    for stage in contract.STAGES:
+    for stage in contract.SERVED_STAGES:
         (repository / stage.name / "1" / "model.onnx").write_bytes(b"onnx")
     assert onnx_stale(repository, weights) is None  # no checkpoints: keep what is there
     checkpoint = weights / "cnn.pt"

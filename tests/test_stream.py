@@ -279,6 +279,11 @@ def test_pipeline_client_infer_submit_shm_agree(triton_server: TritonServer, png
             assert outcome.ok, outcome.error
             np.testing.assert_array_equal(outcome.probs, probs)
         np.testing.assert_array_equal(shm.infer(frame, boxes)[0], probs)
+        # A bare frame (the server's detector): the same cells and labels over the wire and through shm
+        bare, bare_shm = plain.infer_outcome(frame), shm.infer_outcome(frame)
+        assert bare.ok and len(bare.boxes) == len(bare.kinds) == len(bare.probs) > len(boxes) // 2
+        np.testing.assert_array_equal(bare_shm.boxes, bare.boxes)
+        np.testing.assert_array_equal(bare_shm.probs, bare.probs)
         # Rejected before sending, and (validate=False) by the server itself: RequestRejected either way.
         empty = np.zeros((0, 4), np.float32)
         with pytest.raises(RequestNotSent, match="not sent"):

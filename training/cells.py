@@ -1,4 +1,9 @@
-"""Labelled cell graphs for training and evaluation, built with the serving localiser and crop geometry.
+"""Labelled cell graphs for training and evaluation, built with a serving localiser and the served crop geometry.
+
+Which localiser finds the cells (`use_localizer`): "client", the classical localiser (`client/localize.py`, what
+`--localizer client` serves), or "server", the learned cell detector the `leukocyte_pipeline` ensemble runs first
+(`training/detector.py`, in PyTorch here; its cells are the served detector's). `leukograph train` and `evaluate`
+take `--localizer`; the cache key names it (and the detector's weights).
 
 Every image (a BCCD frame, a 4-class image, a PBC crop or a TXL-PBC image) becomes a `FrameCells`: the localiser's
 boxes and kinds, a node label per box, and uint8 crops cut by `models.crop_cells` (the function inside the served
@@ -19,6 +24,7 @@ Unknown labels are -1 and ignored by the losses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Iterable
@@ -30,9 +36,9 @@ from tqdm import tqdm
 
 from leukograph.client import localize as localize_module
 from leukograph.client.boxes import box_iou, greedy_pairs
-from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE
+from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE, LOCALIZERS, file_sha256
 from leukograph.client.images import read_image
-from leukograph.client.localize import localize
+from leukograph.client.localize import Cells, detector_cells, localize
 from leukograph.deploy.paths import CACHE_DIR
 from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
 from leukograph.training.models import STORE_PAD, STORE_SIZE, STORE_ZOOM, crop_cells
@@ -73,9 +79,36 @@ def _context_labels(kinds: np.ndarray) -> np.ndarray:
     return np.array([KIND_TO_CLASS.get(int(k), IGNORE) for k in kinds], np.int64)
 
 
+DEFAULT_LOCALIZER = "client"  # what the released GNN was trained on
+_LOCALIZER = {"name": DEFAULT_LOCALIZER}
+
+
+def use_localizer(name: str) -> None:
+    """Build every later FrameCells with this localiser: "client" (classical) or "server" (the learned detector)."""
+    if name not in LOCALIZERS:
+        raise ValueError(f"localizer must be one of {LOCALIZERS}, got {name!r}")
+    _LOCALIZER["name"] = name
+
+
+@functools.cache
+def _detector_stage():
+    from leukograph.training.detector import DetectorStage, detector_weights_dir, load_detector
+
+    return DetectorStage(load_detector(detector_weights_dir())).eval()
+
+
+def find_cells(image: np.ndarray) -> Cells:
+    """The cells of an RGB image by the active localiser (`use_localizer`)."""
+    if _LOCALIZER["name"] == "client":
+        return localize(image)
+    with torch.no_grad():
+        outputs = _detector_stage()(torch.from_numpy(np.ascontiguousarray(image)))
+    return detector_cells(*(t.numpy() for t in outputs))
+
+
 def bccd_cells(frame: BccdFrame) -> FrameCells:
     image = read_image(frame.image_path)
-    found = localize(image)
+    found = find_cells(image)
     labels = _context_labels(found.kinds)
     gt_boxes = np.array([b.box for b in frame.boxes], np.float32).reshape(-1, 4)
     gt_labels = [CLASSES.index(b.label) if b.label in CLASSES else IGNORE for b in frame.boxes]
@@ -89,7 +122,7 @@ def bccd_cells(frame: BccdFrame) -> FrameCells:
 
 def four_class_cells(item: FourClassImage) -> FrameCells:
     image = read_image(item.path)
-    found = localize(image)
+    found = find_cells(image)
     labels = _context_labels(found.kinds)
     labels[found.kinds == CELL_KINDS.index("wbc")] = CLASSES.index(item.label)
     image_id = f"4class/{item.split}/{item.path.parent.name}/{item.path.name}"
@@ -111,7 +144,7 @@ def centre_box_index(boxes: np.ndarray, height: int, width: int) -> int:
 
 def pbc_cells(item: PbcImage) -> FrameCells:
     image = read_image(item.path)
-    found = localize(image)
+    found = find_cells(image)
     labels = _context_labels(found.kinds)
     labels[found.kinds == CELL_KINDS.index("wbc")] = IGNORE
     centre = centre_box_index(found.boxes, *image.shape[:2])
@@ -123,7 +156,7 @@ def pbc_cells(item: PbcImage) -> FrameCells:
 
 def txl_cells(item: TxlImage) -> FrameCells:
     image = read_image(item.path)  # RGBA PNGs lose their alpha channel here
-    found = localize(image)
+    found = find_cells(image)
     labels = _context_labels(found.kinds)
     labels[found.kinds == CELL_KINDS.index("wbc")] = IGNORE
     gt_boxes = np.array([b.box for b in item.boxes], np.float32).reshape(-1, 4)
@@ -149,7 +182,13 @@ def cells_of(item: BccdFrame | FourClassImage | PbcImage | TxlImage) -> FrameCel
 
 def _cache_key(name: str, ids: list[str]) -> str:
     digest = hashlib.sha256()
-    digest.update(inspect.getsource(localize_module).encode())
+    if _LOCALIZER["name"] == "client":
+        digest.update(inspect.getsource(localize_module).encode())
+    else:  # the detector: its weights and its decoding
+        from leukograph.training import detector
+
+        digest.update(file_sha256(detector.detector_weights_dir() / detector.DETECTOR_WEIGHTS).encode())
+        digest.update(inspect.getsource(detector).encode())
     digest.update(f"{CROP_SIZE}/{CROP_MARGIN}/{MATCH_IOU}/{STORE_SIZE}/{STORE_ZOOM}/v2".encode())
     digest.update("\n".join(ids).encode())
     return f"{name}-{digest.hexdigest()[:16]}"

@@ -1,7 +1,8 @@
-"""`leukograph classify PATH... [--json]`: localise and classify every cell in image files, in-process (PyTorch).
+"""`leukograph classify PATH... [--json]`: find and classify every cell in image files, in-process (PyTorch).
 
-The same localiser and the same two stages (in-graph crop + CNN, dense GNN) that Triton serves, chained by
-`leukograph.deploy.runners.run_pipeline` over two `TorchRunner`s.
+The same three stages Triton's `leukocyte_pipeline` serves (learned cell detector, in-graph crop + CNN, dense GNN),
+chained by `leukograph.deploy.runners.run_pipeline` over `TorchRunner`s; `--localizer client` finds the cells with
+the classical localiser instead (as `leukograph stream --localizer client`).
 Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(path)` return the JSON objects.
 
 Every image also gets one image-level answer, `white_cell`: the class of its most white-cell-like cell (the cell
@@ -34,11 +35,13 @@ import numpy as np
 import torch
 
 from leukograph.client.contract import (
+    CELL_DETECTOR,
     CELL_GRAPH,
     CELL_KINDS,
     CLASSES,
     CROP_EMBEDDER,
     EMBEDDINGS,
+    LOCALIZERS,
     NUCLEATED_CLASSES,
     NUM_CLASSES,
     PROBS,
@@ -47,7 +50,7 @@ from leukograph.client.contract import (
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
 from leukograph.client.images import ImageError, content_hash, list_images, read_image, safe_name
-from leukograph.client.localize import WBC, Cells, localize
+from leukograph.client.localize import WBC, Cells, detector_cells, localize
 from leukograph.client.records import DEFAULT_DB, ResultStore
 from leukograph.client.review_store import cell_records, record_classified_frame, require_unsigned
 from leukograph.client.sources import image_file_key
@@ -69,17 +72,31 @@ class Prediction:
 class Classifier:
     """In-process CNN+GNN inference on RGB images, with the serving localiser."""
 
-    def __init__(self, weights_dir: Path = WEIGHTS_DIR, threads: int | None = None) -> None:
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR, threads: int | None = None,
+                 localizer: str = "server") -> None:
+        from leukograph.training.detector import DetectorStage, detector_weights_dir, load_detector
+
         if threads:
             torch.set_num_threads(threads)
         embedder, gnn, self.meta = load_models(weights_dir)
+        self.localizer = localizer
         self.crop_stage = CropEmbedderStage(embedder).eval()
         self.graph_stage = CellGraphStage(gnn).eval()
         self.runners = [TorchRunner(self.crop_stage, CROP_EMBEDDER), TorchRunner(self.graph_stage, CELL_GRAPH)]
+        if localizer == "server":  # adapted weights folders hold no detector: the released one finds the cells
+            detector = load_detector(detector_weights_dir(weights_dir))
+            self.detector = TorchRunner(DetectorStage(detector).eval(), CELL_DETECTOR)
+
+    def find_cells(self, image: np.ndarray) -> Cells:
+        """The cells of an image: the learned detector (localizer server, as served) or the classical localiser."""
+        if self.localizer == "client":
+            return localize(image)
+        found = self.detector.infer({CELL_DETECTOR.inputs[0].name: np.ascontiguousarray(image)})
+        return detector_cells(*(found[spec.name] for spec in CELL_DETECTOR.outputs))
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, cells: Cells | None = None) -> Prediction:
-        cells = localize(image) if cells is None else cells
+        cells = self.find_cells(image) if cells is None else cells
         if len(cells) == 0:
             empty = np.zeros((0, NUM_CLASSES), np.float32)
             return Prediction(cells, empty, empty)
@@ -95,7 +112,8 @@ class Classifier:
         """The image-level answer: the most white-cell-like WBC box, or the fallback when there is none."""
         is_wbc = prediction.cells.kinds == WBC
         if is_wbc.any():
-            return white_cell_json(prediction.cells, prediction.probs, np.flatnonzero(is_wbc), "localiser")
+            return white_cell_json(prediction.cells, prediction.probs, np.flatnonzero(is_wbc),
+                                   "detector" if self.localizer == "server" else "localiser")
         height, width = image.shape[:2]
         side = CENTRE_FALLBACK * min(height, width)
         centre = np.array([[(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2]],
@@ -188,6 +206,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--localizer", choices=LOCALIZERS, default="server",
+                        help="server: the learned cell detector the served ensemble runs (default); client: the "
+                        "classical localiser")
     parser.add_argument("--db", default=None, metavar="PATH",
                         help="also record the results, with the thumbnails `leukograph review` shows, in this result "
                         f"database (e.g. {DEFAULT_DB})")
@@ -223,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
     images, problems = list_images(args.paths)
     if not images and not problems:
         raise UserError("no images given")
-    classifier = Classifier(args.weights, args.threads) if images else None
+    classifier = Classifier(args.weights, args.threads, args.localizer) if images else None
     total = len(images) + len(problems)
     with ResultStore(args.db) if args.db and images else contextlib.nullcontext() as store:
         recorder = None

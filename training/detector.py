@@ -34,7 +34,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
+from leukograph.deploy.paths import MODEL_REPOSITORY, RELEASE_WEIGHTS_DIR, WEIGHTS_DIR
 
 DETECTOR_WEIGHTS = "detector.pt"
 OUTPUT_SIDE = DETECTOR_SIZE // DETECTOR_STRIDE
@@ -104,8 +104,8 @@ def decode(head: Tensor, frame_height: Tensor, frame_width: Tensor, k: int = MAX
     pooled = F.max_pool2d(best[None, None], 3, stride=1, padding=1)[0, 0]
     peaks = best * (pooled == best).to(best.dtype)
     scores, index = torch.topk(peaks.reshape(-1), k)
-    grid_y, grid_x = torch.meshgrid(torch.arange(height, dtype=torch.float32),
-                                    torch.arange(width, dtype=torch.float32), indexing="ij")
+    grid_y, grid_x = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=head.device),
+                                    torch.arange(width, dtype=torch.float32, device=head.device), indexing="ij")
     regression = head[NUM_KINDS:].reshape(4, -1)[:, index]
     cx = (grid_x.reshape(-1)[index] + regression[2]) * DETECTOR_STRIDE
     cy = (grid_y.reshape(-1)[index] + regression[3]) * DETECTOR_STRIDE
@@ -134,13 +134,19 @@ class DetectorStage(nn.Module):
         x = pixels.permute(2, 0, 1).unsqueeze(0) / 255.0
         x = F.interpolate(x, size=(DETECTOR_SIZE, DETECTOR_SIZE), mode="bilinear", align_corners=False)
         boxes, scores, kinds = decode(self.net(x)[0], size[0:1], size[1:2])
-        count = (scores >= self.threshold).to(torch.int32).sum(dim=0, keepdim=True)
+        count = (scores >= self.threshold).sum(dim=0, keepdim=True).to(torch.int32)  # a sum is int64 in torch
         return boxes, scores, kinds.to(torch.int32), count
 
 
 def working_view(frame: Tensor) -> Tensor:
     """Training's view of uint8 frames [B,H,W,3] already at the working size -> float [B,3,S,S] in 0..1."""
     return frame.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+
+
+def detector_weights_dir(weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """`weights_dir` when it holds detector.pt, else the released weights' folder: a folder of classifier weights
+    alone (`leukograph adapt`'s, a CNN/GNN training run) keeps the released detector."""
+    return Path(weights_dir) if (Path(weights_dir) / DETECTOR_WEIGHTS).exists() else RELEASE_WEIGHTS_DIR
 
 
 def load_detector(weights_dir: Path = WEIGHTS_DIR) -> CellDetector:

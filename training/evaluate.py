@@ -32,8 +32,9 @@ import torch  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from leukograph.client.boxes import box_iou, greedy_pairs  # noqa: E402
-from leukograph.client.contract import (  # noqa: E402
+from leukograph.client.contract import (
     CLASSES,
+    LOCALIZERS,  # noqa: E402
     NUCLEATED_CLASSES,
     UNIDENTIFIED_THRESHOLD,
     WBC_CLASSES,
@@ -43,7 +44,13 @@ from leukograph.client.images import read_image  # noqa: E402
 from leukograph.client.localize import WBC, localize  # noqa: E402
 from leukograph.deploy.paths import MODEL_REPOSITORY, REPO_ROOT, WEIGHTS_DIR  # noqa: E402
 from leukograph.deploy.readme import replace_section  # noqa: E402
-from leukograph.training.cells import FrameCells, build_cells, centre_box_index  # noqa: E402
+from leukograph.training.cells import (  # noqa: E402
+    DEFAULT_LOCALIZER,
+    FrameCells,
+    build_cells,
+    centre_box_index,
+    use_localizer,
+)
 from leukograph.training.checkpoints import load_baseline, load_models  # noqa: E402
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, load_txl, split_frames  # noqa: E402
 from leukograph.training.embedding import embed_frames  # noqa: E402
@@ -85,8 +92,9 @@ class Models:
             if len(frame.boxes) == 0:
                 gnn.append(probs)
                 continue
-            graph_probs, _ = self.graph(emb, torch.from_numpy(frame.boxes),
-                                        torch.tensor(frame.frame_size, dtype=torch.float32))
+            boxes = torch.from_numpy(frame.boxes)
+            graph_probs, _ = self.graph(emb, boxes, torch.tensor(frame.frame_size, dtype=torch.float32),
+                                        torch.tensor([len(boxes)], dtype=torch.int32))
             gnn.append(graph_probs.numpy())
         return {"CNN only": cnn, "CNN+GNN": gnn}
 
@@ -506,6 +514,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help="where results go; the README table is rewritten only for the default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
+                        help="who finds the cells: server, the learned detector the served ensemble runs first; "
+                        "client, the classical localiser (default %(default)s)")
     parser.add_argument("--seed-report", action="append", default=[], metavar="NAME=EVALUATION_JSON",
                         help="another seed's evaluation.json (evaluate --weights ITS_DIR --output-dir ...): adds the "
                              "CNN-only vs CNN+GNN table across seeds")
@@ -545,6 +556,7 @@ def main(args: argparse.Namespace) -> int:
 
         return evaluate_int8(args)
     started = time.time()
+    use_localizer(args.localizer)
     models = Models(args.weights)
     calibration = models.meta["calibration"]
     threshold = UNIDENTIFIED_THRESHOLD
@@ -563,6 +575,7 @@ def main(args: argparse.Namespace) -> int:
         "weights": {k: {"epoch": v["epoch"], "metrics": {"val": v["metrics"].get("val")}}
                     for k, v in models.meta.items() if k in ("cnn", "gnn")},
         "command": "leukograph evaluate",
+        "cells_found_by": args.localizer,
     }
     if args.loso:
         report["leave_one_source_out"] = leave_one_source_out(args.loso, args.data_root, threshold)

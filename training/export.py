@@ -1,4 +1,4 @@
-"""`leukograph export`: both served stages to ONNX (opset >= 17, weights inline, dynamic cells and frame size).
+"""`leukograph export`: the three served stages to ONNX (opset >= 17, weights inline, dynamic cells and frame size).
 
 Names, dtypes and dynamic axes come from `leukograph.client.contract`; the files land where the model-repository
 generator and Triton expect them: `model_repository/<stage>/1/model.onnx`.
@@ -17,7 +17,15 @@ from pathlib import Path
 import onnx
 import torch
 
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, EMBED_DIM, MODEL_FILES, StageSpec, stage_path
+from leukograph.client.contract import (
+    CELL_DETECTOR,
+    CELL_GRAPH,
+    CROP_EMBEDDER,
+    EMBED_DIM,
+    MODEL_FILES,
+    StageSpec,
+    stage_path,
+)
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, data_root
 from leukograph.training import quantize
@@ -32,12 +40,14 @@ def onnx_path(stage: StageSpec, repository: Path = MODEL_REPOSITORY) -> Path:
 
 
 def _example_inputs(stage: StageSpec) -> tuple[torch.Tensor, ...]:
+    """Six rows of which five are cells (the last is padding), so no count or row number is frozen into the graph."""
     generator = torch.Generator().manual_seed(0)
     boxes = torch.tensor([[10.0, 12.0, 90.0, 95.0], [120.0, 40.0, 200.0, 110.0], [30.0, 150.0, 70.0, 190.0],
                           [220.0, 160.0, 300.0, 230.0], [150.0, 150.0, 170.0, 168.0], [5.0, 200.0, 60.0, 236.0]])
+    count = torch.tensor([len(boxes) - 1], dtype=torch.int32)
     if stage is CROP_EMBEDDER:
-        return torch.randint(0, 256, (240, 320, 3), dtype=torch.uint8, generator=generator), boxes
-    return torch.randn(len(boxes), EMBED_DIM, generator=generator), boxes, torch.tensor([240.0, 320.0])
+        return torch.randint(0, 256, (240, 320, 3), dtype=torch.uint8, generator=generator), boxes, count
+    return torch.randn(len(boxes) - 1, EMBED_DIM, generator=generator), boxes, torch.tensor([240.0, 320.0]), count
 
 
 def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: int = OPSET) -> Path:
@@ -60,9 +70,14 @@ def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: i
 
 def export_all(weights_dir: Path = WEIGHTS_DIR, repository: Path = MODEL_REPOSITORY,
                opset: int = OPSET) -> dict[str, Path]:
-    """Export crop_embedder and cell_graph from the committed (or given) checkpoints."""
+    """Export cell_detector, crop_embedder and cell_graph from the committed (or given) checkpoints; a weights folder
+    without detector.pt (e.g. `leukograph adapt`'s, which adapts only the classifier) keeps the committed detector."""
+    from leukograph.training.detector import detector_weights_dir, export_detector, load_detector
+
     embedder, gnn, _ = load_models(weights_dir)
+    detector = load_detector(detector_weights_dir(weights_dir))
     return {
+        CELL_DETECTOR.name: export_detector(detector, onnx_path(CELL_DETECTOR, repository), opset),
         CROP_EMBEDDER.name: export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER,
                                          onnx_path(CROP_EMBEDDER, repository), opset),
         CELL_GRAPH.name: export_stage(CellGraphStage(gnn), CELL_GRAPH, onnx_path(CELL_GRAPH, repository), opset),
@@ -70,7 +85,7 @@ def export_all(weights_dir: Path = WEIGHTS_DIR, repository: Path = MODEL_REPOSIT
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Export both stages to ONNX", add_help=add_help)
+    parser = argparse.ArgumentParser(description="Export the three stages to ONNX", add_help=add_help)
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder with cnn.pt and gnn.pt")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--opset", type=int, default=OPSET)

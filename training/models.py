@@ -214,23 +214,31 @@ def node_inputs(embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> Tensor
     return torch.cat([embeddings, geometry_features(boxes, frame_size)], dim=1)
 
 
-# ---- the two served stages -----------------------------------------------------------------------------
+# ---- the two served classifier stages ----------------------------------------------------------------------
+def real_rows(rows: Tensor, cell_count: Tensor) -> Tensor:
+    """The first CELL_COUNT rows (the cells; the rest is the detector's padding), in-graph: NonZero + Gather."""
+    keep = torch.arange(rows.shape[0], device=rows.device) < cell_count.to(torch.int64)
+    return rows.index_select(0, torch.nonzero(keep).reshape(-1))
+
+
 class CropEmbedderStage(nn.Module):
-    """Served stage `crop_embedder`: FRAME uint8 [H,W,3], BOXES [N,4] -> EMBEDDINGS [N,D], FRAME_SIZE [2]."""
+    """Served stage `crop_embedder`: FRAME uint8 [H,W,3], BOXES [R,4], CELL_COUNT int32 [1] -> EMBEDDINGS [N,D] of
+    the first N = CELL_COUNT boxes, FRAME_SIZE [2]."""
 
     def __init__(self, embedder: CropEmbedder) -> None:
         super().__init__()
         self.embedder = embedder
 
-    def forward(self, frame: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, frame: Tensor, boxes: Tensor, cell_count: Tensor) -> tuple[Tensor, Tensor]:
         image = frame.to(torch.float32)  # the uint8 input feeds only this Cast (TensorRT rule)
-        embeddings, _ = self.embedder(crop_cells(image, boxes))
+        embeddings, _ = self.embedder(crop_cells(image, real_rows(boxes, cell_count)))
         frame_size = torch.stack([torch.as_tensor(image.shape[0]), torch.as_tensor(image.shape[1])])
         return embeddings, frame_size.to(torch.float32)
 
 
 class CellGraphStage(nn.Module):
-    """Served stage `cell_graph`: EMBEDDINGS, BOXES, FRAME_SIZE -> PROBS [N,C], LABELS int32 [N].
+    """Served stage `cell_graph`: EMBEDDINGS [N,D], BOXES [R,4], FRAME_SIZE, CELL_COUNT -> PROBS [N,C], LABELS int32
+    [N]; the graph joins only the first N = CELL_COUNT boxes.
 
     PROBS are calibrated: softmax(logits / gnn.temperature), the temperature fitted on validation cells."""
 
@@ -238,9 +246,11 @@ class CellGraphStage(nn.Module):
         super().__init__()
         self.gnn = gnn
 
-    def forward(self, embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.gnn.forward_dense(node_inputs(embeddings, boxes, frame_size),
-                                        dense_mean_adjacency(boxes, frame_size))
+    def forward(self, embeddings: Tensor, boxes: Tensor, frame_size: Tensor,
+                cell_count: Tensor) -> tuple[Tensor, Tensor]:
+        cells = real_rows(boxes, cell_count)
+        logits = self.gnn.forward_dense(node_inputs(embeddings, cells, frame_size),
+                                        dense_mean_adjacency(cells, frame_size))
         probs = torch.softmax(logits / self.gnn.temperature, dim=1)
         return probs, torch.argmax(probs, dim=1).to(torch.int32)
 

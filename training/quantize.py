@@ -40,7 +40,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from leukograph.client.contract import BOXES, CROP_EMBEDDER, CROP_MARGIN, CROP_SIZE, FRAME, MODEL_FILES, stage_path
+from leukograph.client.contract import (
+    CROP_EMBEDDER,
+    CROP_MARGIN,
+    CROP_SIZE,
+    MODEL_FILES,
+    boxes_feed,
+    stage_path,
+)
 from leukograph.deploy.model_repository import INT8_ONNX_FILES
 
 # Beside model.onnx in crop_embedder/1/: `--precision int8` serves the onnxruntime one; build-engines reads the other.
@@ -126,7 +133,7 @@ class MosaicReader:
     """onnxruntime.quantization CalibrationDataReader over the calibration mosaics."""
 
     def __init__(self, calibration: CalibrationSet) -> None:
-        self._feeds = iter([{FRAME.name: frame, BOXES.name: boxes} for frame, boxes in calibration.frames()])
+        self._feeds = iter([boxes_feed(frame, boxes) for frame, boxes in calibration.frames()])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
@@ -226,7 +233,7 @@ def embed_cells_onnx(session, crops: np.ndarray, batch: int = 128) -> np.ndarray
     out = []
     for start in range(0, len(crops), batch):
         frame, boxes = mosaic(crops[start:start + batch], columns=16)
-        out.append(session.run([CROP_EMBEDDER.outputs[0].name], {FRAME.name: frame, BOXES.name: boxes})[0])
+        out.append(session.run([CROP_EMBEDDER.outputs[0].name], boxes_feed(frame, boxes))[0])
     return np.concatenate(out) if out else np.zeros((0, CROP_EMBEDDER.outputs[0].shape[1]), np.float32)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukograph.client.contract import BOXES, CROP_EMBEDDER, CROP_SIZE, FRAME, WBC_CLASSES
+from leukograph.client.contract import CROP_EMBEDDER, CROP_SIZE, WBC_CLASSES, boxes_feed
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
 from leukograph.client.localize import WBC
@@ -72,7 +72,7 @@ def ms_per_cell(model: CropEmbedder, frame: np.ndarray, boxes: np.ndarray) -> di
     with tempfile.TemporaryDirectory() as tmp:
         path = export_stage(CropEmbedderStage(model), CROP_EMBEDDER, Path(tmp) / "crop_embedder.onnx")
         runner = OrtRunner(path, CROP_EMBEDDER, threads=1)
-        feed = {FRAME.name: frame, BOXES.name: boxes}
+        feed = boxes_feed(frame, boxes)
         runner.infer(feed)
         wall, cpu = [], []
         for _ in range(TIMING_REPS):

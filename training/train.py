@@ -32,11 +32,11 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader as GraphLoader
 from tqdm import tqdm
 
-from leukograph.client.contract import CLASSES, NUCLEATED_CLASSES
+from leukograph.client.contract import CLASSES, LOCALIZERS, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.augment import augment_batch
-from leukograph.training.cells import IGNORE, FrameCells, build_cells
+from leukograph.training.cells import DEFAULT_LOCALIZER, IGNORE, FrameCells, build_cells, use_localizer
 from leukograph.training.checkpoints import (
     BASELINE_FILE,
     CALIBRATION_FILE,
@@ -432,6 +432,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-hidden", type=int, default=64)
     parser.add_argument("--gnn-layers", type=int, default=2)
     parser.add_argument("--gnn-views", type=int, default=2, help="augmented embedding views per training graph")
+    parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
+                        help="who finds the training graphs' cells: client, the classical localiser; server, the "
+                        "learned detector the served ensemble runs first (default %(default)s)")
     parser.add_argument("--graph-batch", type=int, default=32)
     parser.add_argument("--baseline-epochs", type=int, default=15)
     return parser
@@ -447,6 +450,7 @@ def main(args: argparse.Namespace) -> int:
     random.seed(args.seed)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
+    use_localizer(args.localizer)
     run_dir = args.output_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()

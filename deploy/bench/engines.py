@@ -20,6 +20,8 @@ from leukograph.client.contract import (
     FRAME,
     FRAME_SIZE,
     MODEL_FILES,
+    SERVED_STAGES,
+    STAGES,
     stage_path,
 )
 from leukograph.client.errors import UserError
@@ -29,16 +31,20 @@ from leukograph.deploy.runners.base import Tensors
 Runners = list[BaseRunner]
 
 
-def triton_runners(url: str, transport: str) -> Runners:
-    """The served pipeline over `transport` (grpc, grpc-shm, http, http-shm), through `TritonPipelineClient`."""
+def triton_runners(url: str, transport: str, localizer: str = "client") -> Runners:
+    """The served pipeline over `transport` (grpc, grpc-shm, http, http-shm), through `TritonPipelineClient`:
+    `leukocyte_pipeline_boxes` with the frame's boxes (localizer client), or bare frames to `leukocyte_pipeline`,
+    whose detector finds the cells (localizer server; the loop's boxes are None)."""
     protocol, _, shm = transport.partition("-")
-    return [TritonRunner(url, protocol, shm == "shm", name="triton")]
+    return [TritonRunner(url, protocol, shm == "shm", name="triton", localizer=localizer)]
 
 
-def ort_runners(repository: Path, threads: int, provider: str = ORT_CPU) -> Runners:
-    """The two exported ONNX files in ONNX Runtime, in-process, no server (sessions are thread-safe)."""
+def ort_runners(repository: Path, threads: int, provider: str = ORT_CPU, detector: bool = False) -> Runners:
+    """The exported ONNX files in ONNX Runtime, in-process, no server (sessions are thread-safe): crop_embedder and
+    cell_graph, after the cell_detector when `detector` (then fed bare frames)."""
+    stages = SERVED_STAGES if detector else STAGES
     return [OrtRunner(stage_path(repository, stage, MODEL_FILES["onnxruntime"]), stage, threads, provider=provider)
-            for stage in (CROP_EMBEDDER, CELL_GRAPH)]
+            for stage in stages]
 
 
 def torch_stage_modules(weights: Path, threads: int) -> tuple:

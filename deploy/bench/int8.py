@@ -28,7 +28,7 @@ from statistics import median
 
 import numpy as np
 
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, CROP_SIZE, MODEL_FILES, stage_path
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, CROP_SIZE, MODEL_FILES, boxes_feed, stage_path
 from leukograph.client.errors import UserError
 from leukograph.deploy.bench.frames import MemoryCapture, load_frames, localise_boxes, tiled_boxes
 from leukograph.deploy.bench.loop import run_closed_loop, summarize
@@ -205,9 +205,9 @@ def run_int8_bench(args: argparse.Namespace) -> dict:
         boxes = tiled_boxes(image, real[middle], cells)
         calls = {}
         for precision, (crop, graph) in pipelines.items():
-            embedded = crop.infer({"FRAME": image, "BOXES": boxes})
-            graph_feed = {"EMBEDDINGS": embedded["EMBEDDINGS"], "BOXES": boxes, "FRAME_SIZE": embedded["FRAME_SIZE"]}
-            calls[precision] = {"crop_embedder": lambda c=crop, b=boxes: c.infer({"FRAME": image, "BOXES": b}),
+            embedded = crop.infer(boxes_feed(image, boxes))
+            graph_feed = {**boxes_feed(image, boxes), **embedded}
+            calls[precision] = {"crop_embedder": lambda c=crop, b=boxes: c.infer(boxes_feed(image, b)),
                                 "cell_graph": lambda g=graph, f=graph_feed: g.infer(f),
                                 "pipeline": lambda p=(crop, graph), b=boxes: run_pipeline(list(p), image, b)}
         times = _interleaved_medians(calls, reps)

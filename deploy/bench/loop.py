@@ -32,7 +32,7 @@ class RunResult:
 
 
 def run_closed_loop(make_runners: Callable[[int], Runners], capture: Any,
-                    boxes_for: Callable[[np.ndarray, int], np.ndarray],
+                    boxes_for: Callable[[np.ndarray, int], np.ndarray | None],
                     frames: int, concurrency: int, warmup: int,
                     snapshot: Callable[[], dict] | None = None) -> RunResult:
     """`concurrency` threads, each with its runners (`make_runners(k)`), take frame indices from one counter until
@@ -52,10 +52,10 @@ def run_closed_loop(make_runners: Callable[[int], Runners], capture: Any,
         t0 = time.perf_counter()
         image = capture.read(index)
         t1 = time.perf_counter()
-        boxes = boxes_for(image, index)
+        boxes = boxes_for(image, index)  # None: bare frames, the runners' detector finds the cells
         t2 = time.perf_counter()
         stages = {"capture": t1 - t0, "localise": t2 - t1}
-        if len(boxes):
+        if boxes is None or len(boxes):
             outputs = run_pipeline(runners, image, boxes)
             probs, labels = outputs[PROBS.name], outputs[LABELS.name]
             for runner in runners:
@@ -66,7 +66,7 @@ def run_closed_loop(make_runners: Callable[[int], Runners], capture: Any,
         postprocess(probs, labels)
         t4 = time.perf_counter()
         stages["decode"] = stages.get("decode", 0.0) + (t4 - t3)
-        return t4 - t0, stages, len(boxes)
+        return t4 - t0, stages, len(labels)
 
     def worker(k: int) -> None:
         runners: Runners = []
@@ -133,6 +133,7 @@ def summarize(name: str, kind: str, result: RunResult, **extra: Any) -> dict:
                      "min": int(result.cells.min()) if len(result.cells) else 0,
                      "max": int(result.cells.max()) if len(result.cells) else 0},
            "stages_ms": {k: round(float(v.mean() * 1e3), 4) for k, v in result.stages.items()},
+           "stages_p50_ms": {k: round(float(np.median(v) * 1e3), 4) for k, v in result.stages.items()},
            "load_avg_1m": round(result.load_avg[0], 2),
            "latencies_ms": [round(float(v) * 1e3, 3) for v in result.latencies]}
     if result.server:

@@ -24,13 +24,13 @@ def markdown(result: dict) -> str:
                      f"{_f(lat['p99'])} | {_f(r['fps'])} |")
     broken = [r for r in result["runs"] if "breakdown_ms" in r]
     if broken:
-        keys = list(broken[0]["breakdown_ms"])
+        keys = list(dict.fromkeys(k for r in broken for k in r["breakdown_ms"]))  # detector rows add its step
         lines += ["", "### Where the time goes (mean ms per frame; server split from Triton's statistics API)", "",
                   "| configuration | conc. | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
                   "|---|---:|" + "---:|" * len(keys)]
         for r in broken:
             lines.append(f"| {r['name']} | {r['concurrency']} | "
-                         + " | ".join(_f(r["breakdown_ms"][k], 2) for k in keys) + " |")
+                         + " | ".join(_f(r["breakdown_ms"].get(k, 0.0), 2) for k in keys) + " |")
     inproc = [r for r in result["runs"] if r["kind"] != "triton" and r["concurrency"] == 1]
     if inproc:
         lines += ["", "### In-process rows, mean ms per frame by stage", "",

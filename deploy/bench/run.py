@@ -157,14 +157,18 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         urls = {"grpc": grpc_url, "http": http_url}
 
-        def triton_factory(transport: str, url_map: dict[str, str | None] = urls) -> Callable[[int], Runners]:
+        def triton_factory(transport: str, url_map: dict[str, str | None] = urls,
+                           localizer: str = "client") -> Callable[[int], Runners]:
             url = url_map[transport.partition("-")[0]]
             if not url:
                 raise UserError(f"no URL for transport {transport}")
-            return lambda k: triton_runners(url, transport)
+            return lambda k: triton_runners(url, transport, localizer)
 
         def localised(image: np.ndarray, index: int) -> np.ndarray:
             return localise_boxes(image)
+
+        def bare_frames(image: np.ndarray, index: int) -> None:
+            return None
 
         capture = MemoryCapture(frames.images)
 
@@ -182,6 +186,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                       plan.warmup, snapshot)
                 runs.append(summarize(f"triton {transport}", "triton", run, transport=transport,
                                       concurrency=concurrency, capture="memory", boxes="localised"))
+        # -- the default path: bare frames, the ensemble's detector finds the cells (--localizer server)
+        transport = plan.transports[0]
+        for concurrency in plan.concurrencies:
+            _log(f"bench: triton {transport} x{concurrency}, detector in the ensemble (load {os.getloadavg()[0]:.2f})")
+            run = run_closed_loop(lambda k, t=transport: triton_factory(t, localizer="server")(k), capture,
+                                  bare_frames, plan.frames, concurrency, plan.warmup, snapshot)
+            runs.append(summarize(f"triton {transport}, detector in the ensemble", "triton", run,
+                                  transport=transport, concurrency=concurrency, capture="memory", boxes="detector"))
         if plan.video:
             video = write_mjpg(frames.images, Path(tempfile.mkdtemp(prefix="leukograph-bench-video-")) / "held.avi")
             video_capture = VideoCapture(video)
@@ -211,6 +223,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                  {"threads": args.ort_threads}),
                 ("onnxruntime in-process (2 threads)", "ort", lambda k: ort_runners(repository, 2), (1,),
                  {"threads": 2}),
+                # the detector's cost: its stage time in stages_p50_ms["cell_detector"] (a 640x480 frame)
+                (f"onnxruntime in-process with the detector ({args.ort_threads} thread)", "ort",
+                 lambda k: ort_runners(repository, args.ort_threads, detector=True), (1,),
+                 {"threads": args.ort_threads, "localizer": "detector"}),
+                ("onnxruntime in-process with the detector (2 threads)", "ort",
+                 lambda k: ort_runners(repository, 2, detector=True), (1,), {"threads": 2, "localizer": "detector"}),
             ]
             cuda_reason = ort_cuda_status()
             if cuda_reason is None:
@@ -246,9 +264,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for concurrency in concurrencies:
                 _log(f"bench: {name} x{concurrency} (load {os.getloadavg()[0]:.2f})")
                 frames_here = plan.frames if kind != "torch" else max(plan.frames // 2, min(plan.frames, 8))
-                run = run_closed_loop(factory, capture, localised, frames_here, concurrency, plan.warmup)
-                runs.append(summarize(name, kind, run, concurrency=concurrency, capture="memory", boxes="localised",
-                                      **extra))
+                detector = extra.get("localizer") == "detector"
+                run = run_closed_loop(factory, capture, bare_frames if detector else localised, frames_here,
+                                      concurrency, plan.warmup)
+                runs.append(summarize(name, kind, run, concurrency=concurrency, capture="memory",
+                                      boxes="detector" if detector else "localised", **extra))
         if args.trt_grpc_url:
             trt_urls = {"grpc": args.trt_grpc_url, "http": None}
             for concurrency in plan.concurrencies:
@@ -267,7 +287,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         sweep_image = frames.images[sweep_frame]
         sweep_engines = [(f"triton {plan.transports[0]}", "triton", triton_factory(plan.transports[0]),
                           {"transport": plan.transports[0]})]
-        sweep_engines += [(name, kind, factory, extra) for name, kind, factory, _, extra in baselines]
+        sweep_engines += [(name, kind, factory, extra) for name, kind, factory, _, extra in baselines
+                          if extra.get("localizer") != "detector"]
         for cells in plan.cells:
             boxes = tiled_boxes(sweep_image, real_boxes[sweep_frame], cells)
             for name, kind, factory, extra in sweep_engines:

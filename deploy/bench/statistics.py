@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, PIPELINE_NAME
+from leukograph.client.contract import PIPELINES, SERVED_STAGES
 from leukograph.deploy.bench.constants import STAT_FIELDS, STAT_MODELS
 
 
 def stats_snapshot(grpc_url: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """{model: {field: (count, ns)}} for the two steps and the ensemble (cumulative, from the statistics API)."""
+    """{model: {field: (count, ns)}} for the steps and both ensembles (cumulative, from the statistics API)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)
@@ -41,8 +41,9 @@ def triton_breakdown(row: dict) -> dict[str, float]:
     transport = the client's blocking call minus the ensemble's `success` time. Triton stamps that time's end after
     the response is released, so it overlaps the client's receipt a little: a transport under ~1 ms reads as 0."""
     stages, server = row["stages_ms"], row["server_ms"]
-    ensemble = server[PIPELINE_NAME]
-    steps = {m: server[m] for m in (CROP_EMBEDDER.name, CELL_GRAPH.name)}
+    # the ensemble the run used (bare frames: leukocyte_pipeline; the client's boxes: ..._boxes) and its steps
+    ensemble = max((server[p.name] for p in PIPELINES), key=lambda s: s["requests"])
+    steps = {s.name: server[s.name] for s in SERVED_STAGES if server[s.name]["requests"] > 0}
     compute = {m: s["compute_input_ms"] + s["compute_infer_ms"] + s["compute_output_ms"] for m, s in steps.items()}
     queue = ensemble["queue_ms"] + sum(s["queue_ms"] for s in steps.values())
     out = {"capture": stages.get("capture", 0.0), "localise": stages.get("localise", 0.0),

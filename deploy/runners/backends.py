@@ -10,7 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from leukograph.client.contract import BOXES, FRAME, LABELS, PIPELINE, PROBS, StageSpec
+from leukograph.client.contract import (
+    BOXES,
+    CELL_COUNT,
+    FRAME,
+    KINDS,
+    LABELS,
+    PIPELINE_OF_LOCALIZER,
+    PROBS,
+    SCORES,
+    StageSpec,
+    cell_count,
+)
 from leukograph.client.errors import UserError
 from leukograph.deploy.runners.base import BaseRunner, Tensors
 
@@ -98,20 +109,26 @@ class TritonRunner(BaseRunner):
     built, shared memory written), infer (the blocking call) and decode (outputs read)."""
 
     def __init__(self, url: str, protocol: str = "grpc", shm: bool = False, name: str | None = None,
-                 **client_options: Any) -> None:
-        super().__init__(PIPELINE, name)
+                 localizer: str = "server", **client_options: Any) -> None:
+        super().__init__(PIPELINE_OF_LOCALIZER[localizer], name)
         from leukograph.client.triton_client import TritonPipelineClient
 
         self._timings: dict[str, float] = {}
-        self.client = TritonPipelineClient(url, protocol, shm=shm, max_in_flight=1, timing_hook=self._record,
-                                           **client_options)
+        self.client = TritonPipelineClient(url, protocol, localizer=localizer, shm=shm, max_in_flight=1,
+                                           timing_hook=self._record, **client_options)
 
     def _record(self, timings: dict[str, float]) -> None:
         self._timings = timings
 
     def infer_impl(self, feed: Tensors) -> Tensors:
-        probs, labels = self.client.infer(feed[FRAME.name], feed[BOXES.name])
-        return {PROBS.name: probs, LABELS.name: labels}
+        """Bare frames (localizer server: the served detector's cells come back) or FRAME + BOXES (client)."""
+        outcome = self.client.infer_outcome(feed[FRAME.name], feed.get(BOXES.name) if BOXES.name in self.input_names
+                                            else None)
+        outputs = {PROBS.name: outcome.probs, LABELS.name: outcome.labels}
+        if outcome.boxes is not None:
+            outputs.update({BOXES.name: outcome.boxes, KINDS.name: outcome.kinds.astype(KINDS.np_dtype),
+                            SCORES.name: outcome.scores, CELL_COUNT.name: cell_count(outcome.boxes)})
+        return outputs
 
     def stage_timings(self) -> dict[str, float]:
         return dict(self._timings) or super().stage_timings()

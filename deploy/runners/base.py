@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from leukograph.client.contract import BOXES, FRAME, StageSpec
+from leukograph.client.contract import BOXES, CELL_COUNT, FRAME, FRAME_SIZE, STAGES, StageSpec, cell_count
 
 Tensors = dict[str, np.ndarray]
 
@@ -59,11 +59,26 @@ class BaseRunner:
         self.close()
 
 
-def run_pipeline(runners: Sequence[BaseRunner], frame: np.ndarray, boxes: np.ndarray) -> Tensors:
-    """Run the runners in order on one frame, each fed by name from the frame, the boxes and the earlier outputs.
+def run_pipeline(runners: Sequence[BaseRunner], frame: np.ndarray, boxes: np.ndarray | None = None) -> Tensors:
+    """Run the runners in order on one frame, each fed by name from the frame, the boxes (CELL_COUNT = N) and the
+    earlier outputs.
 
-    `[crop_embedder, cell_graph]` runners, or one pipeline runner; returns every tensor (inputs included)."""
-    tensors: Tensors = {FRAME.name: frame, BOXES.name: boxes}
+    `[crop_embedder, cell_graph]` runners with `boxes`; `[cell_detector, crop_embedder, cell_graph]` or one pipeline
+    runner with `boxes=None` (the detector's BOXES, CELL_COUNT feed the rest); returns every tensor (inputs
+    included)."""
+    tensors: Tensors = {FRAME.name: frame}
+    if boxes is not None:
+        tensors.update({BOXES.name: boxes, CELL_COUNT.name: cell_count(boxes)})
     for runner in runners:
+        if CELL_COUNT.name in tensors and int(tensors[CELL_COUNT.name][0]) == 0 and runner.stage in STAGES:
+            tensors.update(no_cell_outputs(runner.stage, frame))  # the detector found nothing: no graph over 0 cells
+            continue
         tensors.update(runner.infer(tensors))
     return tensors
+
+
+def no_cell_outputs(stage: StageSpec, frame: np.ndarray | None) -> Tensors:
+    """A classifier stage's outputs for a frame without cells (`frame` is needed for crop_embedder's FRAME_SIZE)."""
+    return {spec.name: (np.array(frame.shape[:2], spec.np_dtype) if spec is FRAME_SIZE
+                        else np.zeros([0 if d == -1 else d for d in spec.shape], spec.np_dtype))
+            for spec in stage.outputs}
