@@ -130,7 +130,8 @@ class DetectorStage(nn.Module):
 
     def forward(self, frame: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pixels = frame.to(torch.float32)
-        size = torch._shape_as_tensor(pixels).to(torch.float32)  # Shape of the float copy (uint8 feeds only Cast)
+        # Shape of the float copy (the uint8 input feeds only the Cast), on the frame's device
+        size = torch._shape_as_tensor(pixels).to(pixels.device, torch.float32)
         x = pixels.permute(2, 0, 1).unsqueeze(0) / 255.0
         x = F.interpolate(x, size=(DETECTOR_SIZE, DETECTOR_SIZE), mode="bilinear", align_corners=False)
         boxes, scores, kinds = decode(self.net(x)[0], size[0:1], size[1:2])
