@@ -329,6 +329,28 @@ def plot_confusion(metrics: dict, class_names: tuple[str, ...], title: str, path
     plt.close(fig)
 
 
+def plot_stain_shift(report: dict, path: Path) -> None:
+    """Image accuracy against synthetic stain-shift strength, CNN only (dashed) and CNN+GNN (solid), for this run and
+    every --seed-report run: does the graph's context (its red cells) steady the answer as the stain drifts?"""
+    runs = {"this run": report["stain_shift"], **{name: r["stain_shift"] for name, r in report.get("seeds", {}).items()
+                                                  if name != "committed"}}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (key, title) in zip(axes, (("pbc_test", "PBC test (7 nucleated classes)"),
+                                       ("4class_test_simple", "4-class TEST_SIMPLE"))):
+        for colour, (name, shift) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+            for model, style in (("CNN only", "--"), ("CNN+GNN", "-")):
+                ax.plot(shift["strengths"], [100 * v for v in shift[key][model]], style, color=colour, marker="o",
+                        label=f"{name}: {model}")
+        ax.set_title(title)
+        ax.set_xlabel("stain shift strength (1 = the training augmentation's range)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("image accuracy, %")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -421,8 +443,12 @@ def markdown(report: dict) -> str:
                   f"{v['images_with_wbc']:.1%} |" for name, v in loc.items() if "recall_iou50" in v]
     seeds = report.get("seeds")
     if seeds:
-        lines += ["", "Does the graph help? CNN-only against CNN+GNN, per seed (each seed's CNN and GNN trained "
-                  "separately; the first is the committed model):", "", seed_table(seeds).rstrip()]
+        lines += ["", "Does the graph help? CNN-only against CNN+GNN for this run's weights (first) and each "
+                  "`--seed-report` run:", "", seed_table(seeds).rstrip()]
+    found_by = report.get("cells_found_by", "client")
+    lines += ["", "Cells found by: " + ("the learned cell detector (`--localizer server`, the served ensemble's first "
+                                        "step)." if found_by == "server" else
+                                        "the classical localiser (`--localizer client`).")]
     loso = report.get("leave_one_source_out")
     if loso:
         lines += ["", "Leave one source out (trained without the source, tested on it; target >= 75%):", "",
@@ -604,6 +630,7 @@ def main(args: argparse.Namespace) -> int:
                    out / "confusion_bccd_heldout_cnn_gnn.png")
     plot_confusion(report["pbc_test"]["images"]["CNN+GNN"], NUCLEATED_CLASSES, "CNN+GNN: PBC test images",
                    out / "confusion_pbc_test_cnn_gnn.png")
+    plot_stain_shift(report, out / "stain_shift.png")
     print(markdown(report))
     if args.output_dir.resolve() == RESULTS_DIR.resolve():
         summary_path = args.weights / "train_summary.json"
