@@ -60,6 +60,20 @@ def test_json_output_on_a_frame(held_out_frame: Path) -> None:
         assert cell["label"] == max(cell["probs"], key=cell["probs"].get)
 
 
+def test_both_localizers_find_the_frame_s_white_cell(held_out_frame: Path) -> None:
+    """Default: the learned detector (as served); --localizer client: the classical localiser. The detector also finds
+    the red cells the classical one misses, so it reports more cells on a BCCD frame."""
+    records = {}
+    for localizer in ("server", "client"):
+        result = run_cli(str(held_out_frame), "--json", "--localizer", localizer)
+        assert result.returncode == 0, result.stderr
+        records[localizer] = json.loads(result.stdout)
+    assert records["server"]["white_cell"]["found_by"] == "detector"
+    assert records["client"]["white_cell"]["found_by"] == "localiser"
+    assert records["server"]["white_cell"]["class"] == records["client"]["white_cell"]["class"]
+    assert len(records["server"]["cells"]) > len(records["client"]["cells"])
+
+
 def test_python_api_matches_cli(held_out_frame: Path) -> None:
     from leukograph.training.classify import Classifier
 
