@@ -18,6 +18,7 @@ Output: `docs/bench/int8.json` (`--out-dir`), and with `--readme` the README "in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -176,6 +177,29 @@ def triton_rows(repository: Path, precision: str, frames, boxes: list[np.ndarray
     return rows, check
 
 
+def op_profile_ms(path: Path, feed: dict[str, np.ndarray], reps: int) -> dict[str, float]:
+    """Mean ms per call by op type in one ONNX Runtime session (1 thread), from ORT's own profiler: where a
+    graph's time goes (e.g. the FP32 GridSample left in front of the INT8 convolutions)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="leukograph-ort-profile-") as folder:
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, feed)  # warm-up: its kernels are timed too, so it counts as one of the calls
+        for _ in range(reps):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / (reps + 1)
+    return {op: round(ms, 3) for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def run_int8_bench(args: argparse.Namespace) -> dict:
     from leukograph.deploy.bench.engines import seed_style_runners
     from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR
@@ -219,6 +243,10 @@ def run_int8_bench(args: argparse.Namespace) -> dict:
                                "cell_graph_ms": round(median_s["cell_graph"] * 1e3, 3),
                                "pipeline_ms": round(median_s["pipeline"] * 1e3, 3)})
     result["in_process"] = in_process
+    boxes_most = tiled_boxes(image, real[middle], CELLS[-1])
+    result["op_profile_ms"] = {"cells": CELLS[-1], **{
+        precision: op_profile_ms(stage_path(repository, CROP_EMBEDDER, name), boxes_feed(image, boxes_most), reps)
+        for precision, name in ONNX_FILES.items()}}
     seed = seed_style_runners(weights, 1)
     boxes16 = tiled_boxes(image, real[middle], CELLS[0])
     result["seed_style_ms_16_cells"] = round(_median_s(lambda: run_pipeline(seed, image, boxes16), reps) * 1e3, 3)
@@ -287,4 +315,11 @@ def markdown(result: dict) -> str:
                 "rate); a core that boosts above it has a higher peak, so a share near or above 100% says the core ran "
                 f"faster than {peak['clock_ghz']:.2f} GHz, not that the kernel beat the hardware. Measured: "
                 f"{roof['note']}."]
+    profile = result.get("op_profile_ms")
+    if profile:
+        lines += ["", f"Where the crop_embedder's time goes at {profile['cells']} cells (ONNX Runtime's profiler, 1 "
+                  "thread, mean ms per call, the largest op types): " + "; ".join(
+                      f"{precision} {sum(ops.values()):.1f} ms: " + ", ".join(
+                          f"{op} {ms:.1f}" for op, ms in list(ops.items())[:4])
+                      for precision, ops in profile.items() if precision != "cells") + "."]
     return "\n".join(lines) + "\n"
