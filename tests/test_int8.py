@@ -219,3 +219,16 @@ def test_roofline_peak_and_multiply_adds() -> None:
     macs = macs_per_crop(WEIGHTS_DIR)
     # every conv weight is used at >= 8x8 output positions and at most at CROP_SIZE x CROP_SIZE of them
     assert weights * 64 < macs < weights * CROP_SIZE * CROP_SIZE + embedder.embed[1].weight.numel()
+
+
+def test_op_profile_names_where_the_time_goes(served_repository: Path) -> None:
+    """`bench --int8`'s op-type profile, from ONNX Runtime's own profiler, on the served FP32 crop_embedder."""
+    from leukograph.client.contract import boxes_feed
+    from leukograph.deploy.bench.frames import load_frames, localise_boxes
+    from leukograph.deploy.bench.int8 import op_profile_ms
+
+    image = load_frames(limit=1).images[0]
+    profile = op_profile_ms(stage_path(served_repository, CROP_EMBEDDER, "model.onnx"),
+                            boxes_feed(image, localise_boxes(image)), reps=2)
+    assert profile["Conv"] > 0 and profile["GridSample"] > 0
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)
