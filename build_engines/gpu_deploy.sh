@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU deployment on a machine WITH TensorRT >= 10, pycuda and tritonserver (NVIDIA's Triton container
-# nvcr.io/nvidia/tritonserver:<yy.mm>-py3, or JetPack with Triton): take the two ONNX stages, write a SEPARATE
+# nvcr.io/nvidia/tritonserver:<yy.mm>-py3, or JetPack with Triton): take the three ONNX stages, write a SEPARATE
 # tensorrt model repository, build + verify the FP16 engines there, start Triton on 127.0.0.1, stream sample frames
 # through it, stop Triton. The committed model_repository/ (onnxruntime configs for `leukograph serve`) is only
 # read, never written: its configs stay what `leukograph generate-repo` writes, so the drift test and serve keep
@@ -32,7 +32,7 @@ METRICS_PORT="${METRICS_PORT:-8002}"
 SAMPLE="${SAMPLE:-gpu-smoke}"
 TARGET="${TARGET:-100}"
 DATA="${LEUKOGRAPH_DATA:-$root/../shared/datasets}"
-STAGES=(crop_embedder cell_graph)
+STAGES=(cell_detector crop_embedder cell_graph)
 
 frames="$DATA/bccd/JPEGImages"
 if [[ $# -gt 0 && "$1" != "--" ]]; then frames="$1"; shift; fi

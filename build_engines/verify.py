@@ -81,7 +81,7 @@ def held_out_samples(box_source: str = "auto", frame_size: tuple[int, int] | Non
 
 
 def ort_pipeline(repository: Path, threads: int = 1) -> list[OrtRunner]:
-    """ONNX Runtime fp32 runners for both stages' `model.onnx` in `repository`."""
+    """ONNX Runtime fp32 runners for the classifier stages' `model.onnx` in `repository`."""
     return [OrtRunner(stage_path(repository, stage, MODEL_FILES["onnxruntime"]), stage, threads) for stage in STAGES]
 
 

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("leukograph.deploy.demo", "main job: start the CPU Triton server, stream sample frames, count"),
     "train": ("leukograph.training.train", "train the CNN crop embedder and the cell-graph GNN"),
     "evaluate": ("leukograph.training.evaluate", "evaluate baseline, CNN-only and CNN+GNN on held-out data"),
-    "export": ("leukograph.training.export", "export both stages to ONNX in the model repository"),
+    "export": ("leukograph.training.export", "export the three stages to ONNX in the model repository"),
     "train-detector": ("leukograph.training.detector_train", "train the learned cell detector (frames -> boxes)"),
     "export-detector": ("leukograph.training.detector", "export the cell detector to ONNX in the model repository"),
     "classify": ("leukograph.training.classify", "localise and classify every cell in image files"),

@@ -8,7 +8,7 @@ The image carries everything the Kubernetes initContainer and the edge box's `bu
 volume has to be filled before the first start:
 
     dist/leukograph-<version>-py3-none-any.whl      the package (`pip wheel` of this repository)
-    model_source/<stage>/1/model.onnx               both stages, as `leukograph export` writes them
+    model_source/<stage>/1/model.onnx               every stage, as `leukograph export` writes them
     verification-data/                              what `leukograph build-engines` verification reads:
       bccd/labels.csv                                 WBC subtypes per frame
       bccd/derived/frame_summary.csv                  which 4-class split each frame feeds (held-out = TEST sources)

@@ -29,7 +29,7 @@ Batching: ``max_batch_size: 0`` - one request is one frame with its own number o
 natural shapes (FRAME [H,W,3], BOXES [N,4]). Batching frames would need padding to a common N and H,W plus masks,
 or ragged batching, which needs a batch-index input through both graphs so that the kNN graph never joins cells of
 different frames; neither exported graph has that, and a microscope sends a few frames per second, so there is
-little to gain. Throughput comes from instances (below) and from the ensemble pipelining the two steps.
+little to gain. Throughput comes from instances (below) and from the ensemble pipelining its steps.
 
 Instances come from one setting, ``INSTANCES`` (``generate-repo --instances STAGE=N`` and ``bench --instances``
 override it): two crop_embedder instances and one cell_graph, each with one ORT intra-op thread (config parameter
@@ -39,7 +39,7 @@ docs/bench/experiments/), while the ensemble runs cell_graph on frame t beside c
 two instances let one request's copies overlap another's compute on separate CUDA streams; cell_graph is a small
 dense GNN over at most MAX_CELLS nodes, one instance suffices.
 
-Precision (``--precision``, onnxruntime backend): ``fp32`` serves ``model.onnx`` in both steps; ``int8`` serves the
+Precision (``--precision``, onnxruntime backend): ``fp32`` serves ``model.onnx`` in every step; ``int8`` serves the
 crop_embedder's INT8 QDQ graph ``model.int8.onnx`` (``leukograph export --int8``, training/quantize.py) through the
 step's ``onnx_file`` parameter, and the cell_graph stays FP32 (README "INT8"). ``DEFAULT_PRECISION`` is what the
 committed repository holds.

@@ -1,6 +1,6 @@
 """Triton python-backend step: one stage's model.onnx in ONNX Runtime on CPU (`leukograph.deploy.runners.OrtRunner`).
 
-`leukograph generate-repo` writes `<stage>/1/model.py`, a shim importing this module, for both stages; the stage comes
+`leukograph generate-repo` writes `<stage>/1/model.py`, a shim importing this module, for every stage; the stage comes
 from the model name and `leukograph.client.contract`, which also validates every request: a bad request gets an error
 response with one clear line and the model keeps serving. Nothing raised here may escape `execute`.
 The stub runs the venv's python3, where leukograph (editable), numpy < 2 and onnxruntime are installed.

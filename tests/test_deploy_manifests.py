@@ -39,7 +39,7 @@ K8S, K3S, EDGE = DEPLOY / "k8s", DEPLOY / "k3s", DEPLOY / "edge"
 BIN = Path(sys.executable).parent
 TRITON_IMAGE = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d{2}\.\d{2}-py3)$")
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, as `leukograph serve` uses them
-STAGE_NAMES = {s.name for s in contract.STAGES}
+STAGE_NAMES = {s.name for s in contract.SERVED_STAGES}  # every step of the served repository
 # The shared restricted-API convention (same categories, header and variable as `leukograph serve`).
 RESTRICTED = "shared-memory,model-config,model-repository,logging,trace"
 ADMIN_HEADER, ADMIN_ENV = "leukograph-admin-key", "LEUKOGRAPH_ADMIN_KEY"
@@ -394,7 +394,7 @@ def test_hpa_scales_on_pending_requests_of_both_steps() -> None:
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     assert "nv_inference_pending_request_count{<<.LabelMatchers>>" in query and "<<.GroupBy>>" in query
     steps = re.search(r'model=~"([^"]+)"', query)
-    assert steps and set(steps.group(1).split("|")) == STAGE_NAMES, "pending requests summed over both steps"
+    assert steps and set(steps.group(1).split("|")) == STAGE_NAMES, "pending requests summed over every step"
     assert "/" not in query.replace("<<.", ""), "no ratio: nothing can divide by zero when every request fails"
 
 
@@ -437,7 +437,7 @@ def test_init_container_builds_verifies_and_loads_the_plans() -> None:
     assert "COPY model_source/ /opt/leukograph/model_source/" in dockerfile
     assert "COPY verification-data/ /opt/leukograph/verification-data/" in dockerfile
     rendered = repo.render("tensorrt")
-    for name in STAGE_NAMES | {contract.PIPELINE.name}:
+    for name in STAGE_NAMES | {p.name for p in contract.PIPELINES}:
         assert f"{name}/config.pbtxt" in rendered
 
 
