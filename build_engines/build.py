@@ -308,8 +308,12 @@ def verify_engines(repository: Path, built: dict[str, Path], profiles: Profiles,
     detector = None
     try:
         if CELL_DETECTOR.name in built:  # the detector alone: its cells against ONNX Runtime's on the frames
-            detector = verify.detector_agreement(repository, TrtRunner(built[CELL_DETECTOR.name], CELL_DETECTOR),
-                                                 verification_samples(profiles, args.box_source, args.data_root))
+            detector_engine = TrtRunner(built[CELL_DETECTOR.name], CELL_DETECTOR)
+            try:
+                detector = verify.detector_agreement(repository, detector_engine,
+                                                     verification_samples(profiles, args.box_source, args.data_root))
+            finally:
+                detector_engine.engine.close()
         for stage, ort_stage in zip(STAGES, reference):
             plan = built.get(stage.name) or stage_dir(repository, stage) / PLAN_FILE
             candidate.append(TrtRunner(plan, stage) if plan.exists() else ort_stage)

@@ -5,6 +5,9 @@ TensorRT >= 10 name-based I/O API (TensorRT 10 Python API reference: Runtime / I
 `engine.num_io_tensors` / `get_tensor_name(i)` / `get_tensor_mode(name)` / `get_tensor_dtype(name)`,
 `engine.get_tensor_profile_shape(name, profile_index) -> (min, opt, max)`, `context.set_input_shape(name, shape)`,
 `context.get_tensor_shape(name)`, `context.set_tensor_address(name, ptr)`, `context.execute_async_v3(stream_handle)`.
+Data-dependent output shapes (the classifier stages' rows selected by CELL_COUNT with NonZero): `context.
+get_max_output_size(name)` bounds the buffer and a `trt.IOutputAllocator` (`reallocate_output`, `notify_shape`,
+set with `context.set_output_allocator`) hands it out and receives the actual shape.
 
 CUDA comes from pycuda, imported lazily (importing this module needs neither TensorRT nor pycuda):
 
@@ -122,6 +125,27 @@ def plan_load_problem(plan_path: Path, runtime_version: str, compute_capability:
     return None
 
 
+def _fixed_output_allocator(trt, address: int, capacity: int):
+    """A `trt.IOutputAllocator` for a data-dependent output: it hands TensorRT one preallocated device buffer of
+    `capacity` bytes (the context's `get_max_output_size`) and keeps the shape TensorRT reports in `.shape`."""
+
+    class FixedOutputAllocator(trt.IOutputAllocator):
+        def __init__(self) -> None:
+            trt.IOutputAllocator.__init__(self)
+            self.shape: tuple[int, ...] | None = None
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            return address if size <= capacity else None
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape) -> None:
+            self.shape = tuple(shape)
+
+    return FixedOutputAllocator()
+
+
 class EngineRunner:
     """`EngineRunner(plan_path)(feeds) -> outputs`, numpy in and out, one engine, profile 0, callable from any thread.
 
@@ -165,14 +189,29 @@ class EngineRunner:
                     shape = tuple(max_shape)
                 self.max_shapes[name] = shape
                 self.context.set_input_shape(name, shape)
-            for name in self.output_names:  # with every input at its max, outputs are at their max too
-                self.max_shapes[name] = tuple(self.context.get_tensor_shape(name))
+            # With every input at its max, outputs are at their max too, except data-dependent ones (-1: the classifier
+            # stages' rows after CELL_COUNT's NonZero): those get TensorRT's upper bound and an output allocator that
+            # hands out that buffer and records the shape TensorRT reports.
+            self.allocators: dict[str, object] = {}
+            counts = {}
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                if -1 in shape:
+                    counts[name] = max(int(self.context.get_max_output_size(name)) // self.dtypes[name].itemsize, 1)
+                else:
+                    self.max_shapes[name] = shape
+            counts.update({name: max(int(np.prod(shape)), 1) for name, shape in self.max_shapes.items()})
             self.buffers, self.host = {}, {}
-            for name, shape in self.max_shapes.items():
-                count = max(int(np.prod(shape)), 1)
+            for name, count in counts.items():
                 self.buffers[name] = cuda.mem_alloc(count * self.dtypes[name].itemsize)
                 self.host[name] = cuda.pagelocked_empty(count, self.dtypes[name])
-                self.context.set_tensor_address(name, int(self.buffers[name]))
+                if name in self.max_shapes:
+                    self.context.set_tensor_address(name, int(self.buffers[name]))
+                else:
+                    capacity = count * self.dtypes[name].itemsize
+                    allocator = _fixed_output_allocator(trt, int(self.buffers[name]), capacity)
+                    self.context.set_output_allocator(name, allocator)
+                    self.allocators[name] = allocator
 
     @contextmanager
     def _current(self):
@@ -203,12 +242,15 @@ class EngineRunner:
             pinned = self.host[name][:array.size].reshape(array.shape)
             np.copyto(pinned, array)
             cuda.memcpy_htod_async(self.buffers[name], pinned, self.stream)
-        pinned_out = {}
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            pinned_out[name] = self.host[name][:int(np.prod(shape))].reshape(shape)
         if not self.context.execute_async_v3(self.stream.handle):
             raise EngineExecutionError(f"{self.plan_path}: execute_async_v3 failed (see the TensorRT log)")
+        pinned_out = {}
+        for name in self.output_names:  # a data-dependent shape is known once execute_async_v3 has returned
+            allocator = self.allocators.get(name)
+            shape = allocator.shape if allocator is not None else tuple(self.context.get_tensor_shape(name))
+            if shape is None or -1 in shape:
+                raise EngineExecutionError(f"{self.plan_path}: TensorRT reported no shape for output {name}")
+            pinned_out[name] = self.host[name][:int(np.prod(shape))].reshape(shape)
         for name, pinned in pinned_out.items():
             if pinned.size:
                 cuda.memcpy_dtoh_async(pinned, self.buffers[name], self.stream)

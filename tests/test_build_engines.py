@@ -31,6 +31,7 @@ from leukograph.client.contract import (
     MAX_CELLS,
     MAX_FRAME_SIDE,
     MIN_FRAME_SIDE,
+    SERVED_STAGES,
     STAGES,
 )
 from leukograph.client.errors import UserError
@@ -492,9 +493,10 @@ def test_build_verify_and_run_engines(tensorrt_gpu: None, exported_repository: P
     args = build.get_args_parser().parse_args(["--model-repository", str(repository), "--work-dir",
                                                str(tmp_path / "work")])
     assert build.main(args) == 0
-    for stage in STAGES:
+    for stage in SERVED_STAGES:
         report = json.loads((repository / stage.name / "1" / REPORT_FILE).read_text())
         assert report["verification"]["passed"], report["verification"]["failures"]
+        assert report["verification"]["detector"]["matched_share"] >= 0.98
         assert report["verification"]["largest_frame"]["frame"] == [MAX_FRAME_SIDE, MAX_FRAME_SIDE]
         assert report["engine_bytes"] > 0 and report["gpu"]["name"] and report["timing_cache"]["saved"]
     assert list((tmp_path / "work" / "timing-cache").glob("timing-trt*-sm*.cache"))
@@ -508,10 +510,10 @@ def test_build_verify_and_run_engines(tensorrt_gpu: None, exported_repository: P
     from leukograph.build_engines.verify import held_out_samples
 
     sample = held_out_samples("voc")[0]
-    feeds = {"FRAME": sample.frame, "BOXES": sample.boxes}
+    feeds = {"FRAME": sample.frame, "BOXES": sample.boxes, "CELL_COUNT": np.array([len(sample.boxes) - 1], np.int32)}
     with EngineRunner(repository / CROP_EMBEDDER.name / "1" / build.PLAN_FILE) as runner:
-        out = runner(feeds)
-        assert out["EMBEDDINGS"].shape == (len(sample.boxes), EMBED_DIM)
+        out = runner(feeds)  # EMBEDDINGS' rows depend on CELL_COUNT: the runner's output allocator sizes them
+        assert out["EMBEDDINGS"].shape == (len(sample.boxes) - 1, EMBED_DIM)
         assert list(out["FRAME_SIZE"]) == [480.0, 640.0]
         with ThreadPoolExecutor(2) as pool:  # the benchmark calls the runner from worker threads
             results = list(pool.map(lambda _: runner(feeds), range(4)))
@@ -522,7 +524,7 @@ def test_build_verify_and_run_engines(tensorrt_gpu: None, exported_repository: P
 def test_cli_check_only_runs_without_tensorrt(exported_repository: Path) -> None:
     done = _cli("--check-only", "--model-repository", str(exported_repository))
     assert "cell_graph: OK" in done.stdout, done.stdout + done.stderr
-    assert "crop_embedder:" in done.stdout
+    assert "crop_embedder:" in done.stdout and "cell_detector: OK" in done.stdout
 
 
 def test_parser_is_usable_standalone() -> None:
