@@ -318,6 +318,7 @@ class TritonServer:
                 process.wait()
         with contextlib.suppress(ProcessLookupError):  # leftover stubs, if any
             os.killpg(process.pid, signal.SIGKILL)
+        _wait_until_group_exits(process.pid)  # a dying stub still maps its shm region: stale-region cleanup waits
         return process.returncode
 
     def restart(self, timeout: float = 60.0) -> TritonServer:
@@ -329,6 +330,29 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Pids of the process group's members that still run (zombies have released their memory and do not count)."""
+    live = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(int(proc.name))
+    return live
+
+
+def _wait_until_group_exits(pgid: int, timeout: float = 10.0) -> bool:
+    """Wait (at most `timeout` s) until no member of the killed process group runs; True when none does."""
+    deadline = time.monotonic() + timeout
+    while _live_group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _regions_in_use() -> set[str]:
