@@ -1,4 +1,5 @@
-"""`TritonPipelineClient`: the client side of the `leukocyte_pipeline` ensemble (gRPC or HTTP, optional system shm).
+"""`TritonPipelineClient`: the client side of the two ensembles (gRPC or HTTP, optional system shm): bare frames to
+`leukocyte_pipeline` (its detector finds the cells), frames with the client's boxes to `leukocyte_pipeline_boxes`.
 
 Used by `leukograph stream`, and by the benchmark through `leukograph.deploy.runners.TritonRunner` (its timing hook).
 Torch-free. Names, dtypes and limits come from `contract`; nothing is restated here.
