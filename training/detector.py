@@ -36,7 +36,7 @@ from leukograph.client.contract import (
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import MODEL_REPOSITORY, RELEASE_WEIGHTS_DIR, WEIGHTS_DIR
 
-DETECTOR_WEIGHTS = "detector.pt"
+DETECTOR_WEIGHTS = "detector.pt"  # = deploy.model_repository.DETECTOR_CHECKPOINT (weights_id reads it without torch)
 OUTPUT_SIDE = DETECTOR_SIZE // DETECTOR_STRIDE
 NUM_KINDS = len(CELL_KINDS)
 HEAD_CHANNELS = NUM_KINDS + 4  # kind logits, log w, log h, offset x, offset y
