@@ -173,11 +173,21 @@ def _terminate_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+_ISSUED_PORTS: set[int] = set()  # ports free_port handed out in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now (for tests; another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port that is free right now and not handed out before by this process (the OS may offer the port it just
+    gave back, so three calls for one server's HTTP, gRPC and metrics ports could otherwise collide; another process
+    may still take it)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _ISSUED_PORTS:
+            _ISSUED_PORTS.add(port)
+            return port
+    raise OSError("no free port left that this process has not handed out already")
 
 
 def _tail(path: Path, lines: int = 15, errors: int = 10) -> str:
