@@ -78,7 +78,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, RELEASE_WEIGHTS_DIR, WEIGHTS_DIR
+from leukograph.deploy.paths import DETECTOR_WEIGHTS, MODEL_REPOSITORY, WEIGHTS_DIR, detector_weights_dir
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "int8")
@@ -189,18 +189,14 @@ def write_config(path: Path, config: pb.ModelConfig, backend: str) -> None:
         path.write_text(text)
 
 
-DETECTOR_CHECKPOINT = "detector.pt"  # training/detector.py DETECTOR_WEIGHTS (not imported: that module needs torch)
-
-
 def weights_id(weights_dir: Path | None = None) -> str:
     """`contract.weights_id` of the checkpoints the repository is exported from: the CNN, the GNN and the detector
     that finds the cells (the released one when the folder has none, as `export` does). It goes into the ensemble
     config, so a remote client records which trained models found and labelled each cell; `generate-repo` after new
     weights updates it, and the no-drift test catches a config left behind."""
     directory = Path(weights_dir or WEIGHTS_DIR)
-    detector = directory / DETECTOR_CHECKPOINT
-    detector = detector if detector.exists() else RELEASE_WEIGHTS_DIR / DETECTOR_CHECKPOINT
-    return contract.weights_id([directory / "cnn.pt", directory / "gnn.pt", detector])
+    return contract.weights_id([directory / "cnn.pt", directory / "gnn.pt",
+                                detector_weights_dir(directory) / DETECTOR_WEIGHTS])
 
 
 def render(backend: str = "onnxruntime", ort_threads: int = DEFAULT_ORT_THREADS,
@@ -315,7 +311,7 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
     import torch  # heavy: only here
 
     from leukograph.training.checkpoints import load_models
-    from leukograph.training.detector import DetectorStage, detector_weights_dir, load_detector
+    from leukograph.training.detector import DetectorStage, load_detector
     from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
     target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

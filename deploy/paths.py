@@ -30,6 +30,15 @@ def data_root(cli_value: str | os.PathLike | None = None) -> Path:
 # Release weights shipped with the package; LEUKOGRAPH_WEIGHTS points elsewhere (e.g. a fresh training run).
 RELEASE_WEIGHTS_DIR = PACKAGE_ROOT / "training" / "weights"
 WEIGHTS_DIR = Path(os.environ.get(WEIGHTS_ENV) or RELEASE_WEIGHTS_DIR).expanduser().resolve()
+DETECTOR_WEIGHTS = "detector.pt"  # the cell detector's checkpoint in a weights folder
+
+
+def detector_weights_dir(weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """`weights_dir` when it holds detector.pt, else the released weights' folder: a folder of classifier weights
+    alone (`leukograph adapt`'s, a CNN/GNN training run) keeps the released detector."""
+    return Path(weights_dir) if (Path(weights_dir) / DETECTOR_WEIGHTS).exists() else RELEASE_WEIGHTS_DIR
+
+
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 CACHE_DIR = Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache").expanduser().resolve()
 

@@ -39,7 +39,7 @@ from leukograph.client.boxes import box_iou, greedy_pairs
 from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE, LOCALIZERS, file_sha256
 from leukograph.client.images import read_image
 from leukograph.client.localize import Cells, detector_cells, localize
-from leukograph.deploy.paths import CACHE_DIR
+from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir
 from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
 from leukograph.training.models import STORE_PAD, STORE_SIZE, STORE_ZOOM, crop_cells
 
@@ -92,7 +92,7 @@ def use_localizer(name: str) -> None:
 
 @functools.cache
 def _detector_stage():
-    from leukograph.training.detector import DetectorStage, detector_weights_dir, load_detector
+    from leukograph.training.detector import DetectorStage, load_detector
 
     return DetectorStage(load_detector(detector_weights_dir())).eval()
 
@@ -187,7 +187,7 @@ def _cache_key(name: str, ids: list[str]) -> str:
     else:  # the detector: its weights and its decoding
         from leukograph.training import detector
 
-        digest.update(file_sha256(detector.detector_weights_dir() / detector.DETECTOR_WEIGHTS).encode())
+        digest.update(file_sha256(detector_weights_dir() / DETECTOR_WEIGHTS).encode())
         digest.update(inspect.getsource(detector).encode())
     digest.update(f"{CROP_SIZE}/{CROP_MARGIN}/{MATCH_IOU}/{STORE_SIZE}/{STORE_ZOOM}/v2".encode())
     digest.update("\n".join(ids).encode())

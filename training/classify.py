@@ -54,7 +54,7 @@ from leukograph.client.localize import WBC, Cells, detector_cells, localize
 from leukograph.client.records import DEFAULT_DB, ResultStore
 from leukograph.client.review_store import cell_records, record_classified_frame, require_unsigned
 from leukograph.client.sources import image_file_key
-from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.paths import WEIGHTS_DIR, detector_weights_dir
 from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
@@ -74,7 +74,7 @@ class Classifier:
 
     def __init__(self, weights_dir: Path = WEIGHTS_DIR, threads: int | None = None,
                  localizer: str = "server") -> None:
-        from leukograph.training.detector import DetectorStage, detector_weights_dir, load_detector
+        from leukograph.training.detector import DetectorStage, load_detector
 
         if threads:
             torch.set_num_threads(threads)

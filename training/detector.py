@@ -34,9 +34,8 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, RELEASE_WEIGHTS_DIR, WEIGHTS_DIR
+from leukograph.deploy.paths import DETECTOR_WEIGHTS, MODEL_REPOSITORY, WEIGHTS_DIR
 
-DETECTOR_WEIGHTS = "detector.pt"  # = deploy.model_repository.DETECTOR_CHECKPOINT (weights_id reads it without torch)
 OUTPUT_SIDE = DETECTOR_SIZE // DETECTOR_STRIDE
 NUM_KINDS = len(CELL_KINDS)
 HEAD_CHANNELS = NUM_KINDS + 4  # kind logits, log w, log h, offset x, offset y
@@ -142,12 +141,6 @@ class DetectorStage(nn.Module):
 def working_view(frame: Tensor) -> Tensor:
     """Training's view of uint8 frames [B,H,W,3] already at the working size -> float [B,3,S,S] in 0..1."""
     return frame.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-
-
-def detector_weights_dir(weights_dir: Path = WEIGHTS_DIR) -> Path:
-    """`weights_dir` when it holds detector.pt, else the released weights' folder: a folder of classifier weights
-    alone (`leukograph adapt`'s, a CNN/GNN training run) keeps the released detector."""
-    return Path(weights_dir) if (Path(weights_dir) / DETECTOR_WEIGHTS).exists() else RELEASE_WEIGHTS_DIR
 
 
 def load_detector(weights_dir: Path = WEIGHTS_DIR) -> CellDetector:

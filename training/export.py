@@ -27,7 +27,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, data_root
+from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, data_root, detector_weights_dir
 from leukograph.training import quantize
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
@@ -72,7 +72,7 @@ def export_all(weights_dir: Path = WEIGHTS_DIR, repository: Path = MODEL_REPOSIT
                opset: int = OPSET) -> dict[str, Path]:
     """Export cell_detector, crop_embedder and cell_graph from the committed (or given) checkpoints; a weights folder
     without detector.pt (e.g. `leukograph adapt`'s, which adapts only the classifier) keeps the committed detector."""
-    from leukograph.training.detector import detector_weights_dir, export_detector, load_detector
+    from leukograph.training.detector import export_detector, load_detector
 
     embedder, gnn, _ = load_models(weights_dir)
     detector = load_detector(detector_weights_dir(weights_dir))
