@@ -38,7 +38,7 @@ from leukograph.client import localize as localize_module
 from leukograph.client.boxes import box_iou, greedy_pairs
 from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE, LOCALIZERS, file_sha256
 from leukograph.client.images import read_image
-from leukograph.client.localize import Cells, detector_cells, localize
+from leukograph.client.localize import Cells, localize
 from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir
 from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
 from leukograph.training.models import STORE_PAD, STORE_SIZE, STORE_ZOOM, crop_cells
@@ -99,11 +99,7 @@ def _detector_stage():
 
 def find_cells(image: np.ndarray) -> Cells:
     """The cells of an RGB image by the active localiser (`use_localizer`)."""
-    if _LOCALIZER["name"] == "client":
-        return localize(image)
-    with torch.no_grad():
-        outputs = _detector_stage()(torch.from_numpy(np.ascontiguousarray(image)))
-    return detector_cells(*(t.numpy() for t in outputs))
+    return localize(image) if _LOCALIZER["name"] == "client" else _detector_stage().find_cells(image)
 
 
 def bccd_cells(frame: BccdFrame) -> FrameCells:

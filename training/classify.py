@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from leukograph.client.contract import (
-    CELL_DETECTOR,
     CELL_GRAPH,
     CELL_KINDS,
     CLASSES,
@@ -50,7 +49,7 @@ from leukograph.client.contract import (
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
 from leukograph.client.images import ImageError, content_hash, list_images, read_image, safe_name
-from leukograph.client.localize import WBC, Cells, detector_cells, localize
+from leukograph.client.localize import WBC, Cells, localize
 from leukograph.client.records import DEFAULT_DB, ResultStore
 from leukograph.client.review_store import cell_records, record_classified_frame, require_unsigned
 from leukograph.client.sources import image_file_key
@@ -84,15 +83,11 @@ class Classifier:
         self.graph_stage = CellGraphStage(gnn).eval()
         self.runners = [TorchRunner(self.crop_stage, CROP_EMBEDDER), TorchRunner(self.graph_stage, CELL_GRAPH)]
         if localizer == "server":  # adapted weights folders hold no detector: the released one finds the cells
-            detector = load_detector(detector_weights_dir(weights_dir))
-            self.detector = TorchRunner(DetectorStage(detector).eval(), CELL_DETECTOR)
+            self.detector = DetectorStage(load_detector(detector_weights_dir(weights_dir))).eval()
 
     def find_cells(self, image: np.ndarray) -> Cells:
         """The cells of an image: the learned detector (localizer server, as served) or the classical localiser."""
-        if self.localizer == "client":
-            return localize(image)
-        found = self.detector.infer({CELL_DETECTOR.inputs[0].name: np.ascontiguousarray(image)})
-        return detector_cells(*(found[spec.name] for spec in CELL_DETECTOR.outputs))
+        return localize(image) if self.localizer == "client" else self.detector.find_cells(image)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, cells: Cells | None = None) -> Prediction:

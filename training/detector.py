@@ -18,6 +18,7 @@ import argparse
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
+from leukograph.client.localize import Cells, detector_cells
 from leukograph.deploy.paths import DETECTOR_WEIGHTS, MODEL_REPOSITORY, WEIGHTS_DIR
 
 OUTPUT_SIDE = DETECTOR_SIZE // DETECTOR_STRIDE
@@ -136,6 +138,11 @@ class DetectorStage(nn.Module):
         boxes, scores, kinds = decode(self.net(x)[0], size[0:1], size[1:2])
         count = (scores >= self.threshold).sum(dim=0, keepdim=True).to(torch.int32)  # a sum is int64 in torch
         return boxes, scores, kinds.to(torch.int32), count
+
+    @torch.no_grad()
+    def find_cells(self, image: np.ndarray) -> Cells:
+        """The cells of one RGB uint8 image, in-process (the served stage's outputs cut to CELL_COUNT)."""
+        return detector_cells(*(t.numpy() for t in self(torch.from_numpy(np.ascontiguousarray(image)))))
 
 
 def working_view(frame: Tensor) -> Tensor:
