@@ -55,10 +55,9 @@ class StepModel:
     def no_cells_response(self, inputs: dict) -> pb_utils.InferenceResponse | None:
         """The answer for CELL_COUNT = 0 (the detector found no cell): empty per-cell outputs, without running a graph
         over zero cells; None when there are cells."""
-        count = inputs.get(contract.CELL_COUNT.name)
-        if count is None or int(np.asarray(count).reshape(-1)[0]) > 0:
+        outputs = no_cell_outputs(self.stage, inputs)
+        if outputs is None:
             return None
-        outputs = no_cell_outputs(self.stage, inputs.get(contract.FRAME.name))
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value)
                                                           for name, value in outputs.items()])
 

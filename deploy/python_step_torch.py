@@ -50,11 +50,11 @@ class TritonPythonModel(StepModel):
     def run(self, request) -> pb_utils.InferenceResponse:
         inputs = {name: from_dlpack(t.to_dlpack()) for name, t in self.input_tensors(request).items()}
         # Validation reads small tensors (boxes, sizes) on the CPU; FRAME only needs its shape and dtype.
-        contract.validate_stage(self.stage, {k: v.numpy() if k != contract.FRAME.name else _shape_proxy(v)
-                                             for k, v in inputs.items()})
-        if contract.CELL_COUNT.name in inputs and int(inputs[contract.CELL_COUNT.name][0]) == 0:
-            return self.no_cells_response({k: v.numpy() if k != contract.FRAME.name else _shape_proxy(v)
-                                           for k, v in inputs.items()})
+        on_host = {k: v.numpy() if k != contract.FRAME.name else _shape_proxy(v) for k, v in inputs.items()}
+        contract.validate_stage(self.stage, on_host)
+        empty = self.no_cells_response(on_host)
+        if empty is not None:
+            return empty
         feeds = [inputs[name].to(self.device, non_blocking=True) for name in self.stage.input_names]
         outputs = self.module(*feeds)
         return pb_utils.InferenceResponse(output_tensors=[

@@ -70,15 +70,18 @@ def run_pipeline(runners: Sequence[BaseRunner], frame: np.ndarray, boxes: np.nda
     if boxes is not None:
         tensors.update({BOXES.name: boxes, CELL_COUNT.name: cell_count(boxes)})
     for runner in runners:
-        if CELL_COUNT.name in tensors and int(tensors[CELL_COUNT.name][0]) == 0 and runner.stage in STAGES:
-            tensors.update(no_cell_outputs(runner.stage, frame))  # the detector found nothing: no graph over 0 cells
-            continue
-        tensors.update(runner.infer(tensors))
+        empty = no_cell_outputs(runner.stage, tensors)
+        tensors.update(runner.infer(tensors) if empty is None else empty)
     return tensors
 
 
-def no_cell_outputs(stage: StageSpec, frame: np.ndarray | None) -> Tensors:
-    """A classifier stage's outputs for a frame without cells (`frame` is needed for crop_embedder's FRAME_SIZE)."""
-    return {spec.name: (np.array(frame.shape[:2], spec.np_dtype) if spec is FRAME_SIZE
+def no_cell_outputs(stage: StageSpec, inputs: Tensors) -> Tensors | None:
+    """A classifier stage's outputs when its inputs say CELL_COUNT = 0 (the detector found nothing), so no graph
+    runs over zero cells; None when there are cells (or the stage takes no CELL_COUNT). Used by `run_pipeline` and
+    the python-backend steps. FRAME is read for crop_embedder's FRAME_SIZE (its shape only)."""
+    count = inputs.get(CELL_COUNT.name)
+    if stage not in STAGES or count is None or int(np.asarray(count).reshape(-1)[0]) > 0:
+        return None
+    return {spec.name: (np.array(inputs[FRAME.name].shape[:2], spec.np_dtype) if spec is FRAME_SIZE
                         else np.zeros([0 if d == -1 else d for d in spec.shape], spec.np_dtype))
             for spec in stage.outputs}
