@@ -190,8 +190,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         transport = plan.transports[0]
         for concurrency in plan.concurrencies:
             _log(f"bench: triton {transport} x{concurrency}, detector in the ensemble (load {os.getloadavg()[0]:.2f})")
-            run = run_closed_loop(lambda k, t=transport: triton_factory(t, localizer="server")(k), capture,
-                                  bare_frames, plan.frames, concurrency, plan.warmup, snapshot)
+            run = run_closed_loop(triton_factory(transport, localizer="server"), capture, bare_frames, plan.frames,
+                                  concurrency, plan.warmup, snapshot)
             runs.append(summarize(f"triton {transport}, detector in the ensemble", "triton", run,
                                   transport=transport, concurrency=concurrency, capture="memory", boxes="detector"))
         if plan.video:

@@ -122,8 +122,7 @@ class TritonRunner(BaseRunner):
 
     def infer_impl(self, feed: Tensors) -> Tensors:
         """Bare frames (localizer server: the served detector's cells come back) or FRAME + BOXES (client)."""
-        outcome = self.client.infer_outcome(feed[FRAME.name], feed.get(BOXES.name) if BOXES.name in self.input_names
-                                            else None)
+        outcome = self.client.infer_outcome(feed[FRAME.name], feed.get(BOXES.name))  # the feed holds our inputs only
         outputs = {PROBS.name: outcome.probs, LABELS.name: outcome.labels}
         if outcome.boxes is not None:
             outputs.update({BOXES.name: outcome.boxes, KINDS.name: outcome.kinds.astype(KINDS.np_dtype),
