@@ -49,7 +49,8 @@ class DetectionSample:
     trusted: np.ndarray  # [len(CELL_KINDS)] bool: are this kind's negatives (no box = no cell) reliable?
 
 
-def _arrays(pairs: list[tuple[str, tuple[float, float, float, float]]]) -> tuple[np.ndarray, np.ndarray]:
+def box_arrays(pairs: list[tuple[str, tuple[float, float, float, float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(kind name, box) pairs -> boxes float32 [n,4] and kind indices int64 [n] (into CELL_KINDS)."""
     boxes = np.array([box for _, box in pairs], np.float32).reshape(-1, 4)
     kinds = np.array([CELL_KINDS.index(kind) for kind, _ in pairs], np.int64)
     return boxes, kinds
@@ -79,10 +80,10 @@ def bccd_samples(frame_ids: frozenset[str], root: Path | None = None,
         if training and use not in (None, TRAINING_ALLOWED):
             continue  # evaluation-only frames (all held-out) are never trained on, whatever the caller passed
         if use is not None and (use == TRAINING_ALLOWED or not training):
-            boxes, kinds = _arrays(relabelled_boxes(frame.frame_id, *image.shape[:2], root=root))
+            boxes, kinds = box_arrays(relabelled_boxes(frame.frame_id, *image.shape[:2], root=root))
             trusted = ALL_TRUSTED
         else:
-            boxes, kinds = _arrays([(b.kind, b.box) for b in frame.boxes])
+            boxes, kinds = box_arrays([(b.kind, b.box) for b in frame.boxes])
             trusted = WBC_ONLY_TRUSTED
         out.append(DetectionSample(frame.frame_id, "BCCD", image, boxes, kinds, trusted))
     return out
@@ -92,7 +93,7 @@ def txl_samples(split: str, root: Path | None = None, limit: int | None = None) 
     out = []
     chosen = [img for img in load_txl(root) if img.split == split]
     for img in chosen[:: max(1, len(chosen) // limit)][:limit] if limit else chosen:
-        boxes, kinds = _arrays([(b.kind, b.box) for b in img.boxes])
+        boxes, kinds = box_arrays([(b.kind, b.box) for b in img.boxes])
         out.append(DetectionSample(img.path.stem, img.source, read_image(img.path), boxes, kinds, ALL_TRUSTED))
     return out
 

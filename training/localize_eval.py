@@ -133,10 +133,10 @@ class OnnxDetector:
 
 def ensure_detector_exported(repository: Path = MODEL_REPOSITORY) -> Path:
     """Export the committed detector weights when the repository's ONNX file is missing or older than them."""
-    from leukograph.deploy.paths import WEIGHTS_DIR
+    from leukograph.deploy.paths import DETECTOR_WEIGHTS, WEIGHTS_DIR
 
     path = stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
-    weights = WEIGHTS_DIR / "detector.pt"
+    weights = WEIGHTS_DIR / DETECTOR_WEIGHTS
     if weights.exists() and (not path.exists() or path.stat().st_mtime < weights.stat().st_mtime):
         from leukograph.training.detector import export_detector, load_detector  # torch only when exporting
 
@@ -225,7 +225,7 @@ def box_sets(root: str | None = None, split: str = "test") -> list[BoxSet]:
     val: the same for BCCD validation frames (re-annotated boxes where TXL-PBC has them) and TXL-PBC's val split,
     for choosing between training runs without looking at the test sets."""
     from leukograph.training.datasets import held_out_frames, load_bccd, load_txl, split_frames
-    from leukograph.training.detector_data import TRAINING_ALLOWED, relabelled_boxes, relabelled_frames
+    from leukograph.training.detector_data import TRAINING_ALLOWED, box_arrays, relabelled_boxes, relabelled_frames
 
     if split not in ("test", "val"):
         raise UserError(f"--split must be test or val, got {split!r}")
@@ -235,22 +235,19 @@ def box_sets(root: str | None = None, split: str = "test") -> list[BoxSet]:
     images = {f.frame_id: read_image(f.image_path) for f in frames}
     prefix = "bccd-held-out" if split == "test" else "bccd-val"
 
-    def arrays(pairs: Sequence[tuple[str, Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:
-        return (np.array([box for _, box in pairs], np.float64).reshape(-1, 4),
-                np.array([CELL_KINDS.index(kind) for kind, _ in pairs], np.int64))
-
     def has_relabelled(frame_id: str) -> bool:
         use = relabelled.get(frame_id)
         return use is not None and (use != TRAINING_ALLOWED if split == "test" else True)
 
     sets = [BoxSet(f"{prefix}-relabelled", [
-        (images[f.frame_id], *arrays(relabelled_boxes(f.frame_id, *images[f.frame_id].shape[:2], root=root)))
+        (images[f.frame_id], *box_arrays(relabelled_boxes(f.frame_id, *images[f.frame_id].shape[:2], root=root)))
         for f in frames if has_relabelled(f.frame_id)]),
-        BoxSet(f"{prefix}-voc", [(images[f.frame_id], *arrays([(b.kind, b.box) for b in f.boxes])) for f in frames])]
+        BoxSet(f"{prefix}-voc", [(images[f.frame_id], *box_arrays([(b.kind, b.box) for b in f.boxes]))
+                                 for f in frames])]
     txl = [img for img in load_txl(root) if img.split == split]
     for source in sorted({img.source for img in txl}):
         sets.append(BoxSet(f"txl-{split}-{source.lower()}", [
-            (read_image(img.path), *arrays([(b.kind, b.box) for b in img.boxes])) for img in txl
+            (read_image(img.path), *box_arrays([(b.kind, b.box) for b in img.boxes])) for img in txl
             if img.source == source]))
     return sets
 
