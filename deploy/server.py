@@ -157,9 +157,10 @@ def ensure_exported(repository: Path, weights: Path | None = None, precision: st
     int8_reason = int8_stale(repository)
     if int8_reason is not None:
         print(f"quantising the crop_embedder to INT8 (calibration on training crops): {int8_reason}", flush=True)
+        from leukograph.training.checkpoints import cnn_crop_size
         from leukograph.training.quantize import export_int8
 
-        export_int8(repository, data_root())
+        export_int8(repository, data_root(), crop_size=cnn_crop_size(weights))
     write_digest(repository)
     return reason is not None or int8_reason is not None
 

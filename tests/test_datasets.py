@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -186,3 +187,23 @@ def test_every_content_hash_is_in_one_split_across_sources() -> None:
     shared = [img for img in load_txl() if img.sha1 in pbc]
     assert len(shared) == 83 and all(img.split == pbc[img.sha1] for img in shared)
     assert sum(img.split != img.upstream_split for img in shared) > 0  # the content rule overrode upstream splits
+
+
+def test_cell_cache_round_trip_maps_the_crops(tmp_path: Path) -> None:
+    """A cached cell set comes back identical; its crops are stored as tensors and mapped from the file on load (no
+    second in-memory copy while writing or reading a set)."""
+    script = (
+        "import sys\nfrom pathlib import Path\nimport numpy as np\nimport torch\n"
+        "from leukograph.training.cells import build_cells\n"
+        "from leukograph.training.datasets import load_pbc\n"
+        "items = [i for i in load_pbc(None) if i.split == 'test'][:12]\n"
+        "built, again = build_cells(items, 't', progress=False), build_cells(items, 't', progress=False)\n"
+        "assert all(np.array_equal(a.crops, b.crops) and np.array_equal(a.boxes, b.boxes) and a.image_id == b.image_id"
+        " and b.crops.dtype == np.uint8 for a, b in zip(built, again))\n"
+        "(path,) = Path(sys.argv[1]).glob('t-*.pt')\n"
+        "assert all(isinstance(r['crops'], torch.Tensor) for r in torch.load(path, weights_only=False))\n"
+    )
+    env = {**os.environ, "LEUKOGRAPH_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -152,3 +152,36 @@ def test_colour_standardisation_cancels_gain_and_offset_and_matches_onnx(held_ou
     cast_embeddings, _ = session.run(None, {"FRAME": cast.astype(np.uint8), "BOXES": boxes, "CELL_COUNT": count})
     between_cells = np.abs(onnx_embeddings[:, None] - onnx_embeddings[None]).mean()
     assert np.abs(cast_embeddings - onnx_embeddings).mean() < 0.1 * between_cells
+
+
+def test_a_cnn_of_another_crop_side_is_served_its_own_crops(held_out_images, tmp_path) -> None:
+    """The crop side is the CNN's (its checkpoint carries it): a 96 px CNN's exported crop_embedder cuts 96 px crops
+    in-graph, equal to what training embeds from the 120 px stored crops; cells cut for 64 px are refused."""
+    from leukograph.client.contract import CROP_EMBEDDER, boxes_feed
+    from leukograph.deploy.runners import OrtRunner
+    from leukograph.training.cells import FrameCells, crops_for, use_crop_size
+    from leukograph.training.embedding import embed_frames
+    from leukograph.training.export import export_stage
+    from leukograph.training.models import CropEmbedder, store_size
+
+    torch.manual_seed(0)
+    embedder = CropEmbedder(crop_size=96).eval()
+    image = held_out_images[2]
+    boxes = localize(image).boxes
+    path = export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER, tmp_path / "crop_embedder.onnx")
+    served = OrtRunner(path, CROP_EMBEDDER, threads=1).infer(boxes_feed(image, boxes))["EMBEDDINGS"]
+
+    def frame(crops: np.ndarray) -> FrameCells:
+        return FrameCells("x", "x", -1, image.shape[:2], boxes, np.zeros(len(boxes), np.int64),
+                          np.zeros(len(boxes), np.int64), crops)
+
+    stored = crops_for(image, boxes, size=store_size(96))
+    assert stored.shape[1:] == (120, 120, 3)
+    trained, _ = embed_frames(embedder, [frame(stored)])[0]
+    assert np.abs(trained - served).max() < 2e-3 * np.abs(served).max()  # uint8 storage rounding only
+    try:
+        use_crop_size(64)
+        with pytest.raises(ValueError, match="cut for a 64 px crop, the CNN takes 96 px"):
+            embed_frames(embedder, [frame(crops_for(image, boxes))])
+    finally:
+        use_crop_size(CROP_SIZE)

@@ -67,3 +67,23 @@ def test_cnn_pack_refuses_the_gnn_stage(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == ("leukograph train: error: --cnn-pack trains the CNN only: use --stages cnn "
                                      "(the GNN needs every cell of the datasets)")
+
+
+def test_crop_size_travels_with_the_cnn(tmp_path: Path) -> None:
+    """`--crop-size 96` trains a CNN on 96 px crops (stored at 120); its checkpoint carries the side, and the GNN stage
+    run later over that CNN cuts its cells at 96 too."""
+    run, release = tmp_path / "run", tmp_path / "release"
+    common = [*SMOKE, "--output-dir", str(run), "--release-dir", str(release)]
+    cnn = subprocess.run([*CLI, *common, "--stages", "cnn", "--cnn-epochs", "1", "--crop-size", "96"],
+                         capture_output=True, text=True, timeout=900)
+    assert cnn.returncode == 0, cnn.stderr[-2000:]
+    assert torch.load(release / "cnn.pt", weights_only=True)["config"] == {"width": 32, "crop_size": 96}
+    gnn = subprocess.run([*CLI, *common, "--stages", "gnn"], capture_output=True, text=True, timeout=900)
+    assert gnn.returncode == 0, gnn.stderr[-2000:]
+    assert (release / "gnn.pt").exists()
+
+
+def test_bad_crop_size_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([*CLI, "--crop-size", "50", "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "leukograph train: error: --crop-size must be a multiple of 8 and >= 32, got 50"

@@ -140,7 +140,7 @@ class Adapter(nn.Module):
         return self
 
     def features(self, frame: VerifiedFrame) -> torch.Tensor:
-        crops = crop_cells(torch.from_numpy(frame.image), torch.from_numpy(frame.boxes))
+        crops = crop_cells(torch.from_numpy(frame.image), torch.from_numpy(frame.boxes), size=self.embedder.crop_size)
         e = self.embedder
         with torch.set_grad_enabled(self.full and torch.is_grad_enabled()):
             return e.features(standardise_colour(crops))

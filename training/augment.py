@@ -1,13 +1,14 @@
 """Batch augmentation of stored crops for another lab's microscope: stain, scale and optics, vectorised in torch.
 
-Input: uint8 [B, STORE_SIZE, STORE_SIZE, 3] crops (a STORE_ZOOM wider view than the served crop, same pixel grid).
-Output: float [B, 3, CROP_SIZE, CROP_SIZE] in 0..1, what `crop_cells` produces in the served graph.
+Input: uint8 [B, S, S, 3] stored crops (a `zoom` times wider view than the served crop, same pixel grid).
+Output: float [B, 3, C, C] in 0..1 with C = S / zoom (the CNN's crop side), what `crop_cells` produces in the served
+graph.
 
 What varies between labs, and what stands in for it here:
 * geometry: any rotation and flip; the box's size and centre (scale 0.8-1.25, shift +-8%) as a localiser on
   another image would draw it;
 * magnification and camera resolution: down-sampling to 45-100% and back (a 40x field's white cell is 30-60 px,
-  a 100x oil crop's 300 px; both reach the CNN at CROP_SIZE);
+  a 100x oil crop's 300 px; both reach the CNN at its crop side);
 * stain: HED (haematoxylin / eosin / DAB optical density) scale and shift, hue rotation, saturation, per-channel gain,
   brightness, contrast, gamma, grayscale;
 * optics: Gaussian blur (focus), sensor noise, JPEG compression, vignetting.
@@ -23,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leukograph.client.contract import CROP_SIZE
-
 # RGB <-> HED stain matrices (Ruifrok & Johnston, as in scikit-image's rgb2hed).
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # rows: stain OD
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 OD_FLOOR = 1.0 / 255.0
+BLUR_REFERENCE_SIDE = 64  # blur sigmas are in pixels of a 64 px crop; a larger crop gets the same blur per cell
 
 
 def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> Tensor:
@@ -41,9 +41,14 @@ def _chance(generator: torch.Generator, n: int, p: float) -> Tensor:
     return torch.rand(n, generator=generator) < p
 
 
+def served_side(crops: Tensor, zoom: float) -> int:
+    """The served crop's side C for stored crops [B,3,S,S] that are a `zoom` times wider view (C = S / zoom)."""
+    return round(crops.shape[-1] / zoom)
+
+
 def geometry(crops: Tensor, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:
-    """Random rotation, flip, scale and shift of [B,3,S,S] (a `zoom` times wider view) -> [B,3,CROP_SIZE,CROP_SIZE]."""
-    n = crops.shape[0]
+    """Random rotation, flip, scale and shift of [B,3,S,S] (a `zoom` times wider view) -> [B,3,C,C]."""
+    n, size = crops.shape[0], served_side(crops, zoom)
     angle = _uniform(generator, n, 0.0, 2 * math.pi)
     scale = torch.exp(_uniform(generator, n, math.log(1 - 0.2 * strength), math.log(1 + 0.25 * strength)))
     flip = torch.where(_chance(generator, n, 0.5), -1.0, 1.0)
@@ -52,14 +57,15 @@ def geometry(crops: Tensor, generator: torch.Generator, zoom: float, strength: f
     base = scale / zoom  # the served view spans 1/zoom of the stored one
     theta = torch.stack([torch.stack([cos * base * flip, -sin * base, shift[:, 0] / zoom], 1),
                          torch.stack([sin * base * flip, cos * base, shift[:, 1] / zoom], 1)], 1)
-    grid = F.affine_grid(theta, [n, 3, CROP_SIZE, CROP_SIZE], align_corners=False)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
     return F.grid_sample(crops, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def centre(crops: Tensor, zoom: float) -> Tensor:
     """The served view of stored crops without augmentation (exact: same sampling grid)."""
-    pad = (crops.shape[-1] - CROP_SIZE) // 2
-    return crops[:, :, pad:pad + CROP_SIZE, pad:pad + CROP_SIZE]
+    size = served_side(crops, zoom)
+    pad = (crops.shape[-1] - size) // 2
+    return crops[:, :, pad:pad + size, pad:pad + size]
 
 
 def resolution(x: Tensor, generator: torch.Generator, p: float = 0.35, low: float = 0.45) -> Tensor:
@@ -71,9 +77,9 @@ def resolution(x: Tensor, generator: torch.Generator, p: float = 0.35, low: floa
     out = x.clone()
     for group in chosen.chunk(4):  # four factors per batch keep it vectorised
         factor = float(_uniform(generator, 1, low, 1.0))
-        side = max(8, round(CROP_SIZE * factor))
+        side = max(8, round(x.shape[-1] * factor))
         small = F.interpolate(x[group], size=(side, side), mode="area")
-        out[group] = F.interpolate(small, size=(CROP_SIZE, CROP_SIZE), mode="bilinear", align_corners=False)
+        out[group] = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return out
 
 
@@ -125,7 +131,7 @@ def optics(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tens
     n, _, h, w = x.shape
     blurred = _chance(generator, n, 0.3 * min(strength, 1.0))
     if blurred.any():
-        sigma = float(_uniform(generator, 1, 0.5, 0.5 + 1.0 * strength))
+        sigma = float(_uniform(generator, 1, 0.5, 0.5 + 1.0 * strength)) * w / BLUR_REFERENCE_SIDE
         k = _gaussian_kernel(sigma)
         pad = len(k) // 2
         y = x[blurred]
@@ -156,7 +162,7 @@ def optics(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tens
 
 
 def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:
-    """uint8 stored crops [B,S,S,3] -> augmented float [B,3,CROP_SIZE,CROP_SIZE] in 0..1."""
+    """uint8 stored crops [B,S,S,3] -> augmented float [B,3,C,C] in 0..1 (C = S / zoom)."""
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     x = geometry(x, generator, zoom, strength)
     x = resolution(x, generator)
@@ -165,7 +171,7 @@ def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, st
 
 
 def stored_to_served(crops: np.ndarray, zoom: float) -> Tensor:
-    """uint8 stored crops [B,S,S,3] -> float served view [B,3,CROP_SIZE,CROP_SIZE], no augmentation."""
+    """uint8 stored crops [B,S,S,3] -> float served view [B,3,C,C] (C = S / zoom), no augmentation."""
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     return centre(x, zoom).contiguous()
 

@@ -7,7 +7,8 @@ take `--localizer`; the cache key names it (and the detector's weights).
 
 Every image (a BCCD frame, a 4-class image, a PBC crop or a TXL-PBC image) becomes a `FrameCells`: the localiser's
 boxes and kinds, a node label per box, and uint8 crops cut by `models.crop_cells` (the function inside the served
-crop_embedder graph) at STORE_SIZE over a STORE_ZOOM wider region: `served_crops` is exactly the served crop.
+crop_embedder graph) over a STORE_ZOOM wider region (`store_size` of the crop side chosen by `use_crop_size`, default
+contract.CROP_SIZE): `served_crops` is exactly the served crop.
 
 Node labels:
 * BCCD frame: localiser boxes are matched to VOC boxes (IoU >= MATCH_IOU); a matched box takes the VOC label (WBC
@@ -41,7 +42,7 @@ from leukograph.client.images import read_image
 from leukograph.client.localize import Cells, localize
 from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir
 from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
-from leukograph.training.models import STORE_PAD, STORE_SIZE, STORE_ZOOM, crop_cells
+from leukograph.training.models import STORE_ZOOM, crop_cells, served_size, store_size
 
 MATCH_IOU = 0.3
 IGNORE = -1
@@ -57,17 +58,21 @@ class FrameCells:
     boxes: np.ndarray  # float32 [N,4]
     kinds: np.ndarray  # int64 [N] localiser kind
     labels: np.ndarray  # int64 [N] class index or -1
-    crops: np.ndarray  # uint8 [N,STORE_SIZE,STORE_SIZE,3]; the centre CROP_SIZE square is the served crop
+    crops: np.ndarray  # uint8 [N,S,S,3], S = store_size(crop side); the centre crop-side square is the served crop
     source: str = "bccd"  # bccd | 4class | pbc | txl-raabin-wbc | txl-pbc | txl-bcdd
 
     @property
     def served_crops(self) -> np.ndarray:
-        """uint8 [N,CROP_SIZE,CROP_SIZE,3]: exactly what the served crop_embedder cuts (a view, no copy)."""
-        return self.crops[:, STORE_PAD:STORE_PAD + CROP_SIZE, STORE_PAD:STORE_PAD + CROP_SIZE]
+        """uint8 [N,C,C,3]: exactly what the served crop_embedder cuts (a view, no copy)."""
+        side = served_size(self.crops.shape[1])
+        pad = (self.crops.shape[1] - side) // 2
+        return self.crops[:, pad:pad + side, pad:pad + side]
 
 
-def crops_for(image: np.ndarray, boxes: np.ndarray, size: int = STORE_SIZE, zoom: float = STORE_ZOOM) -> np.ndarray:
-    """uint8 [N,size,size,3] crops on the served crop_embedder's sampling grid (default: the wider stored view)."""
+def crops_for(image: np.ndarray, boxes: np.ndarray, size: int | None = None, zoom: float = STORE_ZOOM) -> np.ndarray:
+    """uint8 [N,size,size,3] crops on the served crop_embedder's sampling grid (default: the wider stored view of
+    the crop side `use_crop_size` chose)."""
+    size = size or store_size(_CROP["size"])
     if len(boxes) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
     with torch.no_grad():
@@ -81,6 +86,14 @@ def _context_labels(kinds: np.ndarray) -> np.ndarray:
 
 DEFAULT_LOCALIZER = "client"  # what the released GNN was trained on
 _LOCALIZER = {"name": DEFAULT_LOCALIZER}
+_CROP = {"size": CROP_SIZE}
+
+
+def use_crop_size(side: int) -> None:
+    """Cut every later FrameCells' crops for a CNN whose crop side is `side` (stored at store_size(side))."""
+    if side % 8 or side < 32:
+        raise ValueError(f"crop side must be a multiple of 8 and >= 32, got {side}")
+    _CROP["size"] = side
 
 
 def use_localizer(name: str) -> None:
@@ -185,22 +198,34 @@ def _cache_key(name: str, ids: list[str]) -> str:
 
         digest.update(file_sha256(detector_weights_dir() / DETECTOR_WEIGHTS).encode())
         digest.update(inspect.getsource(detector).encode())
-    digest.update(f"{CROP_SIZE}/{CROP_MARGIN}/{MATCH_IOU}/{STORE_SIZE}/{STORE_ZOOM}/v2".encode())
+    side = _CROP["size"]
+    digest.update(f"{side}/{CROP_MARGIN}/{MATCH_IOU}/{store_size(side)}/{STORE_ZOOM}/v2".encode())
     digest.update("\n".join(ids).encode())
     return f"{name}-{digest.hexdigest()[:16]}"
 
 
 def build_cells(items: Iterable[BccdFrame | FourClassImage | PbcImage | TxlImage], name: str, cache: bool = True,
                 progress: bool = True) -> list[FrameCells]:
-    """Localise, label and crop every item; cached under .cache/ keyed by the localiser source and the items."""
+    """Localise, label and crop every item; cached under .cache/ keyed by the localiser source and the items.
+
+    The crops (most of the bytes) are stored as tensors, which torch.save writes from their own memory and torch.load
+    maps from the file: neither makes a second copy of a set's crops (as pickled numpy arrays did: a from-scratch
+    `leukograph train` peaked at 6.3 GB while its caches were written)."""
     items = list(items)
     ids = [getattr(item, "frame_id", None) or str(getattr(item, "path", "")) for item in items]
     path = CACHE_DIR / f"{_cache_key(name, ids)}.pt"
     if cache and path.exists():
-        return [FrameCells(**record) for record in torch.load(path, weights_only=False)]
+        return [FrameCells(**{**record, "crops": _as_array(record["crops"])})
+                for record in torch.load(path, weights_only=False, mmap=True)]
     out = [cells_of(item) for item in tqdm(items, desc=f"cells {name}", disable=not progress, leave=False)]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save([vars(record) for record in out], path.with_suffix(".tmp"))
+        torch.save([{**vars(record), "crops": torch.from_numpy(record.crops)} for record in out],
+                   path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
     return out
+
+
+def _as_array(crops: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A cached set's crops as uint8 numpy (a view of the mapped tensor; caches written before held numpy)."""
+    return crops.numpy() if isinstance(crops, torch.Tensor) else crops

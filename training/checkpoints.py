@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from leukograph.client.contract import CROP_SIZE
 from leukograph.client.errors import UserError
+from leukograph.training.cells import use_crop_size
 from leukograph.training.models import CellGraphNet, CropEmbedder, SeedBaseline
 
 CNN_FILE, GNN_FILE, BASELINE_FILE = "cnn.pt", "gnn.pt", "baseline.pt"
@@ -63,14 +65,21 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from None
 
 
+def cnn_crop_size(weights_dir: Path) -> int:
+    """The crop side the released CNN in `weights_dir` takes (checkpoints without it: contract.CROP_SIZE)."""
+    return int(load_checkpoint(weights_dir / CNN_FILE)["config"].get("crop_size", CROP_SIZE))
+
+
 def load_models(weights_dir: Path) -> tuple[CropEmbedder, CellGraphNet, dict]:
-    """The CNN and GNN in eval mode, plus their checkpoints' metadata."""
+    """The CNN and GNN in eval mode, plus their checkpoints' metadata. Cells built after this are cut at the CNN's
+    crop side (`cells.use_crop_size`), so evaluation, classification and calibration feed it what it was trained on."""
     cnn_ckpt = load_checkpoint(weights_dir / CNN_FILE)
     gnn_ckpt = load_checkpoint(weights_dir / GNN_FILE)
     embedder = CropEmbedder(**cnn_ckpt["config"])
     embedder.load_state_dict(cnn_ckpt["model"])
     gnn = CellGraphNet(**gnn_ckpt["config"])
     gnn.load_state_dict(gnn_ckpt["model"])
+    use_crop_size(embedder.crop_size)
     meta = {"cnn": {k: cnn_ckpt[k] for k in ("epoch", "args", "metrics")},
             "gnn": {k: gnn_ckpt[k] for k in ("epoch", "args", "metrics")},
             "calibration": load_calibration(weights_dir)}

@@ -2,10 +2,11 @@
 
 `leukograph train --save-cnn-pack PACK` writes, for the training and validation parts that `load_cell_sets` builds:
 every labelled nucleated cell's stored crop, plus CONTEXT_PER_IMAGE red-cell/platelet crops per image drawn with the
-seed, each JPEG-encoded (quality 95). `leukograph train --stages cnn --cnn-pack PACK --device cuda` trains
-the CNN from it. Differences from training on the datasets, both small: a fixed context draw instead of a fresh one
-per epoch, and the pack's JPEG step (the augmentation itself compresses 30% of crops at quality 20-90). Validation
-reads only labelled nucleated cells, so the pack's validation part is the same as the datasets'.
+seed, each JPEG-encoded (quality 95 unless chosen), at the stored size of the crop side it was built for (`--crop-
+size`: the pack's crops decide the CNN's crop side). `leukograph train --stages cnn --cnn-pack PACK --device cuda`
+trains the CNN from it. Differences from training on the datasets, both small: a fixed context draw instead of a
+fresh one per epoch, and the pack's JPEG step (the augmentation itself compresses 30% of crops at quality 20-90).
+Validation reads only labelled nucleated cells, so the pack's validation part is the same as the datasets'.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from leukograph.training.cells import FrameCells
 
 PACK_VERSION = 1
 CONTEXT_PER_IMAGE = 1
-JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # ~3.9 kB per 80x80 crop: ~10k crops in ~40 MB
+JPEG_QUALITY = 95  # ~3.9 kB per 80x80 crop: ~10k crops in ~40 MB
 
 
-def _encode(crop: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), JPEG_PARAMS)
+def _encode(crop: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise UserError("could not JPEG-encode a crop for the CNN pack")
     return data.tobytes()
@@ -36,7 +37,7 @@ def _decode(data: bytes) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def _packed_frame(frame: FrameCells, rng: np.random.Generator) -> dict | None:
+def _packed_frame(frame: FrameCells, rng: np.random.Generator, quality: int) -> dict | None:
     nucleated = np.flatnonzero((frame.labels >= 0) & (frame.labels < len(NUCLEATED_CLASSES)))
     context = np.flatnonzero(frame.labels >= len(NUCLEATED_CLASSES))
     drawn = rng.choice(context, size=min(CONTEXT_PER_IMAGE, len(context)), replace=False) if len(context) else []
@@ -46,12 +47,15 @@ def _packed_frame(frame: FrameCells, rng: np.random.Generator) -> dict | None:
     return {"image_id": frame.image_id, "source_frame": frame.source_frame, "frame_label": frame.frame_label,
             "frame_size": tuple(frame.frame_size), "boxes": frame.boxes[keep], "kinds": frame.kinds[keep],
             "labels": frame.labels[keep], "source": frame.source,
-            "jpeg": [_encode(frame.crops[i]) for i in keep]}
+            "jpeg": [_encode(frame.crops[i], quality) for i in keep]}
 
 
-def save_cnn_pack(path: Path, train: list[FrameCells], val: list[FrameCells], seed: int) -> None:
+def save_cnn_pack(path: Path, train: list[FrameCells], val: list[FrameCells], seed: int,
+                  quality: int = JPEG_QUALITY) -> None:
+    if not 1 <= quality <= 100:
+        raise UserError(f"JPEG quality must be 1-100, got {quality}")
     rng = np.random.default_rng(seed)
-    parts = {name: [p for p in (_packed_frame(f, rng) for f in frames) if p is not None]
+    parts = {name: [p for p in (_packed_frame(f, rng, quality) for f in frames) if p is not None]
              for name, frames in (("train", train), ("val", val))}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"version": PACK_VERSION, "seed": seed, "classes": list(NUCLEATED_CLASSES), **parts},

@@ -12,7 +12,7 @@ import torch
 from leukograph.client.contract import CLASSES
 from leukograph.training.augment import augment_batch, stain_shift, stored_to_served
 from leukograph.training.cells import FrameCells
-from leukograph.training.models import STORE_ZOOM, CropEmbedder
+from leukograph.training.models import STORE_ZOOM, CropEmbedder, served_size
 
 
 @torch.no_grad()
@@ -27,6 +27,9 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
     embeddings, probs = [], []
     for start in range(0, len(index), batch):
         crops = np.stack([frames[f].crops[i] for f, i in index[start:start + batch]])
+        if served_size(crops.shape[1]) != model.crop_size:
+            raise ValueError(f"cells were cut for a {served_size(crops.shape[1])} px crop, the CNN takes "
+                             f"{model.crop_size} px: build them with use_crop_size({model.crop_size})")
         x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
         if stain_strength > 0:
             x = stain_shift(x, stain_strength, seed + start)

@@ -29,7 +29,7 @@ from leukograph.client.contract import (
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, data_root, detector_weights_dir
 from leukograph.training import quantize
-from leukograph.training.checkpoints import load_models
+from leukograph.training.checkpoints import cnn_crop_size, load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
 OPSET = 17
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     if args.int8:
         paths, calibration = quantize.export_int8(args.model_repository, data_root(args.data_root),
                                                   args.calibration_per_source, args.seed, args.calibration_method,
-                                                  tuple(args.keep_fp32))
+                                                  tuple(args.keep_fp32), cnn_crop_size(args.weights))
         print(f"calibrated on training crops: {calibration.summary()}")
         for runtime, path in paths.items():
             print(f"{CROP_EMBEDDER.name} INT8 for {runtime}: {path} ({path.stat().st_size / 1e6:.2f} MB)")

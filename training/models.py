@@ -40,9 +40,26 @@ def crop_regions(boxes: Tensor, margin: float = CROP_MARGIN, zoom: float = 1.0) 
 # Training stores each cell as a STORE_SIZE crop of a STORE_ZOOM times wider region, sampled on the same pixel grid
 # as the served crop: its centre CROP_SIZE square is exactly the served crop, and the border leaves room for scale
 # and shift augmentation.
-STORE_PAD = CROP_SIZE // 8
-STORE_SIZE = CROP_SIZE + 2 * STORE_PAD
-STORE_ZOOM = STORE_SIZE / CROP_SIZE
+# The CNN's crop side is a hyperparameter its checkpoint carries (`CropEmbedder.crop_size`, a multiple of 8; the
+# served contract does not change with it, the crop is cut inside the graph); CROP_SIZE is the default.
+STORE_ZOOM = 1.25
+
+
+def store_pad(crop_size: int) -> int:
+    return crop_size // 8
+
+
+def store_size(crop_size: int) -> int:
+    """Side of the stored crop for a served crop of `crop_size`: a STORE_ZOOM wider view, same pixel grid."""
+    return crop_size + 2 * store_pad(crop_size)
+
+
+def served_size(stored_side: int) -> int:
+    return round(stored_side / STORE_ZOOM)
+
+
+STORE_PAD = store_pad(CROP_SIZE)
+STORE_SIZE = store_size(CROP_SIZE)
 
 
 def crop_cells(frame: Tensor, boxes: Tensor, size: int = CROP_SIZE, margin: float = CROP_MARGIN,
@@ -94,8 +111,12 @@ class CropEmbedder(nn.Module):
     Input colour is standardised per crop (`standardise_colour`) inside the graph, so the BatchNorm statistics
     learnt in training see every lab's crops on the same colour footing."""
 
-    def __init__(self, embed_dim: int = EMBED_DIM, num_classes: int = NUM_CLASSES, width: int = 32) -> None:
+    def __init__(self, embed_dim: int = EMBED_DIM, num_classes: int = NUM_CLASSES, width: int = 32,
+                 crop_size: int = CROP_SIZE) -> None:
         super().__init__()
+        if crop_size % 8 or crop_size < 32:
+            raise ValueError(f"crop_size must be a multiple of 8 and >= 32, got {crop_size}")
+        self.crop_size = crop_size  # side of the square crop the served graph cuts for this CNN
         w = width
         self.features = nn.Sequential(
             _conv(3, w), nn.MaxPool2d(2),  # 32
@@ -231,7 +252,7 @@ class CropEmbedderStage(nn.Module):
 
     def forward(self, frame: Tensor, boxes: Tensor, cell_count: Tensor) -> tuple[Tensor, Tensor]:
         image = frame.to(torch.float32)  # the uint8 input feeds only this Cast (TensorRT rule)
-        embeddings, _ = self.embedder(crop_cells(image, real_rows(boxes, cell_count)))
+        embeddings, _ = self.embedder(crop_cells(image, real_rows(boxes, cell_count), size=self.embedder.crop_size))
         frame_size = torch.stack([torch.as_tensor(image.shape[0]), torch.as_tensor(image.shape[1])])
         return embeddings, frame_size.to(torch.float32)
 

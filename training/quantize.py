@@ -71,13 +71,13 @@ def int8_path(repository: Path, runtime: str = "onnxruntime") -> Path:
 
 # ---- calibration data ------------------------------------------------------------------------------------------
 def mosaic(crops: np.ndarray, columns: int = MOSAIC_COLUMNS) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 crops [N,S,S,3] (S = CROP_SIZE) -> (frame uint8 [rows*S, columns*S, 3], boxes float32 [N,4]).
+    """uint8 crops [N,S,S,3] (S: the CNN's crop side) -> (frame uint8 [rows*S, columns*S, 3], boxes float32 [N,4]).
 
     Each box is the square, centred on its tile, whose crop region (side * (1 + 2 * CROP_MARGIN)) is the tile: the
     in-graph crop samples the tile's pixel centres, so it returns the crop unchanged."""
     count, size = len(crops), crops.shape[1]
-    if size != CROP_SIZE or crops.dtype != np.uint8:
-        raise ValueError(f"mosaic takes uint8 crops of {CROP_SIZE}x{CROP_SIZE}, got {crops.dtype} {crops.shape}")
+    if crops.ndim != 4 or crops.shape[2] != size or crops.dtype != np.uint8:
+        raise ValueError(f"mosaic takes square uint8 crops [N,S,S,3], got {crops.dtype} {crops.shape}")
     rows = -(-count // columns)
     frame = np.zeros((rows * size, columns * size, 3), np.uint8)
     side = size / (1.0 + 2.0 * CROP_MARGIN)
@@ -92,7 +92,7 @@ def mosaic(crops: np.ndarray, columns: int = MOSAIC_COLUMNS) -> tuple[np.ndarray
 
 @dataclass
 class CalibrationSet:
-    """Served-view crops of training cells, by source (uint8 [n,CROP_SIZE,CROP_SIZE,3] each)."""
+    """Served-view crops of training cells, by source (uint8 [n,S,S,3] each, S: the CNN's crop side)."""
 
     crops: dict[str, np.ndarray]
 
@@ -110,11 +110,13 @@ class CalibrationSet:
 
 
 def calibration_set(data_root: Path | None, per_source: int = DEFAULT_PER_SOURCE, seed: int = 0,
-                    max_images: int | None = None) -> CalibrationSet:
+                    max_images: int | None = None, crop_size: int = CROP_SIZE) -> CalibrationSet:
     """Up to `per_source` training cells of every source (labelled or not; the localiser's boxes), drawn at random;
     `max_images`: from that many training images per dataset only (train's smoke mode; tests)."""
+    from leukograph.training.cells import use_crop_size
     from leukograph.training.train import load_cell_sets  # heavy (torch, datasets): only when calibrating
 
+    use_crop_size(crop_size)  # the mosaic's tiles are crops of the quantised CNN's side
     cells = load_cell_sets(data_root, max_images, seed).train
     rng = np.random.default_rng(seed)
     by_source: dict[str, list[np.ndarray]] = {}
@@ -206,9 +208,11 @@ def quantised_nodes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def export_int8(repository: Path, data_root: Path | None, per_source: int = DEFAULT_PER_SOURCE, seed: int = 0,
-                method: str = "minmax", keep_fp32: tuple[str, ...] = ()) -> tuple[dict[str, Path], CalibrationSet]:
-    """crop_embedder/1/model.onnx -> both INT8 files beside it, calibrated on the same training crops."""
-    calibration = calibration_set(data_root, per_source, seed)
+                method: str = "minmax", keep_fp32: tuple[str, ...] = (),
+                crop_size: int = CROP_SIZE) -> tuple[dict[str, Path], CalibrationSet]:
+    """crop_embedder/1/model.onnx (a CNN of `crop_size`) -> both INT8 files beside it, calibrated on the same
+    training crops."""
+    calibration = calibration_set(data_root, per_source, seed, crop_size=crop_size)
     fp32_path = stage_path(repository, CROP_EMBEDDER, MODEL_FILES["onnxruntime"])
     paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime, method,
                                              keep_fp32) for runtime in INT8_FILES}
@@ -272,7 +276,7 @@ def int8_models(weights_dir: Path, onnx_path: Path, threads: int):
             counts = [len(frame.labels) for frame in frames]
             crops = [frame.served_crops for frame in frames if len(frame.labels)]
             embeddings = embed_cells_onnx(self.session, np.concatenate(crops) if crops
-                                          else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8))
+                                          else np.zeros((0, *(self.embedder.crop_size,) * 2, 3), np.uint8))
             return np.split(embeddings, np.cumsum(counts)[:-1]) if frames else []
 
     return Int8Models()

@@ -1,6 +1,7 @@
 """`leukograph tradeoff CNN.pt...`: accuracy per test source against CPU cost per cell, one row per CNN checkpoint.
 
-For choosing the crop embedder's capacity (issue: "Capacity within the latency budget"). Each checkpoint's CNN alone
+For choosing the crop embedder's capacity (issue: "Capacity within the latency budget"): crop side and width, both
+read from each checkpoint (the test cells are cut at each checkpoint's crop side). Each checkpoint's CNN alone
 (no GNN, so checkpoints trained without one compare fairly) classifies the localiser's WBC boxes:
 4-class TEST per image, PBC test per image (five WBC classes and all seven nucleated) and BCCD held-out WBC nodes.
 Cost: the exported crop_embedder stage in ONNX Runtime, one thread, 128 cells of a held-out BCCD frame, median ms
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukograph.client.contract import CROP_EMBEDDER, CROP_SIZE, WBC_CLASSES, boxes_feed
+from leukograph.client.contract import CROP_EMBEDDER, WBC_CLASSES, boxes_feed
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
 from leukograph.client.localize import WBC
@@ -28,7 +29,7 @@ from leukograph.deploy.paths import REPO_ROOT, shown_path
 from leukograph.deploy.readme import replace_section
 from leukograph.deploy.runners import OrtRunner
 from leukograph.training.augment import stored_to_served
-from leukograph.training.cells import FrameCells, build_cells
+from leukograph.training.cells import FrameCells, build_cells, use_crop_size
 from leukograph.training.checkpoints import load_checkpoint
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, split_frames
 from leukograph.training.export import export_stage
@@ -84,7 +85,7 @@ def ms_per_cell(model: CropEmbedder, frame: np.ndarray, boxes: np.ndarray) -> di
 
 
 def macs_per_crop(model: CropEmbedder) -> int:
-    """Multiply-adds of one CROP_SIZE crop through the CNN's convolutions and linear layers."""
+    """Multiply-adds of one crop (the model's crop side) through the CNN's convolutions and linear layers."""
     total = 0
 
     def count(module: torch.nn.Module, _inputs, output: torch.Tensor) -> None:
@@ -98,38 +99,48 @@ def macs_per_crop(model: CropEmbedder) -> int:
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     with torch.no_grad():
-        model(torch.rand(1, 3, CROP_SIZE, CROP_SIZE))
+        model(torch.rand(1, 3, model.crop_size, model.crop_size))
     for hook in hooks:
         hook.remove()
     return total
 
 
 class TestSets:
-    """The test sources' localised cells, loaded once for every checkpoint."""
+    """The test sources' localised cells, cut once per crop side for every checkpoint that takes it."""
 
     def __init__(self, data_root: str | None) -> None:
         self.four_items = load_four_class(data_root, "TEST")
-        self.four = build_cells(self.four_items, "4class-test")
-        self.pbc = build_cells([img for img in load_pbc(data_root) if img.split == "test"], "pbc-test")
+        self.pbc_items = [img for img in load_pbc(data_root) if img.split == "test"]
         held = split_frames(data_root).held_out
-        bccd_meta = [f for f in load_bccd(data_root) if f.frame_id in held]
-        self.bccd = build_cells(bccd_meta, "bccd-heldout")
-        self.frame = read_image(bccd_meta[0].image_path)
+        self.bccd_items = [f for f in load_bccd(data_root) if f.frame_id in held]
+        self.frame = read_image(self.bccd_items[0].image_path)
         self.boxes = tiled_boxes(self.frame, localise_boxes(self.frame), TIMING_CELLS)
+        self._cells: dict[int, tuple[list[FrameCells], list[FrameCells], list[FrameCells]]] = {}
+
+    def cells(self, crop_size: int) -> tuple[list[FrameCells], list[FrameCells], list[FrameCells]]:
+        """(4-class TEST, PBC test, BCCD held-out) cells cut for a `crop_size` CNN."""
+        if crop_size not in self._cells:
+            use_crop_size(crop_size)
+            self._cells[crop_size] = (build_cells(self.four_items, "4class-test"),
+                                      build_cells(self.pbc_items, "pbc-test"),
+                                      build_cells(self.bccd_items, "bccd-heldout"))
+        return self._cells[crop_size]
 
 
 def evaluate_checkpoint(path: Path, sets: TestSets) -> dict:
     model = load_cnn(path)
-    pbc_probs = wbc_probs(model, sets.pbc)
-    nucleated = [(p, f.frame_label) for p, f in zip(pbc_probs, sets.pbc) if 0 <= f.frame_label < 7]
+    four, pbc, bccd_cells = sets.cells(model.crop_size)
+    pbc_probs = wbc_probs(model, pbc)
+    nucleated = [(p, f.frame_label) for p, f in zip(pbc_probs, pbc) if 0 <= f.frame_label < 7]
     five = [(p, t) for p, t in nucleated if t < NUM_WBC]
-    bccd = [(p, f.frame_label) for p, f in zip(wbc_probs(model, sets.bccd), sets.bccd)
+    bccd = [(p, f.frame_label) for p, f in zip(wbc_probs(model, bccd_cells), bccd_cells)
             if 0 <= f.frame_label < NUM_WBC]
     ckpt = load_checkpoint(path)
     return {
-        "checkpoint": shown_path(path), "width": ckpt["config"].get("width"), "epoch": ckpt["epoch"],
+        "checkpoint": shown_path(path), "crop": model.crop_size, "width": ckpt["config"].get("width"),
+        "epoch": ckpt["epoch"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "four_class_test_images": image_accuracy(wbc_probs(model, sets.four),
+        "four_class_test_images": image_accuracy(wbc_probs(model, four),
                                                  [WBC_CLASSES.index(i.label) for i in sets.four_items], NUM_WBC),
         "pbc_test_five_wbc": image_accuracy(*zip(*five), NUM_WBC) if five else 0.0,
         "pbc_test_nucleated": image_accuracy(*zip(*nucleated), 7) if nucleated else 0.0,
@@ -140,15 +151,15 @@ def evaluate_checkpoint(path: Path, sets: TestSets) -> dict:
 
 
 def readme_body(result: dict, json_path: Path) -> str:
-    lines = [f"Generated by `leukograph tradeoff` from `{shown_path(json_path)}` (CNN only, crop {result['crop']} px; "
+    lines = [f"Generated by `leukograph tradeoff` from `{shown_path(json_path)}` (CNN only; "
              f"load average {result['load_avg'][0]:.1f} on {result['cores']} cores while timing).", "",
-             "| CNN width | parameters | M multiply-adds per crop | 4-class TEST images | PBC test, 5 WBC | "
+             "| crop px | CNN width | parameters | M multiply-adds per crop | 4-class TEST images | PBC test, 5 WBC | "
              "PBC test, 7 nucleated | BCCD held-out frames | CPU ms per cell (ORT, 1 thread, 128 cells) | "
              "wall ms per cell |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         cost = row["ms_per_cell_ort_1_thread"]
-        lines.append(f"| {row['width']} | {row['parameters']:,} | {row['macs_per_crop'] / 1e6:.1f} | "
+        lines.append(f"| {row['crop']} | {row['width']} | {row['parameters']:,} | {row['macs_per_crop'] / 1e6:.1f} | "
                      f"{row['four_class_test_images']:.1%} | {row['pbc_test_five_wbc']:.1%} | "
                      f"{row['pbc_test_nucleated']:.1%} | {row['bccd_heldout_images']:.1%} | {cost['cpu']:.2f} | "
                      f"{cost['wall']:.2f} |")
@@ -173,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     sets = TestSets(args.data_root)
     rows = [evaluate_checkpoint(path, sets) for path in args.checkpoints]
-    result = {"crop": CROP_SIZE, "cores": os.cpu_count(), "load_avg": list(os.getloadavg()), "rows": rows}
+    result = {"cores": os.cpu_count(), "load_avg": list(os.getloadavg()), "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(readme_body(result, args.json))

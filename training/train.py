@@ -32,11 +32,18 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader as GraphLoader
 from tqdm import tqdm
 
-from leukograph.client.contract import CLASSES, LOCALIZERS, NUCLEATED_CLASSES
+from leukograph.client.contract import CLASSES, CROP_SIZE, LOCALIZERS, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.augment import augment_batch
-from leukograph.training.cells import DEFAULT_LOCALIZER, IGNORE, FrameCells, build_cells, use_localizer
+from leukograph.training.cells import (
+    DEFAULT_LOCALIZER,
+    IGNORE,
+    FrameCells,
+    build_cells,
+    use_crop_size,
+    use_localizer,
+)
 from leukograph.training.checkpoints import (
     BASELINE_FILE,
     CALIBRATION_FILE,
@@ -73,6 +80,7 @@ from leukograph.training.models import (
     SeedBaseline,
     knn_edge_index,
     node_inputs,
+    served_size,
 )
 
 NUM_NUCLEATED = len(NUCLEATED_CLASSES)
@@ -231,7 +239,13 @@ def _fit(name: str, model: nn.Module, epochs: int, steps_per_epoch: int, lr: flo
 
 
 def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropEmbedder:
-    config = {"width": args.cnn_width}
+    crop_sides = {served_size(frame.crops.shape[1]) for frame in cells.train + cells.val if len(frame.crops)}
+    if len(crop_sides) != 1:
+        raise UserError(f"the training cells' crops have sides {sorted(crop_sides)}; build them for one crop size")
+    crop_size = crop_sides.pop()
+    if args.crop_size and args.crop_size != crop_size:
+        raise UserError(f"--crop-size {args.crop_size}, but the training crops are for {crop_size} px (the CNN pack's)")
+    config = {"width": args.cnn_width, "crop_size": crop_size}
     model = CropEmbedder(**config).to(args.device)
     sampler = CropSampler(cells.train)
     # an epoch's size varies with the context draw: schedule for the largest possible epoch
@@ -262,9 +276,22 @@ def graph_data(frames: list[FrameCells], embedded: list[tuple[np.ndarray, np.nda
     return graphs
 
 
-def _gnn_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def gnn_class_weights(graphs: list[Data], power: float) -> torch.Tensor:
+    """Loss weight per class: white-cell classes n_c ** -power over the training nodes, scaled to a mean of 1 over
+    the labelled white-cell nodes (IG and NRBC come from PBC alone and are outnumbered by BCCD's neutrophils); RBC
+    and platelet nodes CONTEXT_LOSS_WEIGHT."""
+    labels = torch.cat([g.y for g in graphs])
+    counts = torch.bincount(labels[labels >= 0], minlength=len(CLASSES)).double()
+    weights = torch.full((len(CLASSES),), CONTEXT_LOSS_WEIGHT, dtype=torch.float64)
+    present = counts[:NUM_NUCLEATED] > 0
+    nucleated = torch.where(present, counts[:NUM_NUCLEATED].clamp(min=1) ** -power, torch.zeros(()))
+    weights[:NUM_NUCLEATED] = nucleated * counts[:NUM_NUCLEATED].sum() / (nucleated * counts[:NUM_NUCLEATED]).sum()
+    return weights.float()
+
+
+def _gnn_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
     known = labels != IGNORE
-    weights = torch.where(labels[known] < NUM_NUCLEATED, 1.0, CONTEXT_LOSS_WEIGHT)
+    weights = class_weights[labels[known]]
     losses = F.cross_entropy(logits[known], labels[known], reduction="none", label_smoothing=0.05)
     return (losses * weights).sum() / weights.sum().clamp(min=1e-6)
 
@@ -284,6 +311,8 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
                     for g in graph_data(train_frames, embed_frames(embedder, train_frames, augment=True,
                                                                    seed=args.seed + view))]
     val_graphs = graph_data(val_frames, embed_frames(embedder, val_frames))
+    class_weights = gnn_class_weights(train_graphs, args.gnn_class_balance)
+    print("gnn class weights: " + ", ".join(f"{name} {w:.2f}" for name, w in zip(CLASSES, class_weights.tolist())))
     config = {"hidden": args.gnn_hidden, "layers": args.gnn_layers}
     model = CellGraphNet(**config)
     steps = -(-len(train_graphs) // args.graph_batch)
@@ -294,7 +323,7 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
         total, count = 0.0, 0
         for batch in tqdm(GraphLoader(train_graphs, batch_size=args.graph_batch, shuffle=True),
                           desc=f"gnn epoch {epoch}", leave=False):
-            loss = _gnn_loss(model(batch.x, batch.edge_index), batch.y)
+            loss = _gnn_loss(model(batch.x, batch.edge_index), batch.y, class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -425,6 +454,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--cnn-epochs", type=int, default=40)
     parser.add_argument("--cnn-width", type=int, default=32)
+    parser.add_argument("--crop-size", type=int, default=None,
+                        help=f"side of the square crop the CNN takes, a multiple of 8 (default {CROP_SIZE}; with "
+                        "--cnn-pack, the pack's)")
+    parser.add_argument("--pack-quality", type=int, default=95, help="JPEG quality of --save-cnn-pack's crops")
     parser.add_argument("--aug-strength", type=float, default=1.5,
                         help="scales every augmentation range of the CNN's crops (training/augment.py)")
     parser.add_argument("--gnn-epochs", type=int, default=25)
@@ -432,6 +465,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-hidden", type=int, default=64)
     parser.add_argument("--gnn-layers", type=int, default=2)
     parser.add_argument("--gnn-views", type=int, default=2, help="augmented embedding views per training graph")
+    parser.add_argument("--gnn-class-balance", type=float, default=0.0, metavar="POWER",
+                        help="GNN loss weight of white-cell class c: n_c ** -POWER (0 = every node alike, 1 = "
+                        "balanced classes; default %(default)s)")
     parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
                         help="who finds the training graphs' cells: client, the classical localiser; server, the "
                         "learned detector the served ensemble runs first (default %(default)s)")
@@ -459,9 +495,12 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--cnn-pack trains the CNN only: use --stages cnn (the GNN needs every cell of the datasets)")
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}")
+    if args.crop_size is not None and (args.crop_size % 8 or args.crop_size < 32):
+        raise UserError(f"--crop-size must be a multiple of 8 and >= 32, got {args.crop_size}")
+    use_crop_size(args.crop_size or CROP_SIZE)
     if args.save_cnn_pack:
         cells = load_cell_sets(args.data_root, args.max_images, args.seed)
-        save_cnn_pack(args.save_cnn_pack, cells.train, cells.val, args.seed)
+        save_cnn_pack(args.save_cnn_pack, cells.train, cells.val, args.seed, args.pack_quality)
         return 0
     if args.cnn_pack:
         train, val = load_cnn_pack(args.cnn_pack)
@@ -470,17 +509,19 @@ def main(args: argparse.Namespace) -> int:
         train_cnn(cells, args, run_dir)
         released.append(("cnn", CNN_FILE))
     elif "cnn" in stages or "gnn" in stages:
-        cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
-        print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
-              f"({time.time() - started:.0f} s)")
-        if "cnn" in stages:
-            embedder = train_cnn(cells, args, run_dir).cpu()
-            released.append(("cnn", CNN_FILE))
-        else:
+        embedder = None
+        if "cnn" not in stages:  # the GNN over a trained CNN: its cells are cut at that CNN's crop size
             ckpt = load_checkpoint(run_dir / "cnn_best.pt")
             embedder = CropEmbedder(**ckpt["config"])
             embedder.load_state_dict(ckpt["model"])
             embedder.eval()
+            use_crop_size(embedder.crop_size)
+        cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
+        print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
+              f"({time.time() - started:.0f} s)")
+        if embedder is None:
+            embedder = train_cnn(cells, args, run_dir).cpu()
+            released.append(("cnn", CNN_FILE))
         if "gnn" in stages:
             gnn = train_gnn(cells, embedder, args, run_dir)
             released.append(("gnn", GNN_FILE))

@@ -9,7 +9,9 @@
 #
 # Writes OUT_DIR/cnn-<run>.pt (released checkpoints) and OUT_DIR/train-logs.txt. Environment: PYTHON (python3),
 # EPOCHS (40), THREADS (threads per run, 2), RUNS (default: the first six below; the aug* runs compare
-# augmentation strengths, each also without PBC and without BCCD).
+# augmentation strengths, each also without PBC and without BCCD; the s1-width* runs are the width rows of the
+# capacity table at strength 1.0, for a pack of another crop side: `leukograph train --stages cnn --crop-size 96
+# --save-cnn-pack PACK`, the crop side comes from the pack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=${1:?usage: training/train_gpu.sh PACK OUT_DIR}
@@ -31,6 +33,9 @@ declare -A VARIANTS=(
   [aug2]="--aug-strength 2"
   [aug2-no-pbc]="--aug-strength 2 --exclude-source pbc"
   [aug2-no-bccd]="--aug-strength 2 --exclude-source bccd"
+  [s1-width24]="--aug-strength 1 --cnn-width 24"
+  [s1-width32]="--aug-strength 1"
+  [s1-width48]="--aug-strength 1 --cnn-width 48"
 )
 RUNS=${RUNS:-"seed0 seed1 no-pbc no-bccd width24 width48"}
 

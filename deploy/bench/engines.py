@@ -85,7 +85,8 @@ class SeedStyleEmbedder(BaseRunner):
         with torch.no_grad():
             image = torch.from_numpy(frame).to(self.device).to(torch.float32)  # once per frame
             boxes_t = torch.from_numpy(boxes).to(self.device)
-            embeddings = torch.cat([self.embedder(self.crop_cells(image, boxes_t[i:i + 1]))[0]
+            size = self.embedder.crop_size
+            embeddings = torch.cat([self.embedder(self.crop_cells(image, boxes_t[i:i + 1], size=size))[0]
                                     for i in range(len(boxes))])
             return {EMBEDDINGS.name: embeddings.cpu().numpy(),
                     FRAME_SIZE.name: np.array(frame.shape[:2], FRAME_SIZE.np_dtype)}

@@ -29,7 +29,7 @@ from statistics import median
 
 import numpy as np
 
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, CROP_SIZE, MODEL_FILES, boxes_feed, stage_path
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, MODEL_FILES, boxes_feed, stage_path
 from leukograph.client.errors import UserError
 from leukograph.deploy.bench.frames import MemoryCapture, load_frames, localise_boxes, tiled_boxes
 from leukograph.deploy.bench.loop import run_closed_loop, summarize
@@ -77,7 +77,7 @@ def core_peak() -> dict:
 
 
 def macs_per_crop(weights: Path) -> int:
-    """Multiply-adds of the CNN for one CROP_SIZE crop: Conv2d (output elements x in-channels/groups x kernel area)
+    """Multiply-adds of the CNN for one crop of its side: Conv2d (output elements x in-channels/groups x kernel area)
     and Linear (in x out) layers, counted with forward hooks."""
     import torch
 
@@ -96,7 +96,7 @@ def macs_per_crop(weights: Path) -> int:
     handles = [m.register_forward_hook(hook) for m in embedder.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m is not embedder.classifier]
     with torch.no_grad():
-        embedder(torch.rand(1, 3, CROP_SIZE, CROP_SIZE))
+        embedder(torch.rand(1, 3, embedder.crop_size, embedder.crop_size))
     for handle in handles:
         handle.remove()
     return total
