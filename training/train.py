@@ -476,14 +476,42 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def train_classifier(args: argparse.Namespace, stages: list[str], run_dir: Path,
+                     started: float) -> list[tuple[str, str]]:
+    """The CNN and/or GNN stages on the datasets' cells (freed when it returns)."""
+    released: list[tuple[str, str]] = []
+    embedder = None
+    if "cnn" not in stages:  # the GNN over a trained CNN: its cells are cut at that CNN's crop size
+        ckpt = load_checkpoint(run_dir / "cnn_best.pt")
+        embedder = CropEmbedder(**ckpt["config"])
+        embedder.load_state_dict(ckpt["model"])
+        embedder.eval()
+        use_crop_size(embedder.crop_size)
+    cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
+    print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
+          f"({time.time() - started:.0f} s)")
+    if embedder is None:
+        embedder = train_cnn(cells, args, run_dir).cpu()
+        released.append(("cnn", CNN_FILE))
+    if "gnn" in stages:
+        gnn = train_gnn(cells, embedder, args, run_dir)
+        released.append(("gnn", GNN_FILE))
+        calibrate(cells, embedder, gnn, run_dir, args.release_dir)
+    return released
+
+
 def main(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - {"cnn", "gnn", "baseline"}
     if unknown:
         raise UserError(f"unknown stage(s) {sorted(unknown)}; use cnn, gnn, baseline")
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
+    _seed_everything(args.seed)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
     use_localizer(args.localizer)
@@ -508,27 +536,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images from {args.cnn_pack}")
         train_cnn(cells, args, run_dir)
         released.append(("cnn", CNN_FILE))
-    elif "cnn" in stages or "gnn" in stages:
-        embedder = None
-        if "cnn" not in stages:  # the GNN over a trained CNN: its cells are cut at that CNN's crop size
-            ckpt = load_checkpoint(run_dir / "cnn_best.pt")
-            embedder = CropEmbedder(**ckpt["config"])
-            embedder.load_state_dict(ckpt["model"])
-            embedder.eval()
-            use_crop_size(embedder.crop_size)
-        cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
-        print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
-              f"({time.time() - started:.0f} s)")
-        if embedder is None:
-            embedder = train_cnn(cells, args, run_dir).cpu()
-            released.append(("cnn", CNN_FILE))
-        if "gnn" in stages:
-            gnn = train_gnn(cells, embedder, args, run_dir)
-            released.append(("gnn", GNN_FILE))
-            calibrate(cells, embedder, gnn, run_dir, args.release_dir)
-    if "baseline" in stages:
-        train_baseline(args, run_dir)
-        released.append(("baseline", BASELINE_FILE))
+    else:
+        if "baseline" in stages:  # first: its images are freed before the cell sets are built
+            train_baseline(args, run_dir)
+            released.append(("baseline", BASELINE_FILE))
+        if "cnn" in stages or "gnn" in stages:
+            _seed_everything(args.seed)  # the classifier starts from the same random state with or without a baseline
+            released += train_classifier(args, stages, run_dir, started)
     release(run_dir, args.release_dir, released)
     summary = {"seconds": round(time.time() - started, 1), "stages": stages, "args": {k: str(v) for k, v in
                                                                                        vars(args).items()}}

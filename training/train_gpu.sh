@@ -9,9 +9,9 @@
 #
 # Writes OUT_DIR/cnn-<run>.pt (released checkpoints) and OUT_DIR/train-logs.txt. Environment: PYTHON (python3),
 # EPOCHS (40), THREADS (threads per run, 2), RUNS (default: the first six below; the aug* runs compare
-# augmentation strengths, each also without PBC and without BCCD; the s1-width* runs are the width rows of the
-# capacity table at strength 1.0, for a pack of another crop side: `leukograph train --stages cnn --crop-size 96
-# --save-cnn-pack PACK`, the crop side comes from the pack).
+# augmentation strengths, each also without PBC and without BCCD; the s1-* runs are the capacity table's rows at
+# strength 1.0 (widths, a second seed, without PBC, without BCCD) for a pack of another crop side, written by
+# `leukograph train --stages cnn --crop-size 96 --save-cnn-pack PACK`: the crop side comes from the pack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=${1:?usage: training/train_gpu.sh PACK OUT_DIR}
@@ -36,6 +36,9 @@ declare -A VARIANTS=(
   [s1-width24]="--aug-strength 1 --cnn-width 24"
   [s1-width32]="--aug-strength 1"
   [s1-width48]="--aug-strength 1 --cnn-width 48"
+  [s1-seed1]="--aug-strength 1 --seed 1"
+  [s1-no-pbc]="--aug-strength 1 --exclude-source pbc"
+  [s1-no-bccd]="--aug-strength 1 --exclude-source bccd"
 )
 RUNS=${RUNS:-"seed0 seed1 no-pbc no-bccd width24 width48"}
 
