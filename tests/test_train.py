@@ -87,3 +87,22 @@ def test_bad_crop_size_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run([*CLI, "--crop-size", "50", "--output-dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "leukograph train: error: --crop-size must be a multiple of 8 and >= 32, got 50"
+
+
+def test_gnn_class_weights_balance_white_cell_classes() -> None:
+    """--gnn-class-balance P: white-cell class c weighs n_c ** -P, averaging 1 over the labelled white-cell nodes;
+    P = 0 weighs every white-cell node alike; classes without nodes weigh 0; RBC/platelet keep CONTEXT_LOSS_WEIGHT."""
+    from torch_geometric.data import Data
+
+    from leukograph.client.contract import CLASSES
+    from leukograph.training.train import CONTEXT_LOSS_WEIGHT, NUM_NUCLEATED, gnn_class_weights
+
+    labels = torch.tensor([0] * 30 + [1] * 10 + [5] * 5 + [CLASSES.index("rbc")] * 50 + [-1] * 3)
+    graphs = [Data(y=labels[:40]), Data(y=labels[40:])]
+    assert torch.allclose(gnn_class_weights(graphs, 0.0)[[0, 1, 5]], torch.ones(3))
+    balanced = gnn_class_weights(graphs, 1.0)
+    counts = torch.tensor([30.0, 10.0, 5.0])
+    assert torch.allclose(balanced[[0, 1, 5]] * counts, torch.full((3,), float(balanced[0] * 30)))  # equal totals
+    assert torch.isclose((balanced[[0, 1, 5]] * counts).sum() / counts.sum(), torch.tensor(1.0))
+    assert balanced[2] == 0 and balanced[NUM_NUCLEATED - 1] == 0
+    assert balanced[CLASSES.index("rbc")] == CONTEXT_LOSS_WEIGHT
