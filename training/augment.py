@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leukograph.training.models import served_size
+
 # RGB <-> HED stain matrices (Ruifrok & Johnston, as in scikit-image's rgb2hed).
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # rows: stain OD
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
@@ -41,14 +43,9 @@ def _chance(generator: torch.Generator, n: int, p: float) -> Tensor:
     return torch.rand(n, generator=generator) < p
 
 
-def served_side(crops: Tensor, zoom: float) -> int:
-    """The served crop's side C for stored crops [B,3,S,S] that are a `zoom` times wider view (C = S / zoom)."""
-    return round(crops.shape[-1] / zoom)
-
-
 def geometry(crops: Tensor, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:
     """Random rotation, flip, scale and shift of [B,3,S,S] (a `zoom` times wider view) -> [B,3,C,C]."""
-    n, size = crops.shape[0], served_side(crops, zoom)
+    n, size = crops.shape[0], served_size(crops.shape[-1], zoom)
     angle = _uniform(generator, n, 0.0, 2 * math.pi)
     scale = torch.exp(_uniform(generator, n, math.log(1 - 0.2 * strength), math.log(1 + 0.25 * strength)))
     flip = torch.where(_chance(generator, n, 0.5), -1.0, 1.0)
@@ -63,7 +60,7 @@ def geometry(crops: Tensor, generator: torch.Generator, zoom: float, strength: f
 
 def centre(crops: Tensor, zoom: float) -> Tensor:
     """The served view of stored crops without augmentation (exact: same sampling grid)."""
-    size = served_side(crops, zoom)
+    size = served_size(crops.shape[-1], zoom)
     pad = (crops.shape[-1] - size) // 2
     return crops[:, :, pad:pad + size, pad:pad + size]
 

@@ -42,7 +42,7 @@ from leukograph.client.images import read_image
 from leukograph.client.localize import Cells, localize
 from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir
 from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
-from leukograph.training.models import STORE_ZOOM, crop_cells, served_size, store_size
+from leukograph.training.models import STORE_ZOOM, check_crop_size, crop_cells, served_size, store_pad, store_size
 
 MATCH_IOU = 0.3
 IGNORE = -1
@@ -65,7 +65,7 @@ class FrameCells:
     def served_crops(self) -> np.ndarray:
         """uint8 [N,C,C,3]: exactly what the served crop_embedder cuts (a view, no copy)."""
         side = served_size(self.crops.shape[1])
-        pad = (self.crops.shape[1] - side) // 2
+        pad = store_pad(side)
         return self.crops[:, pad:pad + side, pad:pad + side]
 
 
@@ -91,9 +91,7 @@ _CROP = {"size": CROP_SIZE}
 
 def use_crop_size(side: int) -> None:
     """Cut every later FrameCells' crops for a CNN whose crop side is `side` (stored at store_size(side))."""
-    if side % 8 or side < 32:
-        raise ValueError(f"crop side must be a multiple of 8 and >= 32, got {side}")
-    _CROP["size"] = side
+    _CROP["size"] = check_crop_size(side, "crop side")
 
 
 def use_localizer(name: str) -> None:

@@ -70,13 +70,23 @@ def cnn_crop_size(weights_dir: Path) -> int:
     return int(load_checkpoint(weights_dir / CNN_FILE)["config"].get("crop_size", CROP_SIZE))
 
 
+def _cnn_from(ckpt: dict) -> CropEmbedder:
+    embedder = CropEmbedder(**ckpt["config"])
+    embedder.load_state_dict(ckpt["model"])
+    return embedder.eval()
+
+
+def load_cnn(path: Path) -> CropEmbedder:
+    """A CNN checkpoint (run or released) as a CropEmbedder in eval mode."""
+    return _cnn_from(load_checkpoint(path))
+
+
 def load_models(weights_dir: Path) -> tuple[CropEmbedder, CellGraphNet, dict]:
     """The CNN and GNN in eval mode, plus their checkpoints' metadata. Cells built after this are cut at the CNN's
     crop side (`cells.use_crop_size`), so evaluation, classification and calibration feed it what it was trained on."""
     cnn_ckpt = load_checkpoint(weights_dir / CNN_FILE)
     gnn_ckpt = load_checkpoint(weights_dir / GNN_FILE)
-    embedder = CropEmbedder(**cnn_ckpt["config"])
-    embedder.load_state_dict(cnn_ckpt["model"])
+    embedder = _cnn_from(cnn_ckpt)
     gnn = CellGraphNet(**gnn_ckpt["config"])
     gnn.load_state_dict(gnn_ckpt["model"])
     use_crop_size(embedder.crop_size)

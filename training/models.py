@@ -42,7 +42,11 @@ def crop_regions(boxes: Tensor, margin: float = CROP_MARGIN, zoom: float = 1.0) 
 # and shift augmentation.
 # The CNN's crop side is a hyperparameter its checkpoint carries (`CropEmbedder.crop_size`, a multiple of 8; the
 # served contract does not change with it, the crop is cut inside the graph); CROP_SIZE is the default.
-STORE_ZOOM = 1.25
+def check_crop_size(side: int, name: str = "crop_size") -> int:
+    """The one rule for a crop side: a multiple of 8 (so the stored view's pad is whole) and >= 32."""
+    if side % 8 or side < 32:
+        raise ValueError(f"{name} must be a multiple of 8 and >= 32, got {side}")
+    return side
 
 
 def store_pad(crop_size: int) -> int:
@@ -54,12 +58,14 @@ def store_size(crop_size: int) -> int:
     return crop_size + 2 * store_pad(crop_size)
 
 
-def served_size(stored_side: int) -> int:
-    return round(stored_side / STORE_ZOOM)
-
-
 STORE_PAD = store_pad(CROP_SIZE)
 STORE_SIZE = store_size(CROP_SIZE)
+STORE_ZOOM = STORE_SIZE / CROP_SIZE  # the same for every crop side (a multiple of 8)
+
+
+def served_size(stored_side: int, zoom: float = STORE_ZOOM) -> int:
+    """The served crop's side for stored crops of `stored_side` that are a `zoom` times wider view."""
+    return round(stored_side / zoom)
 
 
 def crop_cells(frame: Tensor, boxes: Tensor, size: int = CROP_SIZE, margin: float = CROP_MARGIN,
@@ -114,9 +120,7 @@ class CropEmbedder(nn.Module):
     def __init__(self, embed_dim: int = EMBED_DIM, num_classes: int = NUM_CLASSES, width: int = 32,
                  crop_size: int = CROP_SIZE) -> None:
         super().__init__()
-        if crop_size % 8 or crop_size < 32:
-            raise ValueError(f"crop_size must be a multiple of 8 and >= 32, got {crop_size}")
-        self.crop_size = crop_size  # side of the square crop the served graph cuts for this CNN
+        self.crop_size = check_crop_size(crop_size)  # side of the square crop the served graph cuts for this CNN
         w = width
         self.features = nn.Sequential(
             _conv(3, w), nn.MaxPool2d(2),  # 32

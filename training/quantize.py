@@ -275,8 +275,9 @@ def int8_models(weights_dir: Path, onnx_path: Path, threads: int):
                 raise ValueError("the INT8 rows are measured without synthetic stain shifts")
             counts = [len(frame.labels) for frame in frames]
             crops = [frame.served_crops for frame in frames if len(frame.labels)]
+            side = self.embedder.crop_size
             embeddings = embed_cells_onnx(self.session, np.concatenate(crops) if crops
-                                          else np.zeros((0, *(self.embedder.crop_size,) * 2, 3), np.uint8))
+                                          else np.zeros((0, side, side, 3), np.uint8))
             return np.split(embeddings, np.cumsum(counts)[:-1]) if frames else []
 
     return Int8Models()

@@ -30,7 +30,7 @@ from leukograph.deploy.readme import replace_section
 from leukograph.deploy.runners import OrtRunner
 from leukograph.training.augment import stored_to_served
 from leukograph.training.cells import FrameCells, build_cells, use_crop_size
-from leukograph.training.checkpoints import load_checkpoint
+from leukograph.training.checkpoints import load_checkpoint, load_cnn
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, split_frames
 from leukograph.training.export import export_stage
 from leukograph.training.metrics import image_prediction
@@ -39,13 +39,6 @@ from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderSta
 NUM_WBC = len(WBC_CLASSES)
 TIMING_CELLS = 128
 TIMING_REPS = 20
-
-
-def load_cnn(path: Path) -> CropEmbedder:
-    ckpt = load_checkpoint(path)
-    model = CropEmbedder(**ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 @torch.no_grad()

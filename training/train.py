@@ -50,6 +50,7 @@ from leukograph.training.checkpoints import (
     CNN_FILE,
     GNN_FILE,
     load_checkpoint,
+    load_cnn,
     save_checkpoint,
 )
 from leukograph.training.cnn_pack import load_cnn_pack, save_cnn_pack
@@ -78,6 +79,7 @@ from leukograph.training.models import (
     CellGraphNet,
     CropEmbedder,
     SeedBaseline,
+    check_crop_size,
     knn_edge_index,
     node_inputs,
     served_size,
@@ -488,10 +490,7 @@ def train_classifier(args: argparse.Namespace, stages: list[str], run_dir: Path,
     released: list[tuple[str, str]] = []
     embedder = None
     if "cnn" not in stages:  # the GNN over a trained CNN: its cells are cut at that CNN's crop size
-        ckpt = load_checkpoint(run_dir / "cnn_best.pt")
-        embedder = CropEmbedder(**ckpt["config"])
-        embedder.load_state_dict(ckpt["model"])
-        embedder.eval()
+        embedder = load_cnn(run_dir / "cnn_best.pt")
         use_crop_size(embedder.crop_size)
     cells = load_cell_sets(args.data_root, args.max_images, args.seed, args.exclude_source)
     print(f"cells: {len(cells.train)} training images, {len(cells.val)} validation images "
@@ -523,8 +522,11 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--cnn-pack trains the CNN only: use --stages cnn (the GNN needs every cell of the datasets)")
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}")
-    if args.crop_size is not None and (args.crop_size % 8 or args.crop_size < 32):
-        raise UserError(f"--crop-size must be a multiple of 8 and >= 32, got {args.crop_size}")
+    if args.crop_size is not None:
+        try:
+            check_crop_size(args.crop_size, "--crop-size")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     use_crop_size(args.crop_size or CROP_SIZE)
     if args.save_cnn_pack:
         cells = load_cell_sets(args.data_root, args.max_images, args.seed)
