@@ -42,6 +42,7 @@ def test_unknown_stage_is_one_line(tmp_path: Path) -> None:
 
 def test_cnn_pack_trains_the_cnn_without_the_datasets(tmp_path: Path) -> None:
     """The pack holds every labelled nucleated crop of the sampled images (JPEG); training from it needs no data."""
+    from leukograph.client.localize import WBC
     from leukograph.training.cnn_pack import load_cnn_pack
     from leukograph.training.train import NUM_NUCLEATED, load_cell_sets
 
@@ -53,6 +54,8 @@ def test_cnn_pack_trains_the_cnn_without_the_datasets(tmp_path: Path) -> None:
     for packed, full in ((train, cells.train), (val, cells.val)):
         wanted = sum(int(((f.labels >= 0) & (f.labels < NUM_NUCLEATED)).sum()) for f in full)
         assert sum(int(((f.labels >= 0) & (f.labels < NUM_NUCLEATED)).sum()) for f in packed) == wanted
+        unlabelled = sum(int(((f.labels == -1) & (f.kinds == WBC)).sum()) for f in full)  # the consistency term's
+        assert sum(int(((f.labels == -1) & (f.kinds == WBC)).sum()) for f in packed) == unlabelled
         assert all(f.crops.dtype.name == "uint8" and f.crops.shape[1:] == full[0].crops.shape[1:] for f in packed)
     trained = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--cnn-pack", str(pack),
                               "--data-root", str(tmp_path / "no-datasets-here"), "--output-dir", str(tmp_path / "run"),
@@ -106,3 +109,66 @@ def test_gnn_class_weights_balance_white_cell_classes() -> None:
     assert torch.isclose((balanced[[0, 1, 5]] * counts).sum() / counts.sum(), torch.tensor(1.0))
     assert balanced[2] == 0 and balanced[NUM_NUCLEATED - 1] == 0
     assert balanced[CLASSES.index("rbc")] == CONTEXT_LOSS_WEIGHT
+
+
+def test_mixstyle_mixes_feature_statistics_in_training_only() -> None:
+    """MixStyle hooks change the first blocks' features in training mode (each crop's per-channel mean becomes a mix
+    of its own and another crop's) and leave eval mode, the state dict and so the exported graph, untouched."""
+    from leukograph.training.models import CropEmbedder
+    from leukograph.training.train import MIXSTYLE_BLOCKS, attach_mixstyle
+
+    torch.manual_seed(0)
+    model = CropEmbedder()
+    keys = set(model.state_dict())
+    crops = torch.rand(8, 3, 64, 64)
+    crops[:4] *= 0.3  # two groups with different colour statistics
+    model.eval()
+    with torch.no_grad():
+        before = model(crops)[1]
+    handles = attach_mixstyle(model, 1.0)
+    assert len(handles) == len(MIXSTYLE_BLOCKS) and set(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(crops)[1], before)  # eval: the hooks do nothing
+        block = model.features[MIXSTYLE_BLOCKS[0]]
+        block.train()
+        plain = block[2](block[1](block[0](crops)))  # conv, BatchNorm (batch statistics), ReLU without the hook
+        mixed = block(crops)
+    assert not torch.allclose(mixed, plain)
+    own = plain.mean(dim=(2, 3))
+    got = mixed.mean(dim=(2, 3))
+    assert torch.allclose(got.mean(0), own.mean(0), atol=0.1)  # mixing keeps the batch's statistics in range
+    for handle in handles:
+        handle.remove()
+
+
+def test_unlabelled_loss_follows_confident_weak_views_only() -> None:
+    """The consistency term: a weak view's nucleated-class argmax is the strong view's target where its softmax
+    reaches the threshold; unconfident cells add nothing; the sum is divided by the whole unlabelled batch."""
+    import torch.nn.functional as F
+
+    from leukograph.client.contract import CLASSES
+    from leukograph.training.train import unlabelled_loss
+
+    weak = torch.full((3, len(CLASSES)), -10.0)
+    weak[0, 1] = 10.0  # confident eosinophil
+    weak[1, :2] = 0.0  # neutrophil or eosinophil: unconfident
+    weak[2, CLASSES.index("rbc")] = 10.0  # context classes are not targets: the nucleated softmax is unconfident
+    weak[2, 3] = 9.0
+    strong = torch.randn(3, len(CLASSES))
+    expected = F.cross_entropy(strong[:1], torch.tensor([1]), reduction="sum") / 3
+    got = unlabelled_loss(weak, strong, 0.95)
+    assert torch.isclose(got, expected + F.cross_entropy(strong[2:], torch.tensor([3]), reduction="sum") / 3)
+    assert unlabelled_loss(weak, strong, 1.01) == 0
+
+
+def test_domain_generalisation_options_train(tmp_path: Path) -> None:
+    """--mixstyle and --unlabelled-weight train a CNN whose checkpoint loads like any other."""
+    run, release = tmp_path / "run", tmp_path / "release"
+    result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--mixstyle", "0.5",
+                             "--unlabelled-weight", "1", "--output-dir", str(run), "--release-dir", str(release)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unlabelled white cells for the consistency term: " in result.stdout
+    from leukograph.training.checkpoints import load_cnn
+
+    assert load_cnn(release / "cnn.pt").crop_size == 64

@@ -1,7 +1,8 @@
 """The CNN stage's training material in one small file, for a training machine without the datasets (a GPU box).
 
 `leukograph train --save-cnn-pack PACK` writes, for the training and validation parts that `load_cell_sets` builds:
-every labelled nucleated cell's stored crop, plus CONTEXT_PER_IMAGE red-cell/platelet crops per image drawn with the
+every labelled nucleated cell's stored crop, every white cell the localiser found without a subtype label (for the
+consistency term, `--unlabelled-weight`), plus CONTEXT_PER_IMAGE red-cell/platelet crops per image drawn with the
 seed, each JPEG-encoded (quality 95 unless chosen), at the stored size of the crop side it was built for (`--crop-
 size`: the pack's crops decide the CNN's crop side). `leukograph train --stages cnn --cnn-pack PACK --device cuda`
 trains the CNN from it. Differences from training on the datasets, both small: a fixed context draw instead of a
@@ -19,7 +20,8 @@ import torch
 
 from leukograph.client.contract import NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
-from leukograph.training.cells import FrameCells
+from leukograph.client.localize import WBC
+from leukograph.training.cells import IGNORE, FrameCells
 
 PACK_VERSION = 1
 CONTEXT_PER_IMAGE = 1
@@ -38,7 +40,8 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def _packed_frame(frame: FrameCells, rng: np.random.Generator, quality: int) -> dict | None:
-    nucleated = np.flatnonzero((frame.labels >= 0) & (frame.labels < len(NUCLEATED_CLASSES)))
+    nucleated = np.flatnonzero(((frame.labels >= 0) & (frame.labels < len(NUCLEATED_CLASSES)))
+                               | ((frame.labels == IGNORE) & (frame.kinds == WBC)))
     context = np.flatnonzero(frame.labels >= len(NUCLEATED_CLASSES))
     drawn = rng.choice(context, size=min(CONTEXT_PER_IMAGE, len(context)), replace=False) if len(context) else []
     keep = np.sort(np.concatenate([nucleated, np.asarray(drawn, dtype=np.int64)])).astype(np.int64)

@@ -452,8 +452,8 @@ def markdown(report: dict) -> str:
     loso = report.get("leave_one_source_out")
     if loso:
         lines += ["", "Leave one source out (trained without the source, tested on it; target >= 75%):", "",
-                  "| trained without | tested on | CNN only | CNN+GNN |", "|---|---|---|---|"]
-        lines += [f"| {row['without']} | {row['tested_on']} | {_pct(row.get('CNN only'))} | "
+                  "| trained without | weights | tested on | CNN only | CNN+GNN |", "|---|---|---|---|---|"]
+        lines += [f"| {row['without']} | `{row['weights']}` | {row['tested_on']} | {_pct(row.get('CNN only'))} | "
                   f"{_pct(row.get('CNN+GNN'))} |" for row in loso]
     return "\n".join(lines) + "\n"
 
@@ -487,6 +487,8 @@ def model_card(report: dict, train_summary: dict | None) -> str:
     """training/weights/MODEL_CARD.md: what the committed weights are, how they were made and how they measure."""
     val = {name: meta.get("metrics", {}).get("val") or {} for name, meta in report["weights"].items()}
     seconds = f"{train_summary['seconds']:.0f} s" if train_summary else "unknown"
+    cnn_args = (train_summary or {}).get("cnn_args") or (train_summary or {}).get("args") or {}
+    strength = cnn_args.get("aug_strength", "1.0")
     detector_cells = report.get("cells_found_by") == "server"
     cells_by = "the learned detector" if detector_cells else "the classical localiser"
     other_results = "docs/results/evaluation.md" if detector_cells else "docs/results/detector/evaluation.md"
@@ -521,14 +523,16 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- PBC (CellaVision DM96, MGG stain, Barcelona): per class, files sorted by the SHA-1 of their bytes; "
         "15% test, 15% validation, 70% train.",
         "- TXL-PBC: images whose bytes are PBC files take the PBC file's split; others keep the upstream split. "
-        "Raabin-WBC and BCDD images give context (RBC, platelet) nodes only: their white cells have no subtype here.",
+        "Raabin-WBC and BCDD images give context (RBC, platelet) nodes to the GNN; their white cells have no subtype "
+        "here and teach the CNN through the consistency term only (with BCCD's white cells of uncertain label: "
+        "`--unlabelled-weight`, README \"Other labs' white cells without labels\").",
         "- **BCCD has no IG or NRBC labels and only 3 basophil frames: basophil, IG and NRBC are learnt from PBC "
         "(one lab, one stain, normal donors only).** Expect them to be the least reliable classes on other labs.", "",
         "## Training", "",
         *([f"- {line}" for line in train_summary.get("recipe", [])] + [""] if train_summary else []),
         f"The last `leukograph train` run behind these weights took {seconds} wall time (the recipe above says which "
         "stages ran where). Augmentation per batch (training/augment.py; ranges at strength 1, these weights' CNN "
-        f"at strength {(train_summary or {}).get('cnn_args', {}).get('aug_strength', '1.0')}): any rotation/flip, "
+        f"at strength {strength}): any rotation/flip, "
         "box scale 0.8-1.25 and "
         "shift, resolution 30-100%, HED stain jitter, hue, saturation, per-channel gain, brightness/contrast, gamma, "
         "grayscale, blur, noise, JPEG, vignetting. Model selection: best mean per-source validation macro-F1 "

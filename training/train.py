@@ -4,10 +4,12 @@ Laid out like torchvision's references/classification: `get_args_parser()`, `mai
 `evaluate`, and checkpoints that carry model, optimizer, epoch, args and metrics (`--resume` continues a run).
 
 Data: BCCD frames, a per-class subset of 4-class TRAIN images whose source frame is in the training split, PBC's
-train part and TXL-PBC's train images (datasets.py has the split rules). Model selection uses the validation parts
-(mean per-source macro-F1 over nucleated cells). Test parts (4-class TEST frames, PBC test, TXL-PBC test) are never
-read here. After training, temperatures are fitted on validation (calibration.json) and the "unidentified"
-threshold is chosen from the validation auto-accept curve.
+train part and TXL-PBC's train images (datasets.py has the split rules). The CNN also learns from the white cells
+that have no subtype label (TXL-PBC's Raabin-WBC and BCDD images, BCCD frames of uncertain label) through a
+consistency term (`--unlabelled-weight`, `Unlabelled`): other labs' cells shape its features without labels.
+Model selection uses the validation parts (mean per-source macro-F1 over nucleated cells). Test parts (4-class TEST
+frames, PBC test, TXL-PBC test) are never read here. After training, temperatures are fitted on validation
+(calibration.json) and the "unidentified" threshold is chosen from the validation auto-accept curve.
 
 Crops stay uint8 (STORE_SIZE views) and are augmented per batch (augment.py): peak memory stays small.
 """
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 from leukograph.client.contract import CLASSES, CROP_SIZE, LOCALIZERS, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
+from leukograph.client.localize import WBC
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.augment import augment_batch
 from leukograph.training.cells import (
@@ -91,6 +94,7 @@ CONTEXT_LOSS_WEIGHT = 0.2  # GNN loss weight of RBC/platelet nodes relative to w
 FOUR_CLASS_PER_CLASS = 600  # 4-class TRAIN images kept per class: ~10k augmented copies of ~270 frames otherwise
 CLASS_BALANCE_POWER = 0.5  # CNN epochs draw a crop of class c with weight n_c ** -power (0 = as is, 1 = balanced)
 SOURCE_GROUPS = {"bccd": ("bccd", "4class"), "pbc": ("pbc", "txl-pbc")}  # what --exclude-source drops
+MIXSTYLE_BLOCKS = (0, 2)  # CropEmbedder.features indices: the first two convolution blocks (64 and 32 px maps)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -145,16 +149,21 @@ def load_cell_sets(data_root: Path | None, max_images: int | None, seed: int,
 class CropSampler:
     """The CNN's crops: every labelled nucleated-cell crop plus a context crop from CONTEXT_SHARE of the images, drawn
     per epoch with class weights n_c ** -CLASS_BALANCE_POWER (PBC's rare classes against BCCD's many neutrophils).
+    Also lists the unlabelled white cells (the localiser's WBC boxes without a subtype: TXL-PBC's Raabin-WBC and
+    BCDD images, BCCD frames of uncertain label) for the consistency term (`--unlabelled-weight`).
     Holds (frame, cell) indices only: crops stay uint8 in the frames and are converted per batch."""
 
     def __init__(self, frames: list[FrameCells]) -> None:
         self.frames = frames
         self.nucleated: list[tuple[int, int]] = []
         self.context: list[list[int]] = []
+        self.unlabelled: list[tuple[int, int]] = []
         for f, frame in enumerate(frames):
             wanted = (frame.labels >= 0) & (frame.labels < NUM_NUCLEATED)
             self.nucleated += [(f, int(i)) for i in np.flatnonzero(wanted)]
             self.context.append(np.flatnonzero(frame.labels >= NUM_NUCLEATED).tolist())
+            unknown_wbc = (frame.labels == IGNORE) & (frame.kinds == WBC)
+            self.unlabelled += [(f, int(i)) for i in np.flatnonzero(unknown_wbc)]
 
     def epoch(self, rng: np.random.Generator) -> list[tuple[int, int]]:
         items = list(self.nucleated)
@@ -172,21 +181,89 @@ class CropSampler:
         labels = torch.tensor([int(self.frames[f].labels[i]) for f, i in items])
         return crops, labels
 
+    def unlabelled_batch(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        chosen = rng.choice(len(self.unlabelled), size=size, replace=True)
+        return np.stack([self.frames[f].crops[i] for f, i in (self.unlabelled[c] for c in chosen)])
+
+
+class MixStyle:
+    """Feature-statistics mixing (Zhou et al., "Domain generalization with MixStyle", ICLR 2021), training only.
+
+    A forward hook on an early block: with probability `p` per batch, each crop's per-channel feature mean and
+    standard deviation are replaced by a random convex mix (weight ~ Beta(alpha, alpha)) of its own and another
+    crop's of the batch. A lab's stain and optics live largely in those statistics, so the CNN learns to classify
+    with them scrambled. No parameters, nothing in the exported graph (the hook does nothing in eval mode)."""
+
+    def __init__(self, p: float, alpha: float = 0.1, eps: float = 1e-6) -> None:
+        self.p, self.eps = p, eps
+        self.beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+
+    def __call__(self, module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or output.shape[0] < 2 or float(torch.rand(())) >= self.p:
+            return None
+        n = output.shape[0]
+        mean = output.mean(dim=(2, 3), keepdim=True).detach()
+        std = (output.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        weight = self.beta.sample((n, 1, 1, 1)).to(output.device)
+        other = torch.randperm(n, device=output.device)
+        mixed_mean = weight * mean + (1 - weight) * mean[other]
+        mixed_std = weight * std + (1 - weight) * std[other]
+        return (output - mean) / std * mixed_std + mixed_mean
+
+
+def attach_mixstyle(model: CropEmbedder, p: float) -> list:
+    """MixStyle after the CNN's first two convolution blocks (hooks, so the state dict and export are unchanged)."""
+    if p <= 0:
+        return []
+    hook = MixStyle(p)
+    return [model.features[index].register_forward_hook(hook) for index in MIXSTYLE_BLOCKS]
+
 
 # ---- CNN -----------------------------------------------------------------------------------------------------
+@dataclass
+class Unlabelled:
+    """The consistency term on unlabelled white cells (FixMatch, Sohn et al. 2020): the CNN's own label of a weakly
+    augmented view (geometry only), where its confidence reaches `threshold`, is the target of a strongly augmented
+    view of the same crop, weighted `weight` against the labelled loss. Targets are the nucleated classes only (the
+    localiser called these cells white)."""
+    weight: float = 0.0
+    threshold: float = 0.95
+    share: float = 0.5  # unlabelled crops per labelled crop in a batch
+
+
+def unlabelled_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, threshold: float) -> torch.Tensor:
+    probs = torch.softmax(logits_weak.detach()[:, :NUM_NUCLEATED], 1)
+    confidence, target = probs.max(1)
+    keep = (confidence >= threshold).float()
+    losses = F.cross_entropy(logits_strong, target, reduction="none")
+    return (losses * keep).sum() / max(len(keep), 1)
+
+
 def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
-                    batch_size: int, seed: int, label_smoothing: float = 0.1, strength: float = 1.0) -> float:
+                    batch_size: int, seed: int, label_smoothing: float = 0.1, strength: float = 1.0,
+                    unlabelled: Unlabelled | None = None) -> float:
     """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are."""
     model.train()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed + epoch)
     generator = torch.Generator().manual_seed(seed + epoch)
     items = sampler.epoch(rng)
+    use_unlabelled = unlabelled is not None and unlabelled.weight > 0 and len(sampler.unlabelled) > 0
     total, count = 0.0, 0
     for start in tqdm(range(0, len(items), batch_size), desc=f"cnn epoch {epoch}", leave=False):
         crops, labels = sampler.batch(items[start:start + batch_size])
-        _, logits = model(augment_batch(crops, generator, STORE_ZOOM, strength).to(device))
-        loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
+        x = augment_batch(crops, generator, STORE_ZOOM, strength)
+        if not use_unlabelled:
+            _, logits = model(x.to(device))
+            loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
+        else:  # one forward pass over labelled, weak and strong views, so BatchNorm sees them together
+            extra = sampler.unlabelled_batch(rng, max(1, round(len(labels) * unlabelled.share)))
+            weak = augment_batch(extra, generator, STORE_ZOOM, 0.0)
+            strong = augment_batch(extra, generator, STORE_ZOOM, strength)
+            _, logits_all = model(torch.cat([x, weak, strong]).to(device))
+            logits, logits_weak, logits_strong = logits_all.split([len(x), len(weak), len(strong)])
+            loss = (F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
+                    + unlabelled.weight * unlabelled_loss(logits_weak, logits_strong, unlabelled.threshold))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -249,13 +326,18 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
         raise UserError(f"--crop-size {args.crop_size}, but the training crops are for {crop_size} px (the CNN pack's)")
     config = {"width": args.cnn_width, "crop_size": crop_size}
     model = CropEmbedder(**config).to(args.device)
+    attach_mixstyle(model, args.mixstyle)
     sampler = CropSampler(cells.train)
+    unlabelled = Unlabelled(args.unlabelled_weight, args.pseudo_threshold)
+    if unlabelled.weight > 0:
+        print(f"unlabelled white cells for the consistency term: {len(sampler.unlabelled)}"
+              + ("" if sampler.unlabelled else " (the term is off; a CNN pack written before it held none)"))
     # an epoch's size varies with the context draw: schedule for the largest possible epoch
     steps = -(-(len(sampler.nucleated) + sum(bool(c) for c in sampler.context)) // args.batch_size)
 
     def run_epoch(model, optimizer, scheduler, epoch):
         return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed,
-                               strength=args.aug_strength)
+                               strength=args.aug_strength, unlabelled=unlabelled)
 
     def validate(model):
         return cell_metrics(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
@@ -462,6 +544,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--pack-quality", type=int, default=95, help="JPEG quality of --save-cnn-pack's crops")
     parser.add_argument("--aug-strength", type=float, default=1.5,
                         help="scales every augmentation range of the CNN's crops (training/augment.py)")
+    parser.add_argument("--mixstyle", type=float, default=0.0, metavar="P",
+                        help="MixStyle after the CNN's first two blocks with probability P per batch (0 = off)")
+    parser.add_argument("--unlabelled-weight", type=float, default=1.0,
+                        help="weight of the consistency term on unlabelled white cells (0 = off; default %(default)s)")
+    parser.add_argument("--pseudo-threshold", type=float, default=0.95,
+                        help="confidence a weak view needs to be a target for the consistency term")
     parser.add_argument("--gnn-epochs", type=int, default=25)
     parser.add_argument("--gnn-lr", type=float, default=3e-3)
     parser.add_argument("--gnn-hidden", type=int, default=64)

@@ -7,6 +7,10 @@
 #   leukograph train --stages cnn --save-cnn-pack .gpu/cnn-pack.pt   # where the datasets are (~45 MB)
 #   bash training/train_gpu.sh .gpu/cnn-pack.pt OUT_DIR               # on the GPU machine, in the repository root
 #
+# Every variant trains with `leukograph train`'s defaults beyond its own arguments, the consistency term on unlabelled
+# white cells included (`--unlabelled-weight 1`): a pack written before the term holds no unlabelled cells, and
+# training from it says so and runs without the term; write the pack again.
+#
 # Writes OUT_DIR/cnn-<run>.pt (released checkpoints) and OUT_DIR/train-logs.txt. Environment: PYTHON (python3),
 # EPOCHS (40), THREADS (threads per run, 2), RUNS (default: the first six below; the aug* runs compare
 # augmentation strengths, each also without PBC and without BCCD; the s1-* runs are the capacity table's rows at
