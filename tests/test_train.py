@@ -134,9 +134,10 @@ def test_mixstyle_mixes_feature_statistics_in_training_only() -> None:
         plain = block[2](block[1](block[0](crops)))  # conv, BatchNorm (batch statistics), ReLU without the hook
         mixed = block(crops)
     assert not torch.allclose(mixed, plain)
-    own = plain.mean(dim=(2, 3))
-    got = mixed.mean(dim=(2, 3))
-    assert torch.allclose(got.mean(0), own.mean(0), atol=0.1)  # mixing keeps the batch's statistics in range
+    # each crop's per-channel mean and std become convex mixes of two crops' of the batch: within the batch's range
+    for stat in (lambda t: t.mean(dim=(2, 3)), lambda t: t.std(dim=(2, 3), unbiased=False)):
+        own, got = stat(plain), stat(mixed)
+        assert (got >= own.min(0).values - 1e-4).all() and (got <= own.max(0).values + 1e-4).all()
     for handle in handles:
         handle.remove()
 
