@@ -151,6 +151,10 @@ def evaluate_checkpoint(path: Path, sets: TestSets) -> dict:
 VALIDATION_SOURCES = ("4class", "bccd", "pbc", "txl-pbc", "txl-raabin-wbc", "txl-bcdd")
 
 
+def _source_order(source: str) -> int:
+    return VALIDATION_SOURCES.index(source) if source in VALIDATION_SOURCES else len(VALIDATION_SOURCES)
+
+
 @torch.no_grad()
 def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, list[FrameCells]]) -> dict:
     """One CNN alone on every source's labelled nucleated validation cells (argmax over the nucleated classes)."""
@@ -169,7 +173,7 @@ def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, l
             truth.setdefault(frame.source, []).append(frame.labels[chosen])
             predicted.setdefault(frame.source, []).append(logits[:, :NUM_NUCLEATED].argmax(1).numpy())
     row: dict = {"checkpoint": shown_path(path), "crop": model.crop_size, "sources": {}}
-    for source in sorted(truth, key=lambda s: VALIDATION_SOURCES.index(s) if s in VALIDATION_SOURCES else 99):
+    for source in sorted(truth, key=_source_order):
         y, p = np.concatenate(truth[source]), np.concatenate(predicted[source])
         five = y < NUM_WBC
         row["sources"][source] = {"cells": int(len(y)), "nucleated": float(np.mean(y == p)),
@@ -179,8 +183,7 @@ def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, l
 
 
 def validation_body(result: dict) -> str:
-    sources = sorted({s for row in result["rows"] for s in row["sources"]},
-                     key=lambda s: VALIDATION_SOURCES.index(s) if s in VALIDATION_SOURCES else 99)
+    sources = sorted({s for row in result["rows"] for s in row["sources"]}, key=_source_order)
     header = " | ".join(f"{s} 5 WBC | {s} 7 nucleated" for s in sources)
     lines = [f"| checkpoint | {header} |", "|---|" + "---:|" * (2 * len(sources))]
     for row in result["rows"]:

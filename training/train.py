@@ -223,9 +223,9 @@ def attach_mixstyle(model: CropEmbedder, p: float) -> list:
 @dataclass
 class Unlabelled:
     """The consistency term on unlabelled white cells (FixMatch, Sohn et al. 2020): the CNN's own label of a weakly
-    augmented view (geometry only), where its confidence reaches `threshold`, is the target of a strongly augmented
-    view of the same crop, weighted `weight` against the labelled loss. Targets are the nucleated classes only (the
-    localiser called these cells white)."""
+    augmented view (rotation, flip, resolution), where its confidence reaches `threshold`, is the target of a
+    strongly augmented view of the same crop, weighted `weight` against the labelled loss. Targets are the
+    nucleated classes only (the localiser called these cells white)."""
     weight: float = 0.0
     threshold: float = 0.95
     share: float = 0.5  # unlabelled crops per labelled crop in a batch
