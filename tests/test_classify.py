@@ -158,3 +158,30 @@ def test_no_white_cell_found_falls_back_to_the_centre(tmp_path: Path) -> None:
     assert white["found_by"] == "fallback" and white["cell_index"] is None
     assert white["box"] == [44.0, 24.0, 116.0, 96.0]  # a 72 px square: 60% of the shorter side, centred
     assert "no WBC box found: fallback" in run_cli(str(path)).stdout
+
+
+def test_white_cell_reads_eight_views_and_evaluate_scores_that_answer(held_out_frame: Path) -> None:
+    """classify's white_cell averages each cell's embeddings over its eight views, cut from viewed frames by the
+    served crop_embedder; `leukograph evaluate` scores the same answer ("CNN+GNN, 8 views") from viewed stored
+    crops. Both agree on a real held-out frame's cells (stored crops are uint8: up to 0.01), and the per-cell
+    `cells` stay the served view's (as the stream records them)."""
+    from leukograph.client.localize import Cells
+    from leukograph.deploy.paths import WEIGHTS_DIR
+    from leukograph.training.cells import cells_of
+    from leukograph.training.classify import Classifier
+    from leukograph.training.evaluate import VIEWS_MODEL, Models
+
+    frame = cells_of(next(f for f in load_bccd() if f.image_path == held_out_frame))
+    scored = Models(WEIGHTS_DIR).cell_probs([frame])
+    classifier = Classifier(threads=1)
+    cells = Cells(frame.boxes, frame.kinds, np.ones(len(frame.boxes), np.float32))
+    image = read_image(held_out_frame)
+    viewed, served = classifier.viewed_probs(image, cells), classifier.predict(image, cells).probs
+    np.testing.assert_allclose(viewed, scored[VIEWS_MODEL][0], atol=0.01, rtol=0)
+    np.testing.assert_allclose(served, scored["CNN+GNN"][0], atol=0.01, rtol=0)
+    assert np.abs(viewed - served).max() > 0.02  # the views do change the answer
+
+    records = {views: json.loads(run_cli(str(held_out_frame), "--json", "--views", views).stdout)
+               for views in ("1", "8")}
+    assert records["1"]["white_cell"]["views"] == 1 and records["8"]["white_cell"]["views"] == 8
+    assert records["1"]["cells"] == records["8"]["cells"]

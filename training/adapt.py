@@ -43,7 +43,6 @@ from leukograph.training.cells import IGNORE
 from leukograph.training.checkpoints import CNN_FILE, GNN_FILE, load_checkpoint, load_models, save_checkpoint
 from leukograph.training.models import (
     CellGraphNet,
-    CellGraphStage,
     CropEmbedder,
     crop_cells,
     dense_mean_adjacency,
@@ -181,11 +180,8 @@ def bccd_accuracy(embedder: CropEmbedder, gnn: CellGraphNet, data_root: str | No
     from leukograph.client.contract import UNIDENTIFIED_THRESHOLD
     from leukograph.training.evaluate import Models, evaluate_bccd
 
-    models = Models.__new__(Models)  # the two served stages only (no baseline needed here)
-    models.embedder, models.graph = embedder.eval(), CellGraphStage(gnn).eval()
-    models.cnn_temperature = 1.0  # only the CNN+GNN row is read
-    try:
-        report = evaluate_bccd(models, data_root, UNIDENTIFIED_THRESHOLD)
+    try:  # only the CNN+GNN row is read
+        report = evaluate_bccd(Models.of_stages(embedder, gnn), data_root, UNIDENTIFIED_THRESHOLD)
     except UserError:
         return None
     return float(report["CNN+GNN"]["wbc_nodes"]["accuracy"])

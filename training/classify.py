@@ -8,6 +8,9 @@ Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(p
 Every image also gets one image-level answer, `white_cell`: the class of its most white-cell-like cell (the cell
 with the largest probability over the nucleated classes among the localiser's WBC boxes). `class` is one of the
 five WBC classes; `label` is the nucleated class (it may be `ig` or `nrbc`, flagged beside the differential).
+`white_cell` reads each cell's embeddings averaged over its eight flips and quarter-turns (`--views 8`, the default;
+`training/views.py`), the steadier answer `leukograph evaluate` scores as "CNN+GNN, 8 views"; `cells` are what the
+served pipeline says of the one served view, exactly as `leukograph stream` records them.
 Fallback when the localiser finds no WBC box: the image's cells plus a centred square (CENTRE_FALLBACK of the
 shorter side: single-cell images are centred on their cell) are classified together, and the most white-cell-like
 of them answers; `found_by` says "fallback".
@@ -45,6 +48,7 @@ from leukograph.client.contract import (
     NUM_CLASSES,
     PROBS,
     WBC_CLASSES,
+    boxes_feed,
 )
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
@@ -57,6 +61,7 @@ from leukograph.deploy.paths import WEIGHTS_DIR, detector_weights_dir
 from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
+from leukograph.training.views import VIEWS, check_views, view_frame, viewed_rows
 
 CENTRE_FALLBACK = 0.6  # side of the fallback box, as a fraction of the image's shorter side
 
@@ -72,9 +77,10 @@ class Classifier:
     """In-process CNN+GNN inference on RGB images, with the serving localiser."""
 
     def __init__(self, weights_dir: Path = WEIGHTS_DIR, threads: int | None = None,
-                 localizer: str = "server") -> None:
+                 localizer: str = "server", views: int = VIEWS) -> None:
         from leukograph.training.detector import DetectorStage, load_detector
 
+        self.views = check_views(views)
         if threads:
             torch.set_num_threads(threads)
         embedder, gnn, self.meta = load_models(weights_dir)
@@ -99,6 +105,22 @@ class Classifier:
         cnn_logits = self.crop_stage.embedder.classifier(torch.from_numpy(outputs[EMBEDDINGS.name]))
         return Prediction(cells, outputs[PROBS.name], torch.softmax(cnn_logits, 1).numpy())
 
+    @torch.no_grad()
+    def viewed_probs(self, image: np.ndarray, cells: Cells) -> np.ndarray:
+        """CNN+GNN probabilities [N, C] with the white-cell candidates' embeddings averaged over `views` views of
+        the frame (`views.viewed_rows`; the crop_embedder runner cuts each view's crops itself); the graph joins
+        the cells where they are."""
+        crop_runner, graph_runner = self.runners
+        tensors = run_pipeline([crop_runner], np.ascontiguousarray(image), cells.boxes.astype(np.float32))
+        rows = viewed_rows(cells.kinds)
+        embeddings = [tensors[EMBEDDINGS.name][rows]]
+        for view in range(1, self.views):
+            frame, boxes = view_frame(image, cells.boxes[rows], view)
+            embeddings.append(crop_runner.infer(boxes_feed(frame, boxes))[EMBEDDINGS.name])
+        tensors[EMBEDDINGS.name] = tensors[EMBEDDINGS.name].copy()
+        tensors[EMBEDDINGS.name][rows] = np.mean(embeddings, axis=0)
+        return graph_runner.infer(tensors)[PROBS.name]
+
     def classify_image(self, image: np.ndarray) -> list[dict]:
         prediction = self.predict(image)
         return cells_json(prediction.cells, prediction.probs)
@@ -107,8 +129,9 @@ class Classifier:
         """The image-level answer: the most white-cell-like WBC box, or the fallback when there is none."""
         is_wbc = prediction.cells.kinds == WBC
         if is_wbc.any():
-            return white_cell_json(prediction.cells, prediction.probs, np.flatnonzero(is_wbc),
-                                   "detector" if self.localizer == "server" else "localiser")
+            probs = prediction.probs if self.views == 1 else self.viewed_probs(image, prediction.cells)
+            return white_cell_json(prediction.cells, probs, np.flatnonzero(is_wbc),
+                                   "detector" if self.localizer == "server" else "localiser", self.views)
         height, width = image.shape[:2]
         side = CENTRE_FALLBACK * min(height, width)
         centre = np.array([[(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2]],
@@ -116,8 +139,8 @@ class Classifier:
         cells = Cells(np.concatenate([prediction.cells.boxes, centre]),
                       np.concatenate([prediction.cells.kinds, [WBC]]).astype(np.int64),
                       np.concatenate([prediction.cells.scores, [0.0]]).astype(np.float32))
-        widened = self.predict(image, cells)
-        result = white_cell_json(cells, widened.probs, np.arange(len(cells)), "fallback")
+        probs = self.predict(image, cells).probs if self.views == 1 else self.viewed_probs(image, cells)
+        result = white_cell_json(cells, probs, np.arange(len(cells)), "fallback", self.views)
         if result["cell_index"] == len(prediction.cells):
             result["cell_index"] = None  # the centred square, not one of the listed cells
         return result
@@ -134,7 +157,7 @@ class Classifier:
         return result, image, prediction
 
 
-def white_cell_json(cells: Cells, probs: np.ndarray, candidates: np.ndarray, found_by: str) -> dict:
+def white_cell_json(cells: Cells, probs: np.ndarray, candidates: np.ndarray, found_by: str, views: int) -> dict:
     """The candidate with the largest nucleated-class probability: its WBC class (5 classes), nucleated label."""
     nucleated = probs[candidates, :len(NUCLEATED_CLASSES)].sum(1)
     index = int(candidates[int(np.argmax(nucleated))])
@@ -143,7 +166,7 @@ def white_cell_json(cells: Cells, probs: np.ndarray, candidates: np.ndarray, fou
     label = int(np.argmax(p[:len(NUCLEATED_CLASSES)]))
     return {"class": WBC_CLASSES[wbc], "probability": round(float(p[wbc]), 5), "label": NUCLEATED_CLASSES[label],
             "label_probability": round(float(p[label]), 5), "cell_index": index,
-            "box": [round(float(v), 1) for v in cells.boxes[index]], "found_by": found_by}
+            "box": [round(float(v), 1) for v in cells.boxes[index]], "found_by": found_by, "views": views}
 
 
 def cells_json(cells: Cells, probs: np.ndarray) -> list[dict]:
@@ -201,6 +224,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--views", type=int, choices=(1, VIEWS), default=VIEWS,
+                        help=f"white_cell from each cell's embeddings averaged over its {VIEWS} flips and "
+                        "quarter-turns (default) or from the served view only (1)")
     parser.add_argument("--localizer", choices=LOCALIZERS, default="server",
                         help="server: the learned cell detector the served ensemble runs (default); client: the "
                         "classical localiser")
@@ -239,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
     images, problems = list_images(args.paths)
     if not images and not problems:
         raise UserError("no images given")
-    classifier = Classifier(args.weights, args.threads, args.localizer) if images else None
+    classifier = Classifier(args.weights, args.threads, args.localizer, args.views) if images else None
     total = len(images) + len(problems)
     with ResultStore(args.db) if args.db and images else contextlib.nullcontext() as store:
         recorder = None

@@ -13,13 +13,15 @@ from leukograph.client.contract import CLASSES
 from leukograph.training.augment import augment_batch, stain_shift, stored_to_served
 from leukograph.training.cells import FrameCells
 from leukograph.training.models import STORE_ZOOM, CropEmbedder, served_size
+from leukograph.training.views import view_crops
 
 
 @torch.no_grad()
 def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False, batch: int = 128,
-                 seed: int = 0, stain_strength: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+                 seed: int = 0, stain_strength: float = 0.0, view: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
-    the served crops under a deterministic synthetic stain shift of `stain_strength`)."""
+    the served crops under a deterministic synthetic stain shift of `stain_strength`), flipped or turned by
+    `view` (`views.view_crops`; 0: as served)."""
     model.eval()
     device = next(model.parameters()).device  # crops are cut and augmented on the CPU, the CNN runs where it is
     generator = torch.Generator().manual_seed(seed)
@@ -33,6 +35,7 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
         x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
         if stain_strength > 0:
             x = stain_shift(x, stain_strength, seed + start)
+        x = view_crops(x, view)
         emb, logits = model(x.to(device))
         embeddings.append(emb.cpu().numpy())
         probs.append(torch.softmax(logits, 1).cpu().numpy())

@@ -61,46 +61,77 @@ from leukograph.training.metrics import (  # noqa: E402
     expected_calibration_error,
     image_prediction,
 )
-from leukograph.training.models import BASELINE_CLASSES, CellGraphStage  # noqa: E402
+from leukograph.training.models import (  # noqa: E402
+    BASELINE_CLASSES,
+    CellGraphNet,
+    CellGraphStage,
+    CropEmbedder,
+)
+from leukograph.training.views import VIEWS, check_views, viewed_rows  # noqa: E402
 
 NO_CELL = "no cell found"
-MODELS = ("seed baseline", "CNN only", "CNN+GNN")
-CELL_MODELS = ("CNN only", "CNN+GNN")
+SINGLE_VIEW_MODELS = ("CNN only", "CNN+GNN")  # the served crop only: what the stream records per cell
+VIEWS_MODEL = f"CNN+GNN, {VIEWS} views"  # embeddings averaged over every flip and quarter-turn: classify's answer
+CELL_MODELS = (*SINGLE_VIEW_MODELS, VIEWS_MODEL)
+MODELS = ("seed baseline", *CELL_MODELS)
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 NUM_WBC, NUM_NUCLEATED = len(WBC_CLASSES), len(NUCLEATED_CLASSES)
 PBC_TEST_CLASSES = (*NUCLEATED_CLASSES, "platelet")
 
 
 class Models:
-    """The three models, loaded once; cell probabilities are calibrated with calibration.json's temperatures."""
+    """The three models, loaded once; cell probabilities are calibrated with calibration.json's temperatures.
+    With `views` = VIEWS, CNN+GNN is also scored on the embeddings averaged over each crop's eight views."""
 
-    def __init__(self, weights_dir: Path) -> None:
+    def __init__(self, weights_dir: Path, views: int = VIEWS) -> None:
         embedder, gnn, self.meta = load_models(weights_dir)
         self.embedder = embedder
         self.graph = CellGraphStage(gnn).eval()  # gnn.temperature is inside (served PROBS are calibrated)
         self.cnn_temperature = float(self.meta["calibration"].get("cnn_temperature", 1.0))
         self.baseline = load_baseline(weights_dir)
+        self.views = check_views(views)
+        self.cell_models = CELL_MODELS if views > 1 else SINGLE_VIEW_MODELS
+
+    @classmethod
+    def of_stages(cls, embedder: CropEmbedder, gnn: CellGraphNet, views: int = 1) -> Models:
+        """The two served stages only, uncalibrated CNN (no baseline, no weights folder)."""
+        models = cls.__new__(cls)
+        models.embedder, models.graph, models.cnn_temperature = embedder.eval(), CellGraphStage(gnn).eval(), 1.0
+        models.views = check_views(views)
+        models.cell_models = CELL_MODELS if views > 1 else SINGLE_VIEW_MODELS
+        return models
 
     @torch.no_grad()
     def cell_probs(self, frames: list[FrameCells], stain_strength: float = 0.0) -> dict[str, list[np.ndarray]]:
-        """{"CNN only": probs per frame, "CNN+GNN": probs per frame}; the GNN runs in its served dense form."""
-        cnn, gnn = [], []
-        for frame, embeddings in zip(frames, self.embed(frames, stain_strength)):
-            emb = torch.from_numpy(embeddings).float()
-            probs = torch.softmax(self.embedder.classifier(emb) / self.cnn_temperature, 1).numpy()
-            cnn.append(probs)
-            if len(frame.boxes) == 0:
-                gnn.append(probs)
-                continue
-            boxes = torch.from_numpy(frame.boxes)
-            graph_probs, _ = self.graph(emb, boxes, torch.tensor(frame.frame_size, dtype=torch.float32),
-                                        torch.tensor([len(boxes)], dtype=torch.int32))
-            gnn.append(graph_probs.numpy())
-        return {"CNN only": cnn, "CNN+GNN": gnn}
+        """Probabilities per frame for each of `cell_models`; the GNN runs in its served dense form."""
+        per_view = [self.embed(frames, stain_strength, view) for view in range(self.views)]
+        out: dict[str, list[np.ndarray]] = {name: [] for name in self.cell_models}
+        for index, frame in enumerate(frames):
+            served = torch.from_numpy(per_view[0][index]).float()
+            out["CNN only"].append(self._cnn_probs(served))
+            out["CNN+GNN"].append(self._graph_probs(frame, served))
+            if self.views > 1:  # the white-cell candidates' embeddings averaged over the views, as classify does
+                rows = viewed_rows(frame.kinds)
+                mean = served.clone()
+                mean[rows] = torch.from_numpy(np.mean([embeddings[index][rows] for embeddings in per_view], axis=0))
+                out[VIEWS_MODEL].append(self._graph_probs(frame, mean))
+        return out
 
-    def embed(self, frames: list[FrameCells], stain_strength: float = 0.0) -> list[np.ndarray]:
+    def _cnn_probs(self, embeddings: torch.Tensor) -> np.ndarray:
+        return torch.softmax(self.embedder.classifier(embeddings) / self.cnn_temperature, 1).numpy()
+
+    def _graph_probs(self, frame: FrameCells, embeddings: torch.Tensor) -> np.ndarray:
+        if len(frame.boxes) == 0:
+            return self._cnn_probs(embeddings)
+        probs, _ = self.graph(embeddings, torch.from_numpy(frame.boxes),
+                              torch.tensor(frame.frame_size, dtype=torch.float32),
+                              torch.tensor([len(frame.boxes)], dtype=torch.int32))
+        return probs.numpy()
+
+    def embed(self, frames: list[FrameCells], stain_strength: float = 0.0, view: int = 0) -> list[np.ndarray]:
         """Each frame's cell embeddings (FP32 PyTorch; `quantize.Int8Models` swaps in the INT8 graph)."""
-        return [embeddings for embeddings, _ in embed_frames(self.embedder, frames, stain_strength=stain_strength)]
+        return [embeddings for embeddings, _ in embed_frames(self.embedder, frames, stain_strength=stain_strength,
+                                                             view=view)]
 
     @torch.no_grad()
     def baseline_predictions(self, paths: list[Path], batch: int = 256) -> list[str]:
@@ -143,7 +174,7 @@ def evaluate_four_class(models: Models, split: str, data_root: str | None, thres
     truth = [WBC_CLASSES.index(item.label) for item in items]
     predictions = {"seed baseline": [WBC_CLASSES.index(c) for c in
                                      models.baseline_predictions([item.path for item in items])]}
-    for name in CELL_MODELS:
+    for name in models.cell_models:
         predictions[name] = [frame_prediction(f, p, NUM_WBC) for f, p in zip(frames, probs[name])]
     report: dict = {"images": {name: classification_metrics(truth, pred, WBC_CLASSES)
                                for name, pred in predictions.items()}}
@@ -164,7 +195,7 @@ def evaluate_four_class(models: Models, split: str, data_root: str | None, thres
             {"frame": frame, "label": WBC_CLASSES[truth[indices[0]]], "images": len(indices),
              "accuracy": acc, "predicted": CLASSES[vote] if vote >= 0 else NO_CELL}
             for (frame, indices), acc, vote in zip(by_frame.items(), per_frame_acc, votes) if acc < 0.5]
-    report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in CELL_MODELS}
+    report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in models.cell_models}
     return report
 
 
@@ -175,7 +206,7 @@ def evaluate_bccd(models: Models, data_root: str | None, threshold: float) -> di
     frames = build_cells(frames_meta, "bccd-heldout")
     probs = models.cell_probs(frames)
     truth: dict[str, list[int]] = {"wbc": [], "context": []}
-    preds: dict[str, dict[str, list[int]]] = {m: {"wbc": [], "context": []} for m in CELL_MODELS}
+    preds: dict[str, dict[str, list[int]]] = {m: {"wbc": [], "context": []} for m in models.cell_models}
     for index, (meta, frame) in enumerate(zip(frames_meta, frames)):
         gt_boxes = np.array([b.box for b in meta.boxes], np.float32).reshape(-1, 4)
         for det, gt in greedy_pairs(box_iou(frame.boxes, gt_boxes), 0.5):
@@ -184,11 +215,11 @@ def evaluate_bccd(models: Models, data_root: str | None, threshold: float) -> di
                 continue
             group = "wbc" if label in WBC_CLASSES else "context"
             truth[group].append(CLASSES.index(label))
-            for name in CELL_MODELS:
+            for name in models.cell_models:
                 row = probs[name][index][det]
                 preds[name][group].append(int(np.argmax(row[:NUM_WBC])) if group == "wbc" else int(np.argmax(row)))
     report: dict = {"frames": len(frames)}
-    for name in CELL_MODELS:
+    for name in models.cell_models:
         context_truth, context_pred = truth["context"], preds[name]["context"]
         report[name] = {
             "wbc_nodes": classification_metrics(truth["wbc"], preds[name]["wbc"], WBC_CLASSES),
@@ -197,7 +228,7 @@ def evaluate_bccd(models: Models, data_root: str | None, threshold: float) -> di
             "rbc_nodes": sum(t == CLASSES.index("rbc") for t in context_truth),
             "platelet_nodes": sum(t == CLASSES.index("platelet") for t in context_truth),
         }
-    report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in CELL_MODELS}
+    report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in models.cell_models}
     return report
 
 
@@ -211,7 +242,7 @@ def _single_cell_report(frames: list[FrameCells], probs: dict[str, list[np.ndarr
     nucleated classes; platelet images by the centre cell's argmax over all classes."""
     platelet = CLASSES.index("platelet")
     report: dict = {"images": {}, "wbc_images": {}, "platelet_images": {}}
-    for name in CELL_MODELS:
+    for name in probs:
         truth, pred, plt_hits = [], [], []
         for frame, p in zip(frames, probs[name]):
             if frame.frame_label == platelet:
@@ -227,7 +258,7 @@ def _single_cell_report(frames: list[FrameCells], probs: dict[str, list[np.ndarr
                                       if five else 0.0}
         report["platelet_images"][name] = {"n": len(plt_hits),
                                            "accuracy": float(np.mean(plt_hits)) if plt_hits else 0.0}
-    report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in CELL_MODELS}
+    report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in probs}
     return report
 
 
@@ -257,12 +288,12 @@ def stain_shift_robustness(models: Models, data_root: str | None) -> dict:
     pbc = [f for f in pbc if f.frame_label < NUM_NUCLEATED]
     simple_items = load_four_class(data_root, "TEST_SIMPLE")
     simple = build_cells(simple_items, "4class-test_simple")
-    out: dict = {"strengths": list(STAIN_SHIFTS), "pbc_test": {m: [] for m in CELL_MODELS},
-                 "4class_test_simple": {m: [] for m in CELL_MODELS}}
+    out: dict = {"strengths": list(STAIN_SHIFTS), "pbc_test": {m: [] for m in models.cell_models},
+                 "4class_test_simple": {m: [] for m in models.cell_models}}
     for strength in STAIN_SHIFTS:
         for key, frames, classes in (("pbc_test", pbc, NUM_NUCLEATED), ("4class_test_simple", simple, NUM_WBC)):
             probs = models.cell_probs(frames, stain_strength=strength)
-            for name in CELL_MODELS:
+            for name in models.cell_models:
                 hits = [frame_prediction(f, p, classes) == f.frame_label for f, p in zip(frames, probs[name])]
                 out[key][name].append(float(np.mean(hits)))
     return out
@@ -359,17 +390,18 @@ def markdown(report: dict) -> str:
     four, simple, bccd, pbc = (report["4class_test"], report["4class_test_simple"], report["bccd_heldout"],
                                report["pbc_test"])
     txl = report.get("txl_pbc_test")
+    scored = [name for name in CELL_MODELS if name in pbc["images"]]  # reports written with --views 1 lack one
     lines = [
         "| model | 4-class TEST images (2,487) | macro-F1 | per source frame (frames) | macro-F1 | TEST_SIMPLE (71) "
         "| BCCD held-out WBC nodes | PBC test, 5 WBC classes | PBC test, all 7 nucleated | IG recall | NRBC recall "
         "| PBC platelet images |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in MODELS:
+    for name in ("seed baseline", *scored):
         img, frm, sim = four["images"][name], four["frames"][name], simple["images"][name]
         wbc = bccd.get(name, {}).get("wbc_nodes")
         wbc_text = f"{wbc['accuracy']:.1%} ({wbc['n']})" if wbc else "n/a (whole-image model)"
-        if name in CELL_MODELS:
+        if name in scored:
             p_all, p_five = pbc["images"][name], pbc["wbc_images"][name]
             pbc_text = (f"{p_five['accuracy']:.1%} ({p_five['n']}) | {p_all['accuracy']:.1%} ({p_all['n']}) | "
                         f"{p_all['per_class']['ig']['recall']:.1%} | {p_all['per_class']['nrbc']['recall']:.1%} | "
@@ -380,20 +412,21 @@ def markdown(report: dict) -> str:
                      f"| {frm['macro_f1']:.3f} | {sim['accuracy']:.1%} | {wbc_text} | {pbc_text} |")
     if txl and txl["n_images"]:
         lines += ["", "TXL-PBC test images of PBC origin that are not PBC files (white-cell class known): "
-                  + ", ".join(f"{name} {txl['images'][name]['accuracy']:.1%}" for name in CELL_MODELS)
+                  + ", ".join(f"{name} {txl['images'][name]['accuracy']:.1%}" for name in scored)
                   + f" of {txl['images']['CNN+GNN']['n']} images."]
     threshold = report["threshold"]
     lines += ["", f"Calibration (CNN+GNN, temperature {report['temperatures'].get('gnn', 1.0):.2f} fitted on "
               f"validation) and auto-accept at the \"unidentified\" threshold {threshold:.2f} (chosen on the "
               "validation auto-accept curve for 98% accuracy among accepted cells); target: >= 90% accepted at >= 98%:",
-              "", "| test source | labelled nucleated cells | accuracy | ECE | auto-accepted | accuracy of accepted |",
-              "|---|---|---|---|---|---|"]
+              "", "| test source | model | labelled nucleated cells | accuracy | ECE | auto-accepted "
+              "| accuracy of accepted |", "|---|---|---|---|---|---|---|"]
     for key, title in (("4class_test", "4-class TEST"), ("4class_test_simple", "TEST_SIMPLE"),
                        ("bccd_heldout", "BCCD held-out"), ("pbc_test", "PBC test"), ("txl_pbc_test", "TXL-PBC test")):
-        cal = report.get(key, {}).get("calibration", {}).get("CNN+GNN")
-        if cal and cal.get("cells"):
-            lines.append(f"| {title} | {cal['cells']} | {cal['accuracy']:.1%} | {cal['ece']:.3f} | "
-                         f"{cal['accepted']:.1%} | {_pct(cal['accepted_accuracy'])} |")
+        for name in scored[1:]:
+            cal = report.get(key, {}).get("calibration", {}).get(name)
+            if cal and cal.get("cells"):
+                lines.append(f"| {title} | {name} | {cal['cells']} | {cal['accuracy']:.1%} | {cal['ece']:.3f} | "
+                             f"{cal['accepted']:.1%} | {_pct(cal['accepted_accuracy'])} |")
     lines += ["", "Per class on PBC test images (CNN+GNN):", "",
               "| class | precision | recall | F1 | specificity | support |", "|---|---|---|---|---|---|"]
     for cls, m in pbc["images"]["CNN+GNN"]["per_class"].items():
@@ -414,7 +447,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {w['frame']} | {w['label']} | {w['images']} | {w['images'] / total:.1%} | {w['accuracy']:.0%} "
                   f"| {w['predicted']} |" for w in sorted(wrong, key=lambda w: -w["images"])]
-    for name in CELL_MODELS:
+    for name in scored:
         b = bccd[name]
         lines.append("")
         lines.append(f"BCCD held-out context nodes, {name}: RBC {b['rbc_node_accuracy']:.1%} ({b['rbc_nodes']}), "
@@ -427,7 +460,7 @@ def markdown(report: dict) -> str:
                   "|---|---|" + "---|" * len(shift["strengths"])]
         for key, title in (("pbc_test", "PBC test"), ("4class_test_simple", "TEST_SIMPLE")):
             lines += [f"| {title} | {name} | " + " | ".join(f"{v:.1%}" for v in shift[key][name]) + " |"
-                      for name in CELL_MODELS]
+                      for name in scored]
     loc = report.get("localizer")
     if loc:
         lines += ["", "Localiser (does it find the white cell? targets: >= 99% PBC and 4-class TEST, 1.000 BCCD "
@@ -452,9 +485,10 @@ def markdown(report: dict) -> str:
     loso = report.get("leave_one_source_out")
     if loso:
         lines += ["", "Leave one source out (trained without the source, tested on it; target >= 75%):", "",
-                  "| trained without | weights | tested on | CNN only | CNN+GNN |", "|---|---|---|---|---|"]
-        lines += [f"| {row['without']} | `{row['weights']}` | {row['tested_on']} | {_pct(row.get('CNN only'))} | "
-                  f"{_pct(row.get('CNN+GNN'))} |" for row in loso]
+                  "| trained without | weights | tested on | " + " | ".join(scored) + " |",
+                  "|---|---|---|" + "---|" * len(scored)]
+        lines += [f"| {row['without']} | `{row['weights']}` | {row['tested_on']} | "
+                  + " | ".join(_pct(row.get(name)) for name in scored) + " |" for row in loso]
     return "\n".join(lines) + "\n"
 
 
@@ -475,8 +509,8 @@ def seed_table(reports: dict[str, dict]) -> str:
     header = "| seed | model | " + " | ".join(title for title, _ in SEED_COLUMNS) + " |"
     lines = [header, "|---|---|" + "---|" * len(SEED_COLUMNS)]
     for seed, report in reports.items():
-        values = {m: [get(report, m) for _, get in SEED_COLUMNS] for m in CELL_MODELS}
-        for m in CELL_MODELS:
+        values = {m: [get(report, m) for _, get in SEED_COLUMNS] for m in SINGLE_VIEW_MODELS}
+        for m in SINGLE_VIEW_MODELS:
             lines.append(f"| {seed} | {m} | " + " | ".join(f"{v:.1%}" for v in values[m]) + " |")
         gains = [(g - c) * 100 for c, g in zip(values["CNN only"], values["CNN+GNN"])]
         lines.append(f"| {seed} | GNN gain (points) | " + " | ".join(f"{v:+.1f}" for v in gains) + " |")
@@ -515,6 +549,9 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "the detector's graphs was no better (README \"Detector\", docs/results/detector).",
         f"- The results below are on {cells_by}'s cells (`leukograph evaluate --localizer`); the other localiser's "
         f"are in {other_results}.",
+        "- \"CNN+GNN, 8 views\": the white-cell candidates' embeddings averaged over the crop's eight flips and "
+        "quarter-turns before the GNN (`training/views.py`), the image-level answer `leukograph classify` gives; the "
+        "served pipeline and the stream label every cell from the one served view (the CNN+GNN rows).",
         "",
         "## Data and split", "",
         "- BCCD frames and a per-class subset (600 per class) of blood-cells-4class TRAIN whose source frame is not "
@@ -579,12 +616,12 @@ def leave_one_source_out(specs: list[str], data_root: str | None, threshold: flo
         if source == "pbc":
             result = evaluate_pbc(models, data_root, threshold)
             rows.append({"without": "PBC (+ TXL-PBC's PBC images)", "tested_on": "PBC test, 7 nucleated classes",
-                         "weights": folder, **{m: result["images"][m]["accuracy"] for m in CELL_MODELS},
-                         "five_class": {m: result["wbc_images"][m]["accuracy"] for m in CELL_MODELS}})
+                         "weights": folder, **{m: result["images"][m]["accuracy"] for m in models.cell_models},
+                         "five_class": {m: result["wbc_images"][m]["accuracy"] for m in models.cell_models}})
         elif source == "bccd":
             result = evaluate_bccd(models, data_root, threshold)
             rows.append({"without": "BCCD + 4-class", "tested_on": "BCCD held-out WBC nodes", "weights": folder,
-                         **{m: result[m]["wbc_nodes"]["accuracy"] for m in CELL_MODELS}})
+                         **{m: result[m]["wbc_nodes"]["accuracy"] for m in models.cell_models}})
     return rows
 
 
@@ -634,7 +671,7 @@ def main(args: argparse.Namespace) -> int:
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "evaluation.md").write_text(markdown(report))
     for name in MODELS:
-        slug = name.lower().replace(" ", "_").replace("+", "_")
+        slug = name.lower().replace(",", "").replace(" ", "_").replace("+", "_")
         plot_confusion(report["4class_test"]["images"][name], WBC_CLASSES, f"{name}: 4-class TEST images",
                        out / f"confusion_4class_test_{slug}.png")
     plot_confusion(report["4class_test_simple"]["images"]["CNN+GNN"], WBC_CLASSES, "CNN+GNN: TEST_SIMPLE images",

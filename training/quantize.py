@@ -265,14 +265,14 @@ def int8_models(weights_dir: Path, onnx_path: Path, threads: int):
 
     class Int8Models(_recording(Models)):
         def __init__(self) -> None:
-            super().__init__(weights_dir)
+            super().__init__(weights_dir, views=1)
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
-        def embed(self, frames, stain_strength: float = 0.0) -> list[np.ndarray]:
-            if stain_strength:
-                raise ValueError("the INT8 rows are measured without synthetic stain shifts")
+        def embed(self, frames, stain_strength: float = 0.0, view: int = 0) -> list[np.ndarray]:
+            if stain_strength or view:
+                raise ValueError("the INT8 rows are measured on the served view without synthetic stain shifts")
             counts = [len(frame.labels) for frame in frames]
             crops = [frame.served_crops for frame in frames if len(frame.labels)]
             side = self.embedder.crop_size
@@ -315,9 +315,9 @@ def _image_accuracy(frames: list, probs: dict[str, list[np.ndarray]], scoring: s
 
     if scoring == "single":
         report = ev._single_cell_report(frames, probs, threshold)
-        return {model: report["images"][model]["accuracy"] for model in ev.CELL_MODELS}
+        return {model: report["images"][model]["accuracy"] for model in probs}
     return {model: float(np.mean([ev.frame_prediction(f, p, ev.NUM_WBC) == f.frame_label
-                                  for f, p in zip(frames, probs[model])])) for model in ev.CELL_MODELS}
+                                  for f, p in zip(frames, probs[model])])) for model in probs}
 
 
 INT8_RESULTS = "int8_evaluation.json"
@@ -335,7 +335,7 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     from leukograph.client.errors import UserError
     from leukograph.deploy.readme import replace_section
     from leukograph.training.cells import build_cells
-    from leukograph.training.evaluate import CELL_MODELS, RESULTS_DIR, Models, evaluate_bccd
+    from leukograph.training.evaluate import RESULTS_DIR, SINGLE_VIEW_MODELS, Models, evaluate_bccd
 
     if args.int8_images < 0:
         raise UserError(f"--int8-images must be >= 0 (0: every test image), got {args.int8_images}")
@@ -343,7 +343,7 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     if not onnx_path.exists():
         raise UserError(f"{onnx_path} is missing: run `leukograph export --int8`")
     started = time.time()
-    fp32_models = _recording(Models)(args.weights)
+    fp32_models = _recording(Models)(args.weights, views=1)  # INT8 is measured on the served view
     quantised = int8_models(args.weights, onnx_path, args.threads)
     rng = np.random.default_rng(0)
     rows = []
@@ -357,7 +357,7 @@ def evaluate_int8(args: argparse.Namespace) -> int:
     bccd = {precision: evaluate_bccd(models, args.data_root, UNIDENTIFIED_THRESHOLD)
             for precision, models in (("fp32", fp32_models), ("int8", quantised))}
     rows.append(_row("BCCD held-out WBC nodes", bccd["fp32"]["frames"],
-                     {p: {m: r[m]["wbc_nodes"]["accuracy"] for m in CELL_MODELS} for p, r in bccd.items()},
+                     {p: {m: r[m]["wbc_nodes"]["accuracy"] for m in SINGLE_VIEW_MODELS} for p, r in bccd.items()},
                      fp32_models, quantised))
     command = "leukograph evaluate --precision int8" + (f" --int8-images {args.int8_images}" if args.int8_images
                                                          else "")

@@ -10,7 +10,9 @@ per cell. Writes JSON and the README's `tradeoff` section.
 `--split validation` instead scores each CNN alone on the validation cells of every source (what `leukograph train`
 selects on; no test data), per source: labelled nucleated cells right over the seven nucleated classes, and over the
 five white-cell classes. This is how training recipes are compared for an unseen lab: a CNN trained with
-`--exclude-source pbc` is scored on PBC's validation cells, which it never saw.
+`--exclude-source pbc` is scored on PBC's validation cells, which it never saw. A weights folder (cnn.pt + gnn.pt)
+gives three rows: its CNN alone, CNN+GNN, and CNN+GNN with the white-cell candidates read in eight views (as
+`leukograph classify` answers).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from leukograph.deploy.readme import replace_section
 from leukograph.deploy.runners import OrtRunner
 from leukograph.training.augment import stored_to_served
 from leukograph.training.cells import FrameCells, build_cells, use_crop_size
-from leukograph.training.checkpoints import load_checkpoint, load_cnn
+from leukograph.training.checkpoints import load_checkpoint, load_cnn, load_models
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, split_frames
 from leukograph.training.export import export_stage
 from leukograph.training.metrics import image_prediction
 from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage
+from leukograph.training.views import VIEWS
 
 NUM_WBC = len(WBC_CLASSES)
 TIMING_CELLS = 128
@@ -172,7 +175,12 @@ def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, l
             _, logits = model(stored_to_served(frame.crops[chosen], STORE_ZOOM))
             truth.setdefault(frame.source, []).append(frame.labels[chosen])
             predicted.setdefault(frame.source, []).append(logits[:, :NUM_NUCLEATED].argmax(1).numpy())
-    row: dict = {"checkpoint": shown_path(path), "crop": model.crop_size, "sources": {}}
+    return _validation_scores(shown_path(path), model.crop_size, truth, predicted)
+
+
+def _validation_scores(name: str, crop: int, truth: dict[str, list[np.ndarray]],
+                       predicted: dict[str, list[np.ndarray]]) -> dict:
+    row: dict = {"checkpoint": name, "crop": crop, "sources": {}}
     for source in sorted(truth, key=_source_order):
         y, p = np.concatenate(truth[source]), np.concatenate(predicted[source])
         five = y < NUM_WBC
@@ -180,6 +188,34 @@ def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, l
                                   "five_wbc_cells": int(five.sum()),
                                   "five_wbc": float(np.mean(y[five] == p[five])) if five.any() else None}
     return row
+
+
+@torch.no_grad()
+def validation_rows_of_weights(folder: Path, data_root: str | None,
+                               cells_by_side: dict[int, list[FrameCells]]) -> list[dict]:
+    """A weights folder (cnn.pt + gnn.pt): one row per model `leukograph evaluate` scores (CNN only, CNN+GNN,
+    CNN+GNN with the white-cell candidates read in eight views), on every source's validation cells."""
+    from leukograph.training.evaluate import Models
+    from leukograph.training.train import NUM_NUCLEATED, load_cell_sets
+
+    embedder, gnn, _ = load_models(folder)
+    models = Models.of_stages(embedder, gnn, views=VIEWS)
+    if embedder.crop_size not in cells_by_side:
+        use_crop_size(embedder.crop_size)
+        cells_by_side[embedder.crop_size] = load_cell_sets(data_root, None, 0).val
+    frames = cells_by_side[embedder.crop_size]
+    probs = models.cell_probs(frames)
+    rows = []
+    for name in models.cell_models:
+        truth: dict[str, list[np.ndarray]] = {}
+        predicted: dict[str, list[np.ndarray]] = {}
+        for frame, p in zip(frames, probs[name]):
+            chosen = np.flatnonzero((frame.labels >= 0) & (frame.labels < NUM_NUCLEATED))
+            if len(chosen):
+                truth.setdefault(frame.source, []).append(frame.labels[chosen])
+                predicted.setdefault(frame.source, []).append(p[chosen, :NUM_NUCLEATED].argmax(1))
+        rows.append(_validation_scores(f"{shown_path(folder)} ({name})", embedder.crop_size, truth, predicted))
+    return rows
 
 
 def validation_body(result: dict) -> str:
@@ -215,7 +251,9 @@ def readme_body(result: dict, json_path: Path) -> str:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Accuracy per source against ms per cell, per CNN checkpoint",
                                      add_help=add_help)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="cnn.pt files (e.g. one per width)")
+    parser.add_argument("checkpoints", nargs="+", type=Path,
+                        help="cnn.pt files (e.g. one per width); with --split validation also weights folders (cnn.pt "
+                        "+ gnn.pt), scored as CNN only, CNN+GNN and CNN+GNN in eight views")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "docs" / "results" / "tradeoff.json")
     parser.add_argument("--threads", type=int, default=2)
@@ -233,8 +271,11 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.split == "validation":
         cells_by_side: dict[int, list[FrameCells]] = {}
-        result = {"split": "validation",
-                  "rows": [validation_row(path, args.data_root, cells_by_side) for path in args.checkpoints]}
+        rows = []
+        for path in args.checkpoints:
+            rows += (validation_rows_of_weights(path, args.data_root, cells_by_side) if path.is_dir()
+                     else [validation_row(path, args.data_root, cells_by_side)])
+        result = {"split": "validation", "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(validation_body(result))
