@@ -37,7 +37,15 @@ from tqdm import tqdm
 
 from leukograph.client import localize as localize_module
 from leukograph.client.boxes import box_iou, greedy_pairs
-from leukograph.client.contract import CELL_KINDS, CLASSES, CROP_MARGIN, CROP_SIZE, LOCALIZERS, file_sha256
+from leukograph.client.contract import (
+    CELL_KINDS,
+    CLASSES,
+    CROP_MARGIN,
+    CROP_SIZE,
+    LOCALIZERS,
+    NUCLEATED_CLASSES,
+    file_sha256,
+)
 from leukograph.client.images import read_image
 from leukograph.client.localize import Cells, localize
 from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir
@@ -60,6 +68,21 @@ class FrameCells:
     labels: np.ndarray  # int64 [N] class index or -1
     crops: np.ndarray  # uint8 [N,S,S,3], S = store_size(crop side); the centre crop-side square is the served crop
     source: str = "bccd"  # bccd | 4class | pbc | txl-raabin-wbc | txl-pbc | txl-bcdd
+
+    @property
+    def labelled_nucleated(self) -> np.ndarray:
+        """bool [N]: cells labelled with a nucleated class (the five white-cell classes, IG, NRBC)."""
+        return (self.labels >= 0) & (self.labels < len(NUCLEATED_CLASSES))
+
+    @property
+    def labelled_context(self) -> np.ndarray:
+        """bool [N]: cells labelled RBC or platelet."""
+        return self.labels >= len(NUCLEATED_CLASSES)
+
+    @property
+    def unlabelled_wbc(self) -> np.ndarray:
+        """bool [N]: white-cell boxes without a subtype label (what the consistency term learns from)."""
+        return (self.labels == IGNORE) & (self.kinds == CELL_KINDS.index("wbc"))
 
     @property
     def served_crops(self) -> np.ndarray:

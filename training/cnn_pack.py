@@ -20,8 +20,7 @@ import torch
 
 from leukograph.client.contract import NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
-from leukograph.client.localize import WBC
-from leukograph.training.cells import IGNORE, FrameCells
+from leukograph.training.cells import FrameCells
 
 PACK_VERSION = 1
 CONTEXT_PER_IMAGE = 1
@@ -40,9 +39,8 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def _packed_frame(frame: FrameCells, rng: np.random.Generator, quality: int) -> dict | None:
-    nucleated = np.flatnonzero(((frame.labels >= 0) & (frame.labels < len(NUCLEATED_CLASSES)))
-                               | ((frame.labels == IGNORE) & (frame.kinds == WBC)))
-    context = np.flatnonzero(frame.labels >= len(NUCLEATED_CLASSES))
+    nucleated = np.flatnonzero(frame.labelled_nucleated | frame.unlabelled_wbc)
+    context = np.flatnonzero(frame.labelled_context)
     drawn = rng.choice(context, size=min(CONTEXT_PER_IMAGE, len(context)), replace=False) if len(context) else []
     keep = np.sort(np.concatenate([nucleated, np.asarray(drawn, dtype=np.int64)])).astype(np.int64)
     if len(keep) == 0:

@@ -60,6 +60,7 @@ from leukograph.training.metrics import (  # noqa: E402
     classification_metrics,
     expected_calibration_error,
     image_prediction,
+    labelled_nucleated,
 )
 from leukograph.training.models import (  # noqa: E402
     BASELINE_CLASSES,
@@ -152,14 +153,9 @@ def frame_prediction(frame: FrameCells, probs: np.ndarray, classes: int) -> int:
 
 def calibration_of(frames: list[FrameCells], probs: list[np.ndarray], threshold: float) -> dict:
     """ECE and the auto-accept point at `threshold` over the labelled nucleated cells of these frames."""
-    truth, rows = [], []
-    for frame, p in zip(frames, probs):
-        wanted = (frame.labels >= 0) & (frame.labels < NUM_NUCLEATED)
-        truth.append(frame.labels[wanted])
-        rows.append(p[wanted])
-    if not truth or not sum(len(t) for t in truth):
+    y, p, _ = labelled_nucleated(frames, probs)
+    if not len(y):
         return {"cells": 0}
-    y, p = np.concatenate(truth), np.concatenate(rows)
     confidence, correct = p.max(1), p.argmax(1) == y
     point = auto_accept_curve(confidence, correct, np.array([threshold]))[0]
     return {"cells": int(len(y)), "ece": expected_calibration_error(confidence, correct),

@@ -84,7 +84,7 @@ def labelled_nucleated(frames, probs_per_frame: list[np.ndarray]) -> tuple[np.nd
     """(true class [M], probabilities [M,C], source [M]) of every labelled nucleated cell."""
     truth, probs, sources = [], [], []
     for frame, p in zip(frames, probs_per_frame):
-        wanted = (frame.labels >= 0) & (frame.labels < NUM_NUCLEATED)
+        wanted = frame.labelled_nucleated
         truth.append(frame.labels[wanted])
         probs.append(p[wanted])
         sources += [frame.source] * int(wanted.sum())

@@ -170,7 +170,7 @@ def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, l
     truth: dict[str, list[np.ndarray]] = {}
     predicted: dict[str, list[np.ndarray]] = {}
     for frame in cells_by_side[model.crop_size]:
-        chosen = np.flatnonzero((frame.labels >= 0) & (frame.labels < NUM_NUCLEATED))
+        chosen = np.flatnonzero(frame.labelled_nucleated)
         if len(chosen):
             _, logits = model(stored_to_served(frame.crops[chosen], STORE_ZOOM))
             truth.setdefault(frame.source, []).append(frame.labels[chosen])
@@ -210,7 +210,7 @@ def validation_rows_of_weights(folder: Path, data_root: str | None,
         truth: dict[str, list[np.ndarray]] = {}
         predicted: dict[str, list[np.ndarray]] = {}
         for frame, p in zip(frames, probs[name]):
-            chosen = np.flatnonzero((frame.labels >= 0) & (frame.labels < NUM_NUCLEATED))
+            chosen = np.flatnonzero(frame.labelled_nucleated)
             if len(chosen):
                 truth.setdefault(frame.source, []).append(frame.labels[chosen])
                 predicted.setdefault(frame.source, []).append(p[chosen, :NUM_NUCLEATED].argmax(1))

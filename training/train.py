@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 from leukograph.client.contract import CLASSES, CROP_SIZE, LOCALIZERS, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
-from leukograph.client.localize import WBC
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.augment import augment_batch
 from leukograph.training.cells import (
@@ -159,11 +158,9 @@ class CropSampler:
         self.context: list[list[int]] = []
         self.unlabelled: list[tuple[int, int]] = []
         for f, frame in enumerate(frames):
-            wanted = (frame.labels >= 0) & (frame.labels < NUM_NUCLEATED)
-            self.nucleated += [(f, int(i)) for i in np.flatnonzero(wanted)]
-            self.context.append(np.flatnonzero(frame.labels >= NUM_NUCLEATED).tolist())
-            unknown_wbc = (frame.labels == IGNORE) & (frame.kinds == WBC)
-            self.unlabelled += [(f, int(i)) for i in np.flatnonzero(unknown_wbc)]
+            self.nucleated += [(f, int(i)) for i in np.flatnonzero(frame.labelled_nucleated)]
+            self.context.append(np.flatnonzero(frame.labelled_context).tolist())
+            self.unlabelled += [(f, int(i)) for i in np.flatnonzero(frame.unlabelled_wbc)]
 
     def epoch(self, rng: np.random.Generator) -> list[tuple[int, int]]:
         items = list(self.nucleated)
