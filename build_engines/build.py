@@ -69,7 +69,7 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, REPO_ROOT
+from leukograph.deploy.paths import MODEL_REPOSITORY, REPO_ROOT, write_atomically
 
 PLAN_FILE, REJECTED_SUFFIX = MODEL_FILES["tensorrt"], ".failed-verification"
 PRECISIONS = ("fp16", "fp32", "tf32", "int8-qdq")
@@ -260,10 +260,7 @@ def build_engine(trt, stage: StageSpec, onnx_path: Path, plan_path: Path, profil
     seconds = time.perf_counter() - start
     if serialized is None:
         raise UserError(f"{stage.name}: build_serialized_network failed (see TensorRT log above)")
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_name(plan_path.name + ".tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(plan_path)
+    write_atomically(plan_path, lambda tmp: tmp.write_bytes(bytes(serialized)))
     # From here on nothing raises: the caller writes the report next.
     return EngineBuild(seconds, timing_cache.save(cache_use), tf32, onnx_path)
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from leukograph.deploy.paths import write_atomically
+
 
 class TimingCacheLike(Protocol):
     def serialize(self) -> Any:
@@ -97,10 +99,7 @@ def save(use: TimingCacheUse) -> TimingCacheUse:
         data = bytes(use.cache.serialize())
         if not data:
             raise ValueError("serialize() returned no bytes")
-        use.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = use.path.with_name(use.path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(use.path)
+        write_atomically(use.path, lambda tmp: tmp.write_bytes(data))
         use.saved = True
     except Exception as exc:  # the plan is already written: record, never raise
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -7,6 +7,8 @@ the weights are the package's own, and the model repository, cache and data defa
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 DATA_ENV = "LEUKOGRAPH_DATA"
@@ -16,6 +18,20 @@ CACHE_ENV = "LEUKOGRAPH_CACHE"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # holds training/, deploy/, ... (checkout or site-packages)
 # A source checkout has its pyproject.toml beside the packages; an installed package works from the current directory.
 REPO_ROOT = PACKAGE_ROOT if (PACKAGE_ROOT / "pyproject.toml").exists() else Path.cwd().resolve()
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` to a temporary file of this process's own beside `path`, then rename it into place: a reader never
+    sees half a file, a crash leaves the old one, and processes writing the same file at once (two trainings filling
+    one cell cache) do not rename each other's temporary away."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def data_root(cli_value: str | os.PathLike | None = None) -> Path:

@@ -3,10 +3,9 @@ never typed by hand (evaluation, localisation and benchmark tables)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from leukograph.deploy.paths import REPO_ROOT
+from leukograph.deploy.paths import REPO_ROOT, write_atomically
 
 README = REPO_ROOT / "README.md"
 
@@ -29,9 +28,7 @@ def replace_section(name: str, body: str, readme: Path = README) -> bool:
         new = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     if new == text:
         return False
-    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    tmp.replace(readme)
+    write_atomically(readme, lambda tmp: tmp.write_text(new))
     return True
 
 

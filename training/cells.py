@@ -48,7 +48,7 @@ from leukograph.client.contract import (
 )
 from leukograph.client.images import read_image
 from leukograph.client.localize import Cells, localize
-from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir
+from leukograph.deploy.paths import CACHE_DIR, DETECTOR_WEIGHTS, detector_weights_dir, write_atomically
 from leukograph.training.datasets import BccdFrame, FourClassImage, PbcImage, TxlImage
 from leukograph.training.models import STORE_ZOOM, check_crop_size, crop_cells, served_size, store_pad, store_size
 
@@ -240,10 +240,8 @@ def build_cells(items: Iterable[BccdFrame | FourClassImage | PbcImage | TxlImage
                 for record in torch.load(path, weights_only=False, mmap=True)]
     out = [cells_of(item) for item in tqdm(items, desc=f"cells {name}", disable=not progress, leave=False)]
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save([{**vars(record), "crops": torch.from_numpy(record.crops)} for record in out],
-                   path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        records = [{**vars(record), "crops": torch.from_numpy(record.crops)} for record in out]
+        write_atomically(path, lambda tmp: torch.save(records, tmp))
     return out
 
 

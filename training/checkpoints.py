@@ -15,6 +15,7 @@ import torch
 
 from leukograph.client.contract import CROP_SIZE
 from leukograph.client.errors import UserError
+from leukograph.deploy.paths import write_atomically
 from leukograph.training.cells import use_crop_size
 from leukograph.training.models import CellGraphNet, CropEmbedder, SeedBaseline
 
@@ -41,7 +42,6 @@ def _plain(value: Any) -> Any:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int,
                     args: argparse.Namespace | dict, metrics: dict, config: dict | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -50,10 +50,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "metrics": _plain(metrics),
         "config": _plain(config or {}),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))  # never a half-written checkpoint
 
 
 def load_checkpoint(path: Path) -> dict:

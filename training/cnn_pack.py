@@ -20,6 +20,7 @@ import torch
 
 from leukograph.client.contract import NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
+from leukograph.deploy.paths import write_atomically
 from leukograph.training.cells import FrameCells
 
 PACK_VERSION = 1
@@ -58,10 +59,8 @@ def save_cnn_pack(path: Path, train: list[FrameCells], val: list[FrameCells], se
     rng = np.random.default_rng(seed)
     parts = {name: [p for p in (_packed_frame(f, rng, quality) for f in frames) if p is not None]
              for name, frames in (("train", train), ("val", val))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"version": PACK_VERSION, "seed": seed, "classes": list(NUCLEATED_CLASSES), **parts},
-               path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    pack = {"version": PACK_VERSION, "seed": seed, "classes": list(NUCLEATED_CLASSES), **parts}
+    write_atomically(path, lambda tmp: torch.save(pack, tmp))
     crops = sum(len(p["jpeg"]) for part in parts.values() for p in part)
     print(f"CNN pack {path}: {crops} crops of {sum(len(v) for v in parts.values())} images, "
           f"{path.stat().st_size / 1e6:.1f} MB")
