@@ -18,14 +18,24 @@ from leukograph.training.views import view_crops
 
 @torch.no_grad()
 def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = False, batch: int = 128,
-                 seed: int = 0, stain_strength: float = 0.0, view: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+                 seed: int = 0, stain_strength: float = 0.0, view: int = 0,
+                 rows: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
     the served crops under a deterministic synthetic stain shift of `stain_strength`), flipped or turned by
-    `view` (`views.view_crops`; 0: as served)."""
+    `view` (`views.view_crops`; 0: as served).
+
+    `rows`: only these cells of each frame go through the CNN (and are returned, in frame order). Every crop is
+    still cut, augmented and shifted in its place, so a cell gets the same augmentation and shift as in a full
+    pass."""
     model.eval()
     device = next(model.parameters()).device  # crops are cut and augmented on the CPU, the CNN runs where it is
     generator = torch.Generator().manual_seed(seed)
     index = [(f, i) for f, frame in enumerate(frames) for i in range(len(frame.labels))]
+    masks = [np.ones(len(frame.labels), bool) for frame in frames]
+    for mask, chosen in zip(masks, rows or []):
+        mask[:] = False
+        mask[chosen] = True
+    wanted = torch.from_numpy(np.concatenate(masks)) if masks else torch.zeros(0, dtype=torch.bool)
     embeddings, probs = [], []
     for start in range(0, len(index), batch):
         crops = np.stack([frames[f].crops[i] for f, i in index[start:start + batch]])
@@ -35,15 +45,17 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
         x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
         if stain_strength > 0:
             x = stain_shift(x, stain_strength, seed + start)
-        x = view_crops(x, view)
+        x = view_crops(x, view)[wanted[start:start + batch]]
+        if len(x) == 0:
+            continue
         emb, logits = model(x.to(device))
         embeddings.append(emb.cpu().numpy())
         probs.append(torch.softmax(logits, 1).cpu().numpy())
     embeddings_all = np.concatenate(embeddings) if embeddings else np.zeros((0, model.classifier.in_features))
     probs_all = np.concatenate(probs) if probs else np.zeros((0, len(CLASSES)))
     out, start = [], 0
-    for frame in frames:
-        n = len(frame.labels)
+    for mask in masks:
+        n = int(mask.sum())
         out.append((embeddings_all[start:start + n], probs_all[start:start + n]))
         start += n
     return out

@@ -91,7 +91,11 @@ class Models:
         self.cnn_temperature = float(self.meta["calibration"].get("cnn_temperature", 1.0))
         self.baseline = load_baseline(weights_dir)
         self.views = check_views(views)
-        self.cell_models = CELL_MODELS if views > 1 else SINGLE_VIEW_MODELS
+
+    @property
+    def cell_models(self) -> tuple[str, ...]:
+        """The cell-level models `cell_probs` answers for."""
+        return CELL_MODELS if self.views > 1 else SINGLE_VIEW_MODELS
 
     @classmethod
     def of_stages(cls, embedder: CropEmbedder, gnn: CellGraphNet, views: int = 1) -> Models:
@@ -99,22 +103,23 @@ class Models:
         models = cls.__new__(cls)
         models.embedder, models.graph, models.cnn_temperature = embedder.eval(), CellGraphStage(gnn).eval(), 1.0
         models.views = check_views(views)
-        models.cell_models = CELL_MODELS if views > 1 else SINGLE_VIEW_MODELS
         return models
 
     @torch.no_grad()
     def cell_probs(self, frames: list[FrameCells], stain_strength: float = 0.0) -> dict[str, list[np.ndarray]]:
         """Probabilities per frame for each of `cell_models`; the GNN runs in its served dense form."""
-        per_view = [self.embed(frames, stain_strength, view) for view in range(self.views)]
+        served_embeddings = self.embed(frames, stain_strength)
+        rows = [viewed_rows(frame.kinds) for frame in frames]  # only the white-cell candidates, as classify does
+        other_views = [self.embed(frames, stain_strength, view, rows) for view in range(1, self.views)]
         out: dict[str, list[np.ndarray]] = {name: [] for name in self.cell_models}
         for index, frame in enumerate(frames):
-            served = torch.from_numpy(per_view[0][index]).float()
+            served = torch.from_numpy(served_embeddings[index]).float()
             out["CNN only"].append(self._cnn_probs(served))
             out["CNN+GNN"].append(self._graph_probs(frame, served))
-            if self.views > 1:  # the white-cell candidates' embeddings averaged over the views, as classify does
-                rows = viewed_rows(frame.kinds)
+            if self.views > 1:
                 mean = served.clone()
-                mean[rows] = torch.from_numpy(np.mean([embeddings[index][rows] for embeddings in per_view], axis=0))
+                mean[rows[index]] = torch.from_numpy(np.mean([served_embeddings[index][rows[index]],
+                                                              *(viewed[index] for viewed in other_views)], axis=0))
                 out[VIEWS_MODEL].append(self._graph_probs(frame, mean))
         return out
 
@@ -129,10 +134,12 @@ class Models:
                               torch.tensor([len(frame.boxes)], dtype=torch.int32))
         return probs.numpy()
 
-    def embed(self, frames: list[FrameCells], stain_strength: float = 0.0, view: int = 0) -> list[np.ndarray]:
-        """Each frame's cell embeddings (FP32 PyTorch; `quantize.Int8Models` swaps in the INT8 graph)."""
+    def embed(self, frames: list[FrameCells], stain_strength: float = 0.0, view: int = 0,
+              rows: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Each frame's cell embeddings, or those of `rows` (FP32 PyTorch; `quantize.Int8Models` swaps in the INT8
+        graph)."""
         return [embeddings for embeddings, _ in embed_frames(self.embedder, frames, stain_strength=stain_strength,
-                                                             view=view)]
+                                                             view=view, rows=rows)]
 
     @torch.no_grad()
     def baseline_predictions(self, paths: list[Path], batch: int = 256) -> list[str]:
@@ -386,7 +393,7 @@ def markdown(report: dict) -> str:
     four, simple, bccd, pbc = (report["4class_test"], report["4class_test_simple"], report["bccd_heldout"],
                                report["pbc_test"])
     txl = report.get("txl_pbc_test")
-    scored = [name for name in CELL_MODELS if name in pbc["images"]]  # reports written with --views 1 lack one
+    scored = [name for name in CELL_MODELS if name in pbc["images"]]  # reports from before the eight-view row lack it
     lines = [
         "| model | 4-class TEST images (2,487) | macro-F1 | per source frame (frames) | macro-F1 | TEST_SIMPLE (71) "
         "| BCCD held-out WBC nodes | PBC test, 5 WBC classes | PBC test, all 7 nucleated | IG recall | NRBC recall "

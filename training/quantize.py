@@ -270,8 +270,8 @@ def int8_models(weights_dir: Path, onnx_path: Path, threads: int):
             options.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
-        def embed(self, frames, stain_strength: float = 0.0, view: int = 0) -> list[np.ndarray]:
-            if stain_strength or view:
+        def embed(self, frames, stain_strength: float = 0.0, view: int = 0, rows=None) -> list[np.ndarray]:
+            if stain_strength or view or rows is not None:
                 raise ValueError("the INT8 rows are measured on the served view without synthetic stain shifts")
             counts = [len(frame.labels) for frame in frames]
             crops = [frame.served_crops for frame in frames if len(frame.labels)]

@@ -39,8 +39,9 @@ from leukograph.training.augment import stored_to_served
 from leukograph.training.cells import FrameCells, build_cells, use_crop_size
 from leukograph.training.checkpoints import load_checkpoint, load_cnn, load_models
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, split_frames
+from leukograph.training.embedding import embed_frames
 from leukograph.training.export import export_stage
-from leukograph.training.metrics import image_prediction
+from leukograph.training.metrics import NUM_NUCLEATED, image_prediction, labelled_nucleated
 from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage
 from leukograph.training.views import VIEWS
 
@@ -158,31 +159,31 @@ def _source_order(source: str) -> int:
     return VALIDATION_SOURCES.index(source) if source in VALIDATION_SOURCES else len(VALIDATION_SOURCES)
 
 
-@torch.no_grad()
+def _validation_frames(crop_size: int, data_root: str | None,
+                       cells_by_side: dict[int, list[FrameCells]]) -> list[FrameCells]:
+    """Every source's validation frames, cut for `crop_size` (built once per crop side)."""
+    from leukograph.training.train import load_cell_sets
+
+    if crop_size not in cells_by_side:
+        use_crop_size(crop_size)
+        cells_by_side[crop_size] = load_cell_sets(data_root, None, 0).val
+    return cells_by_side[crop_size]
+
+
 def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, list[FrameCells]]) -> dict:
     """One CNN alone on every source's labelled nucleated validation cells (argmax over the nucleated classes)."""
-    from leukograph.training.train import NUM_NUCLEATED, load_cell_sets
-
     model = load_cnn(path)
-    if model.crop_size not in cells_by_side:
-        use_crop_size(model.crop_size)
-        cells_by_side[model.crop_size] = load_cell_sets(data_root, None, 0).val
-    truth: dict[str, list[np.ndarray]] = {}
-    predicted: dict[str, list[np.ndarray]] = {}
-    for frame in cells_by_side[model.crop_size]:
-        chosen = np.flatnonzero(frame.labelled_nucleated)
-        if len(chosen):
-            _, logits = model(stored_to_served(frame.crops[chosen], STORE_ZOOM))
-            truth.setdefault(frame.source, []).append(frame.labels[chosen])
-            predicted.setdefault(frame.source, []).append(logits[:, :NUM_NUCLEATED].argmax(1).numpy())
-    return _validation_scores(shown_path(path), model.crop_size, truth, predicted)
+    frames = _validation_frames(model.crop_size, data_root, cells_by_side)
+    probs = [frame_probs for _, frame_probs in embed_frames(model, frames)]
+    return _validation_scores(shown_path(path), model.crop_size, *labelled_nucleated(frames, probs))
 
 
-def _validation_scores(name: str, crop: int, truth: dict[str, list[np.ndarray]],
-                       predicted: dict[str, list[np.ndarray]]) -> dict:
+def _validation_scores(name: str, crop: int, truth: np.ndarray, probs: np.ndarray, sources: list[str]) -> dict:
+    """Accuracy per source over the nucleated classes (and over the five white-cell classes) of labelled cells."""
+    predicted, sources = probs[:, :NUM_NUCLEATED].argmax(1), np.asarray(sources)
     row: dict = {"checkpoint": name, "crop": crop, "sources": {}}
-    for source in sorted(truth, key=_source_order):
-        y, p = np.concatenate(truth[source]), np.concatenate(predicted[source])
+    for source in sorted(set(sources), key=_source_order):
+        y, p = truth[sources == source], predicted[sources == source]
         five = y < NUM_WBC
         row["sources"][source] = {"cells": int(len(y)), "nucleated": float(np.mean(y == p)),
                                   "five_wbc_cells": int(five.sum()),
@@ -190,32 +191,18 @@ def _validation_scores(name: str, crop: int, truth: dict[str, list[np.ndarray]],
     return row
 
 
-@torch.no_grad()
 def validation_rows_of_weights(folder: Path, data_root: str | None,
                                cells_by_side: dict[int, list[FrameCells]]) -> list[dict]:
     """A weights folder (cnn.pt + gnn.pt): one row per model `leukograph evaluate` scores (CNN only, CNN+GNN,
     CNN+GNN with the white-cell candidates read in eight views), on every source's validation cells."""
     from leukograph.training.evaluate import Models
-    from leukograph.training.train import NUM_NUCLEATED, load_cell_sets
 
     embedder, gnn, _ = load_models(folder)
     models = Models.of_stages(embedder, gnn, views=VIEWS)
-    if embedder.crop_size not in cells_by_side:
-        use_crop_size(embedder.crop_size)
-        cells_by_side[embedder.crop_size] = load_cell_sets(data_root, None, 0).val
-    frames = cells_by_side[embedder.crop_size]
+    frames = _validation_frames(embedder.crop_size, data_root, cells_by_side)
     probs = models.cell_probs(frames)
-    rows = []
-    for name in models.cell_models:
-        truth: dict[str, list[np.ndarray]] = {}
-        predicted: dict[str, list[np.ndarray]] = {}
-        for frame, p in zip(frames, probs[name]):
-            chosen = np.flatnonzero(frame.labelled_nucleated)
-            if len(chosen):
-                truth.setdefault(frame.source, []).append(frame.labels[chosen])
-                predicted.setdefault(frame.source, []).append(p[chosen, :NUM_NUCLEATED].argmax(1))
-        rows.append(_validation_scores(f"{shown_path(folder)} ({name})", embedder.crop_size, truth, predicted))
-    return rows
+    return [_validation_scores(f"{shown_path(folder)} ({name})", embedder.crop_size,
+                               *labelled_nucleated(frames, probs[name])) for name in models.cell_models]
 
 
 def validation_body(result: dict) -> str:
