@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch-data": ("leukograph.training.datasets", "download the public BCCD dataset"),
     "localize-eval": ("leukograph.training.localize_eval", "measure the cell localiser against BCCD boxes"),
     "tradeoff": ("leukograph.training.tradeoff", "accuracy per source against ms per cell, per CNN checkpoint"),
+    "framing": ("leukograph.training.framing", "classify's answer on PBC cells framed as other labs frame them"),
     "generate-repo": ("leukograph.deploy.model_repository", "write Triton configs (onnxruntime or tensorrt)"),
     "serve": ("leukograph.deploy.server", "start a real CPU Triton server on the model repository"),
     "build-engines": ("leukograph.build_engines.build", "compile FP16 TensorRT engines (needs TensorRT)"),

@@ -40,7 +40,6 @@ CROP_SIZE = 64  # side of the square crop fed to the CNN
 CROP_MARGIN = 0.15  # context margin added on each side, as a fraction of the box's longer side
 EMBED_DIM = 64
 KNN_K = 5  # neighbours per cell in the frame graph (histocartography uses k = 5)
-GEOMETRY_FEATURES = 5  # log relative size, log aspect, cx, cy, log relative area
 
 
 @dataclass(frozen=True)

@@ -185,3 +185,62 @@ def test_white_cell_reads_eight_views_and_evaluate_scores_that_answer(held_out_f
                for views in ("1", "8")}
     assert records["1"]["white_cell"]["views"] == 1 and records["8"]["white_cell"]["views"] == 8
     assert records["1"]["cells"] == records["8"]["cells"]
+
+
+def test_a_cell_too_large_for_the_detector_is_found_in_a_zoomed_out_field(tmp_path: Path) -> None:
+    """PBC test cells magnified 2x and cut to the image (a tight crop, a higher magnification): where the detector
+    finds no WBC box in the image itself, classify finds the cell in a zoomed-out field of the image's border colour
+    and answers from it, instead of from the centred square."""
+    from leukograph.client.contract import WBC_CLASSES
+    from leukograph.client.localize import WBC
+    from leukograph.training.classify import ZOOM_OUT, Classifier, zoomed_out
+    from leukograph.training.datasets import load_pbc
+    from leukograph.training.framing import magnified
+
+    classifier = Classifier(views=1)
+    missed = []
+    for item in (img for img in load_pbc() if img.split == "test" and img.label in WBC_CLASSES):
+        image = magnified(2.0)(read_image(item.path))
+        if not (classifier.find_cells(image).kinds == WBC).any():
+            missed.append(image)
+        if len(missed) == 3:
+            break
+    assert len(missed) == 3
+    field, offset = zoomed_out(missed[0], ZOOM_OUT[0])
+    height, width = missed[0].shape[:2]
+    left, top = int(offset[0]), int(offset[1])
+    assert field.shape[:2] == (round(height * ZOOM_OUT[0]), round(width * ZOOM_OUT[0]))
+    assert np.array_equal(field[top:top + height, left:left + width], missed[0])
+    assert (field[0, 0] == np.median(np.concatenate([missed[0][0], missed[0][-1], missed[0][:, 0],
+                                                     missed[0][:, -1]]), axis=0).astype(np.uint8)).all()
+    paths = []
+    for k, image in enumerate(missed):
+        paths.append(tmp_path / f"magnified-{k}.png")
+        cv2.imwrite(str(paths[-1]), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    result = run_cli(*map(str, paths), "--json")
+    assert result.returncode == 0, result.stderr
+    for record in map(json.loads, result.stdout.splitlines()):
+        white = record["white_cell"]
+        assert white["found_by"] == "zoomed out" and white["cell_index"] is None
+        assert white["class"] in WBC_CLASSES
+        x1, y1, x2, y2 = white["box"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height and x2 - x1 >= 2 and y2 - y1 >= 2
+    assert "WBC box found in a zoomed-out field" in run_cli(str(paths[0])).stdout
+
+
+def test_framing_reports_each_framing_from_the_classify_answer(tmp_path: Path) -> None:
+    """`leukograph framing` scores classify's own answer on PBC validation cells in each framing."""
+    from leukograph.training.framing import FRAMINGS
+
+    out = tmp_path / "framing.json"
+    result = subprocess.run([sys.executable, "-m", "leukograph.client.cli", "framing", "--limit", "6", "--views",
+                             "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = report["weights"]["training/weights"]
+    assert list(rows) == list(FRAMINGS) and report["images"] == 6 and report["split"] == "val"
+    for row in rows.values():
+        assert sum(found["images"] for found in row["found_by"].values()) == 6
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert rows["as given (360 px)"]["accuracy"] >= 4 / 6  # PBC validation cells as given: 95.1% over all 205
+    assert "| magnified 2x, cut to the frame |" in result.stdout

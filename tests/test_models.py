@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from leukograph.client.contract import CROP_SIZE, KNN_K, MAX_CELLS
+from leukograph.client.contract import CROP_SIZE, EMBED_DIM, KNN_K, MAX_CELLS
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.checkpoints import load_models
 from leukograph.training.datasets import load_bccd, split_frames
 from leukograph.training.models import (
+    GEOMETRY_FEATURES,
+    CellGraphNet,
     CellGraphStage,
     CropEmbedderStage,
     crop_cells,
     dense_mean_adjacency,
+    geometry_features,
     knn_edge_index,
     median_1d,
-    node_inputs,
 )
 
 
@@ -55,7 +57,7 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
         count = torch.tensor([len(b)], dtype=torch.int32)
         with torch.no_grad():
             embeddings, frame_size = stage(torch.from_numpy(image), b, count)
-            x = node_inputs(embeddings, b, frame_size)
+            x = gnn.node_inputs(embeddings, b, frame_size)
             pyg = torch.softmax(gnn(x, knn_edge_index(b, frame_size)), 1)
             dense = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)), 1)
             served, labels = CellGraphStage(gnn)(embeddings, b, frame_size, count)
@@ -185,3 +187,22 @@ def test_a_cnn_of_another_crop_side_is_served_its_own_crops(held_out_images, tmp
             embed_frames(embedder, [frame(crops_for(image, boxes))])
     finally:
         use_crop_size(CROP_SIZE)
+
+
+def test_cells_geometry_ignores_the_frame_and_the_released_gnn_reads_the_frame(models, held_out_images) -> None:
+    """`--gnn-geometry cells` reads each cell against the other cells only: the same cells in a frame twice as large
+    give the same node inputs; "frame" (the release) also reads the place and scale in the frame."""
+    _, gnn = models
+    boxes = torch.from_numpy(localize(held_out_images[0]).boxes)
+    frame, wider = torch.tensor([480.0, 640.0]), torch.tensor([960.0, 1280.0])
+    assert gnn.geometry == "frame" and gnn.input[0].in_features == EMBED_DIM + GEOMETRY_FEATURES["frame"]
+    assert torch.equal(geometry_features(boxes, frame, "cells"), geometry_features(boxes, wider, "cells"))
+    assert torch.equal(geometry_features(boxes, frame, "frame")[:, :2], geometry_features(boxes, frame, "cells"))
+    assert not torch.allclose(geometry_features(boxes, frame, "frame"), geometry_features(boxes, wider, "frame"))
+    cells_gnn = CellGraphNet(geometry="cells").eval()
+    embeddings = torch.randn(len(boxes), EMBED_DIM)
+    with torch.no_grad():
+        assert torch.equal(CellGraphStage(cells_gnn)(embeddings, boxes, frame, torch.tensor([len(boxes)]))[0],
+                           CellGraphStage(cells_gnn)(embeddings, boxes, wider, torch.tensor([len(boxes)]))[0])
+    with pytest.raises(ValueError, match="geometry"):
+        CellGraphNet(geometry="field")

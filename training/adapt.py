@@ -46,7 +46,6 @@ from leukograph.training.models import (
     CropEmbedder,
     crop_cells,
     dense_mean_adjacency,
-    node_inputs,
     standardise_colour,
 )
 from leukograph.training.train import CONTEXT_LOSS_WEIGHT
@@ -149,7 +148,7 @@ class Adapter(nn.Module):
         embeddings = self.embedder.embed(feats)
         boxes = torch.from_numpy(frame.boxes)
         size = torch.tensor(frame.image.shape[:2], dtype=torch.float32)
-        return self.gnn.forward_dense(node_inputs(embeddings, boxes, size), dense_mean_adjacency(boxes, size))
+        return self.gnn.forward_dense(self.gnn.node_inputs(embeddings, boxes, size), dense_mean_adjacency(boxes, size))
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

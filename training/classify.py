@@ -11,9 +11,11 @@ five WBC classes; `label` is the nucleated class (it may be `ig` or `nrbc`, flag
 `white_cell` reads each cell's embeddings averaged over its eight flips and quarter-turns (`--views 8`, the default;
 `training/views.py`), the steadier answer `leukograph evaluate` scores as "CNN+GNN, 8 views"; `cells` are what the
 served pipeline says of the one served view, exactly as `leukograph stream` records them.
-Fallback when the localiser finds no WBC box: the image's cells plus a centred square (CENTRE_FALLBACK of the
-shorter side: single-cell images are centred on their cell) are classified together, and the most white-cell-like
-of them answers; `found_by` says "fallback".
+When the localiser finds no WBC box, the cell may be too large for it (a tight crop, a higher magnification): the
+image is shrunk into a field ZOOM_OUT times its size, filled with its border's colour, and searched again; the WBC
+boxes found there, mapped back, answer (`found_by` "zoomed out"). When that finds none either: the image's cells
+plus a centred square (CENTRE_FALLBACK of the shorter side: single-cell images are centred on their cell) are
+classified together, and the most white-cell-like of them answers; `found_by` says "fallback".
 
 `--db PATH` also records the results in a result database, as `leukograph stream` does and through the same writer
 (`review_store.record_classified_frame`): one sample (`--sample`, resumed when it exists), one frame per image keyed
@@ -64,6 +66,21 @@ from leukograph.training.models import CellGraphStage, CropEmbedderStage
 from leukograph.training.views import VIEWS, check_views, view_frame, viewed_rows
 
 CENTRE_FALLBACK = 0.6  # side of the fallback box, as a fraction of the image's shorter side
+# Fields (times the image's size) searched in turn when the image itself shows no WBC box: a cell twice as large as
+# the detector saw in training fills a 2x field as it was trained on (README "Other microscopes' scale").
+ZOOM_OUT = (1.5, 2.0, 3.0)
+
+
+def zoomed_out(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the image centred in a field `factor` times its size, filled with the median colour of the image's border;
+    the image's offset in it as [x, y, x, y], to map boxes back)."""
+    height, width = image.shape[:2]
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    field = np.empty((round(height * factor), round(width * factor), 3), np.uint8)
+    field[:] = np.median(border, axis=0).astype(np.uint8)
+    top, left = (field.shape[0] - height) // 2, (field.shape[1] - width) // 2
+    field[top:top + height, left:left + width] = image
+    return field, np.array([left, top, left, top], np.float32)
 
 
 @dataclass
@@ -125,13 +142,44 @@ class Classifier:
         prediction = self.predict(image)
         return cells_json(prediction.cells, prediction.probs)
 
+    def answer_probs(self, image: np.ndarray, cells: Cells, prediction: Prediction | None = None) -> np.ndarray:
+        """The probabilities the image-level answer reads: the served view's (`--views 1`; `prediction`'s when it
+        holds these cells) or the white-cell candidates' averaged over the views."""
+        if self.views > 1:
+            return self.viewed_probs(image, cells)
+        return prediction.probs if prediction is not None else self.predict(image, cells).probs
+
+    def zoomed_out_cells(self, image: np.ndarray) -> Cells | None:
+        """The cells found in the first ZOOM_OUT field that shows a WBC box, mapped back into the image (clipped),
+        or None."""
+        height, width = image.shape[:2]
+        limits = np.array([width, height, width, height], np.float32)
+        for factor in ZOOM_OUT:
+            field, offset = zoomed_out(image, factor)
+            found = self.find_cells(field)
+            boxes = np.clip(found.boxes - offset, 0.0, limits)
+            keep = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= 2.0  # still inside the image
+            if (found.kinds[keep] == WBC).any():
+                return Cells(boxes[keep], found.kinds[keep], found.scores[keep])
+        return None
+
     def white_cell(self, image: np.ndarray, prediction: Prediction) -> dict:
-        """The image-level answer: the most white-cell-like WBC box, or the fallback when there is none."""
-        is_wbc = prediction.cells.kinds == WBC
-        if is_wbc.any():
-            probs = prediction.probs if self.views == 1 else self.viewed_probs(image, prediction.cells)
-            return white_cell_json(prediction.cells, probs, np.flatnonzero(is_wbc),
-                                   "detector" if self.localizer == "server" else "localiser", self.views)
+        """The image-level answer: the most white-cell-like WBC box of the image, else of a zoomed-out field, else
+        of the image's cells and a centred square."""
+        found_by = "detector" if self.localizer == "server" else "localiser"
+        if (prediction.cells.kinds == WBC).any():
+            probs = self.answer_probs(image, prediction.cells, prediction)
+            return white_cell_json(prediction.cells, probs, np.flatnonzero(prediction.cells.kinds == WBC), found_by,
+                                   self.views)
+        zoomed = self.zoomed_out_cells(image)
+        if zoomed is not None:
+            result = white_cell_json(zoomed, self.answer_probs(image, zoomed), np.flatnonzero(zoomed.kinds == WBC),
+                                     "zoomed out", self.views)
+            return {**result, "cell_index": None}  # not one of the listed cells
+        return self.centre_answer(image, prediction)
+
+    def centre_answer(self, image: np.ndarray, prediction: Prediction) -> dict:
+        """The last resort: the most white-cell-like of the image's cells and a centred square."""
         height, width = image.shape[:2]
         side = CENTRE_FALLBACK * min(height, width)
         centre = np.array([[(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2]],
@@ -139,8 +187,8 @@ class Classifier:
         cells = Cells(np.concatenate([prediction.cells.boxes, centre]),
                       np.concatenate([prediction.cells.kinds, [WBC]]).astype(np.int64),
                       np.concatenate([prediction.cells.scores, [0.0]]).astype(np.float32))
-        probs = self.predict(image, cells).probs if self.views == 1 else self.viewed_probs(image, cells)
-        result = white_cell_json(cells, probs, np.arange(len(cells)), "fallback", self.views)
+        result = white_cell_json(cells, self.answer_probs(image, cells), np.arange(len(cells)), "fallback",
+                                 self.views)
         if result["cell_index"] == len(prediction.cells):
             result["cell_index"] = None  # the centred square, not one of the listed cells
         return result
@@ -247,7 +295,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _summary_line(result: dict) -> str:
     white = result["white_cell"]
     flag = f", flagged {white['label']} ({white['label_probability']:.2f})" if white["label"] != white["class"] else ""
-    fallback = ", no WBC box found: fallback" if white["found_by"] == "fallback" else ""
+    fallback = {"fallback": ", no WBC box found: fallback",
+                "zoomed out": ", WBC box found in a zoomed-out field"}.get(white["found_by"], "")
     wbc = [c for c in result["cells"] if c["kind"] == "wbc"]
     labels = ", ".join(f"{c['label']} ({max(c['probs'].values()):.2f})" for c in wbc) or "none"
     return (f"{safe_name(result['path'])}: white cell: {white['class']} ({white['probability']:.2f}){flag}{fallback}; "

@@ -15,7 +15,6 @@ from leukograph.client.contract import (
     CROP_MARGIN,
     CROP_SIZE,
     EMBED_DIM,
-    GEOMETRY_FEATURES,
     KNN_K,
     NUM_CLASSES,
 )
@@ -152,21 +151,27 @@ def median_1d(values: Tensor) -> Tensor:
     return values[torch.argmax(covers.to(torch.float32))]
 
 
-def geometry_features(boxes: Tensor, frame_size: Tensor) -> Tensor:
-    """[N, GEOMETRY_FEATURES]: log size / median cell size, log aspect, centroid x / W, centroid y / H,
-    log median cell size / shorter frame side. Most cells in a smear are RBCs, so the median is an RBC's size."""
+# The node geometry a GNN reads (its checkpoint's `geometry`):
+# * "frame" (the release): log size / median cell size (most cells in a smear are RBCs, so the median is an RBC's
+#   size), log aspect, the centroid as a fraction of the frame, and log median cell size / shorter frame side.
+# * "cells": the first two only, so nothing depends on the camera's field of view or framing. Measured against
+#   "frame" (README "Node geometry"): 4 points better on PBC cells placed in a 1000 px field, 1-4 points worse on
+#   PBC cells as given or magnified, mixed on the lab left out of training; not released.
+GEOMETRY_FEATURES = {"cells": 2, "frame": 5}
+
+
+def geometry_features(boxes: Tensor, frame_size: Tensor, geometry: str = "frame") -> Tensor:
+    """[N, GEOMETRY_FEATURES[geometry]] node geometry (see GEOMETRY_FEATURES)."""
     widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
     heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
     sizes = torch.sqrt(widths * heights)
     reference = median_1d(sizes)
-    frame_h, frame_w = frame_size[0], frame_size[1]
-    return torch.stack([
-        torch.log(sizes / reference),
-        torch.log(widths / heights),
-        (boxes[:, 0] + boxes[:, 2]) * 0.5 / frame_w,
-        (boxes[:, 1] + boxes[:, 3]) * 0.5 / frame_h,
-        torch.log(reference / torch.minimum(frame_h, frame_w)).expand(boxes.shape[0]),
-    ], dim=1)
+    features = [torch.log(sizes / reference), torch.log(widths / heights)]
+    if geometry == "frame":
+        frame_h, frame_w = frame_size[0], frame_size[1]
+        features += [(boxes[:, 0] + boxes[:, 2]) * 0.5 / frame_w, (boxes[:, 1] + boxes[:, 3]) * 0.5 / frame_h,
+                     torch.log(reference / torch.minimum(frame_h, frame_w)).expand(boxes.shape[0])]
+    return torch.stack(features, dim=1)
 
 
 def _normalised_centroids(boxes: Tensor, frame_size: Tensor) -> Tensor:
@@ -209,14 +214,21 @@ class CellGraphNet(nn.Module):
     """GraphSAGE (mean) over the frame's kNN cell graph. Node input: CNN embedding + geometry."""
 
     def __init__(self, embed_dim: int = EMBED_DIM, hidden: int = 64, layers: int = 2,
-                 num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> None:
+                 num_classes: int = NUM_CLASSES, dropout: float = 0.2, geometry: str = "frame") -> None:
         super().__init__()
-        self.input = nn.Sequential(nn.Linear(embed_dim + GEOMETRY_FEATURES, hidden), nn.ReLU())
+        if geometry not in GEOMETRY_FEATURES:
+            raise ValueError(f"geometry must be one of {sorted(GEOMETRY_FEATURES)}, got {geometry!r}")
+        self.geometry = geometry
+        self.input = nn.Sequential(nn.Linear(embed_dim + GEOMETRY_FEATURES[geometry], hidden), nn.ReLU())
         self.convs = nn.ModuleList(SAGEConv(hidden, hidden, aggr="mean") for _ in range(layers))
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(2 * hidden, num_classes)
         # Calibration (temperature scaling, fitted on validation after training); the served PROBS divide by it.
         self.register_buffer("temperature", torch.ones(()))
+
+    def node_inputs(self, embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> Tensor:
+        """Node input x [N, D+G]: the CNN embedding ++ this network's node geometry."""
+        return torch.cat([embeddings, geometry_features(boxes, frame_size, self.geometry)], dim=1)
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         """PyG path. x [N, D+G] (embedding ++ geometry), edge_index [2,E] -> logits [N,C]."""
@@ -233,10 +245,6 @@ class CellGraphNet(nn.Module):
         for conv in self.convs:
             h = h + F.relu(conv.lin_l(adjacency @ h) + conv.lin_r(h))
         return self.head(torch.cat([h0, h], dim=1))
-
-
-def node_inputs(embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> Tensor:
-    return torch.cat([embeddings, geometry_features(boxes, frame_size)], dim=1)
 
 
 # ---- the two served classifier stages ----------------------------------------------------------------------
@@ -274,7 +282,7 @@ class CellGraphStage(nn.Module):
     def forward(self, embeddings: Tensor, boxes: Tensor, frame_size: Tensor,
                 cell_count: Tensor) -> tuple[Tensor, Tensor]:
         cells = real_rows(boxes, cell_count)
-        logits = self.gnn.forward_dense(node_inputs(embeddings, cells, frame_size),
+        logits = self.gnn.forward_dense(self.gnn.node_inputs(embeddings, cells, frame_size),
                                         dense_mean_adjacency(cells, frame_size))
         probs = torch.softmax(logits / self.gnn.temperature, dim=1)
         return probs, torch.argmax(probs, dim=1).to(torch.int32)

@@ -77,13 +77,13 @@ from leukograph.training.metrics import (
 )
 from leukograph.training.models import (
     BASELINE_CLASSES,
+    GEOMETRY_FEATURES,
     STORE_ZOOM,
     CellGraphNet,
     CropEmbedder,
     SeedBaseline,
     check_crop_size,
     knn_edge_index,
-    node_inputs,
     served_size,
 )
 
@@ -345,14 +345,16 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     return model.eval()
 
 
-def graph_data(frames: list[FrameCells], embedded: list[tuple[np.ndarray, np.ndarray]]) -> list[Data]:
+def graph_data(frames: list[FrameCells], embedded: list[tuple[np.ndarray, np.ndarray]],
+               gnn: CellGraphNet) -> list[Data]:
+    """One PyG graph per frame with labels: node inputs as `gnn` reads them, kNN edges, node labels."""
     graphs = []
     for frame, (embeddings, _) in zip(frames, embedded):
         if len(frame.labels) == 0:
             continue
         boxes = torch.from_numpy(frame.boxes)
         frame_size = torch.tensor(frame.frame_size, dtype=torch.float32)
-        x = node_inputs(torch.from_numpy(embeddings).float(), boxes, frame_size)
+        x = gnn.node_inputs(torch.from_numpy(embeddings).float(), boxes, frame_size)
         graphs.append(Data(x=x, edge_index=knn_edge_index(boxes, frame_size), y=torch.from_numpy(frame.labels)))
     return graphs
 
@@ -388,14 +390,14 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
     to trust the CNN's over-confident view of crops it was trained on."""
     train_frames = [f for f in cells.train if len(f.labels)]
     val_frames = [f for f in cells.val if len(f.labels)]
+    config = {"hidden": args.gnn_hidden, "layers": args.gnn_layers, "geometry": args.gnn_geometry}
+    model = CellGraphNet(**config)
     train_graphs = [g for view in range(args.gnn_views)
                     for g in graph_data(train_frames, embed_frames(embedder, train_frames, augment=True,
-                                                                   seed=args.seed + view))]
-    val_graphs = graph_data(val_frames, embed_frames(embedder, val_frames))
+                                                                   seed=args.seed + view), model)]
+    val_graphs = graph_data(val_frames, embed_frames(embedder, val_frames), model)
     class_weights = gnn_class_weights(train_graphs, args.gnn_class_balance)
     print("gnn class weights: " + ", ".join(f"{name} {w:.2f}" for name, w in zip(CLASSES, class_weights.tolist())))
-    config = {"hidden": args.gnn_hidden, "layers": args.gnn_layers}
-    model = CellGraphNet(**config)
     steps = -(-len(train_graphs) // args.graph_batch)
 
     def run_epoch(model, optimizer, scheduler, epoch):
@@ -427,7 +429,7 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
     "unidentified" threshold chosen from the validation auto-accept curve of the calibrated CNN+GNN."""
     val_frames = [f for f in cells.val if len(f.labels)]
     embedded = embed_frames(embedder, val_frames)
-    graphs = graph_data(val_frames, embedded)
+    graphs = graph_data(val_frames, embedded, gnn)
     gnn.eval()
     gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
     cnn_logits = [embedder.classifier(torch.from_numpy(e).float()).numpy() for e, _ in embedded]
@@ -552,6 +554,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-hidden", type=int, default=64)
     parser.add_argument("--gnn-layers", type=int, default=2)
     parser.add_argument("--gnn-views", type=int, default=2, help="augmented embedding views per training graph")
+    parser.add_argument("--gnn-geometry", choices=sorted(GEOMETRY_FEATURES), default="frame",
+                        help="node geometry: frame, each cell against the other cells and the frame (default); "
+                        "cells, against the other cells only (README \"Node geometry\")")
     parser.add_argument("--gnn-class-balance", type=float, default=0.0, metavar="POWER",
                         help="GNN loss weight of white-cell class c: n_c ** -POWER (0 = every node alike, 1 = "
                         "balanced classes; default %(default)s)")
