@@ -249,18 +249,16 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
     total, count = 0.0, 0
     for start in tqdm(range(0, len(items), batch_size), desc=f"cnn epoch {epoch}", leave=False):
         crops, labels = sampler.batch(items[start:start + batch_size])
-        x = augment_batch(crops, generator, STORE_ZOOM, strength)
-        if not use_unlabelled:
-            _, logits = model(x.to(device))
-            loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
-        else:  # one forward pass over labelled, weak and strong views, so BatchNorm sees them together
+        views = [augment_batch(crops, generator, STORE_ZOOM, strength)]
+        if use_unlabelled:  # unlabelled white cells, lightly (weak) and fully (strong) augmented
             extra = sampler.unlabelled_batch(rng, max(1, round(len(labels) * unlabelled.share)))
-            weak = augment_batch(extra, generator, STORE_ZOOM, 0.0)
-            strong = augment_batch(extra, generator, STORE_ZOOM, strength)
-            _, logits_all = model(torch.cat([x, weak, strong]).to(device))
-            logits, logits_weak, logits_strong = logits_all.split([len(x), len(weak), len(strong)])
-            loss = (F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
-                    + unlabelled.weight * unlabelled_loss(logits_weak, logits_strong, unlabelled.threshold))
+            views += [augment_batch(extra, generator, STORE_ZOOM, 0.0), augment_batch(extra, generator, STORE_ZOOM,
+                                                                                      strength)]
+        _, logits_all = model(torch.cat(views).to(device))  # one pass: BatchNorm sees every view together
+        logits, *weak_and_strong = logits_all.split([len(view) for view in views])
+        loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
+        if weak_and_strong:
+            loss = loss + unlabelled.weight * unlabelled_loss(*weak_and_strong, unlabelled.threshold)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
