@@ -4,7 +4,9 @@
   60000x60000) is refused without allocating it.
 * Truncated files are refused: Pillow decodes strictly (`LOAD_TRUNCATED_IMAGES` stays off), where OpenCV would
   fill the missing part with grey and only log a libjpeg warning.
-* Multi-frame images (animated GIF/PNG) are refused with that reason, not called corrupt.
+* Multi-frame images (animated GIF/PNG, multi-page TIFF) are refused with that reason, not called corrupt.
+* Microscope cameras' formats are read beside JPEG, PNG and BMP: TIFF (16-bit grey scaled to 8 bits, not clipped
+  white), WebP and JPEG 2000.
 * Names are printed safely (`safe_name`): a name with a newline or undecodable bytes is shown JSON-quoted.
 * Folders are walked with their unreadable subfolders reported, not silently skipped.
 """
@@ -23,8 +25,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from leukograph.client.contract import MAX_IMAGE_SIDE, MIN_FRAME_SIDE
 from leukograph.client.errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what Pillow may open; GIF only for a one-frame image
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".j2k"}
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "GIF")  # what Pillow may open; GIF: one frame
+FORMAT_NAMES = "JPEG, PNG, BMP, TIFF, WebP or JPEG 2000"
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit (and 32-bit) grey
 HASH_CHUNK = 1 << 20
 
 
@@ -68,7 +72,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(path, f"image header declares more pixels than the limit ({MAX_IMAGE_SIDE} px a side); "
                          "refused before decoding") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not a readable JPEG, PNG or BMP image") from None
+        raise ImageError(path, f"not a readable {FORMAT_NAMES} image") from None
     except OSError as exc:  # permission, I/O error, or Pillow's "image file is truncated"
         raise ImageError(path, _problem(exc)) from None
     except (ValueError, SyntaxError, MemoryError) as exc:  # Pillow's decoders raise these on corrupt data
@@ -83,7 +87,8 @@ def _decode(path: Path, image: Image.Image) -> np.ndarray:
         raise ImageError(path, f"image is {width}x{height}, larger than {MAX_IMAGE_SIDE} px")
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
-        raise ImageError(path, f"animated image with {frames} frames; give single images or a video")
+        raise ImageError(path, f"animated image with {frames} frames (or a multi-page file); give single images or "
+                         "a video")
     assert not ImageFile.LOAD_TRUNCATED_IMAGES, "truncated images must be refused"
     try:
         image.load()
@@ -93,6 +98,9 @@ def _decode(path: Path, image: Image.Image) -> np.ndarray:
             raise ImageError(path, "image data is truncated") from None
         raise ImageError(path, f"image data is corrupt ({message})") from None
     image = ImageOps.exif_transpose(image)  # as OpenCV's IMREAD_COLOR does
+    if image.mode in SIXTEEN_BIT_GREY:  # Pillow's convert("RGB") would clip every value above 255 to white
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
@@ -119,7 +127,7 @@ def _walk(folder: Path, images: list[Path], problems: list[tuple[Path, str]]) ->
         if child.suffix.lower() in IMAGE_SUFFIXES:
             images.append(child)
         else:
-            problems.append((child, "not a JPEG, PNG or BMP file"))
+            problems.append((child, f"not a {FORMAT_NAMES} file"))
 
 
 def list_images(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

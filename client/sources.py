@@ -31,7 +31,15 @@ import cv2
 import numpy as np
 
 from leukograph.client.errors import UserError
-from leukograph.client.images import IMAGE_SUFFIXES, ImageError, content_hash, list_images, read_image, safe_name
+from leukograph.client.images import (
+    FORMAT_NAMES,
+    IMAGE_SUFFIXES,
+    ImageError,
+    content_hash,
+    list_images,
+    read_image,
+    safe_name,
+)
 
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 
@@ -133,7 +141,7 @@ class FolderSource(Source):
         for bad, problem in problems:
             self._skip(bad, problem)
         if not self.images:
-            raise UserError(f"no JPEG, PNG or BMP images in {path}")
+            raise UserError(f"no {FORMAT_NAMES} images in {path}")
         self._next = 0
 
     def _skip(self, path: Path, problem: str) -> None:

@@ -166,3 +166,34 @@ def test_stream_folder_with_a_bomb_skips_it_and_goes_on(triton_server: TritonSer
     assert "Skipped files: 1" in result.stdout
     with ResultStore(db, create=False) as store:
         assert [Path(f["source"]).name for f in store.frames("bomb")] == ["0_good.jpg", "2_good.jpg", "3_good.jpg"]
+
+
+def test_microscope_camera_formats_are_read_and_classified_like_the_same_pixels(tmp_path: Path) -> None:
+    """TIFF, WebP and JPEG 2000, as microscope cameras save them, give the same pixels as the PNG of a real BCCD
+    frame, and `classify` the same answer; 16-bit grey TIFF is scaled to 8 bits (not clipped to white); a
+    multi-page TIFF is one line."""
+    rgb = read_image(load_bccd()[0].image_path)
+    image = Image.fromarray(rgb)
+    png, tiff, webp, jp2 = (tmp_path / name for name in ("frame.png", "frame.tif", "frame.webp", "frame.jp2"))
+    image.save(png)
+    image.save(tiff, compression="tiff_lzw")
+    image.save(webp, lossless=True)
+    image.save(jp2)  # Pillow's JPEG 2000 default is the reversible (lossless) transform
+    for path in (tiff, webp, jp2):
+        assert np.array_equal(read_image(path), rgb), path
+    grey = (rgb.mean(axis=2) * 257).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.tif")  # mode I;16
+    decoded = read_image(tmp_path / "grey16.tif")
+    assert decoded.shape == rgb.shape and np.array_equal(decoded[..., 0], np.rint(grey / 257).astype(np.uint8))
+    image.save(tmp_path / "pages.tif", save_all=True, append_images=[Image.fromarray(rgb[::-1].copy())])
+    with pytest.raises(ImageError, match="2 frames"):
+        read_image(tmp_path / "pages.tif")
+    result = subprocess.run([*LEUKOGRAPH, "classify", "--json", "--views", "1", str(png), str(tiff), str(webp),
+                             str(jp2)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 4
+    for record in records[1:]:
+        assert record["cells"] == records[0]["cells"] and record["white_cell"] == records[0]["white_cell"]
+    assert list_images([tmp_path]) == (sorted([png, tiff, webp, jp2, tmp_path / "grey16.tif",
+                                               tmp_path / "pages.tif"]), [])

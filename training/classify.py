@@ -268,7 +268,7 @@ class SampleRecorder:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Localise and classify every cell in images", add_help=add_help)
-    parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, BMP) or directories")
+    parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, BMP, TIFF, WebP, JPEG 2000) or directories")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=None)
