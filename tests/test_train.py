@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from leukograph.training.datasets import load_bccd
 
 CLI = [sys.executable, "-m", "leukograph.client.cli", "train"]
 SMOKE = ["--max-images", "16", "--batch-size", "32", "--gnn-epochs", "1", "--baseline-epochs", "1", "--threads", "1"]
@@ -173,3 +176,25 @@ def test_domain_generalisation_options_train(tmp_path: Path) -> None:
     from leukograph.training.checkpoints import load_cnn
 
     assert load_cnn(release / "cnn.pt").crop_size == 64
+
+
+def test_gnn_widen_moves_only_the_frame_relative_geometry() -> None:
+    """--gnn-widen reads a training frame as part of a wider field: the kNN graph, labels and the cells-relative
+    geometry stay; the centroid / frame and median cell / frame features change; 1 leaves the graph as it was."""
+    from leukograph.client.contract import EMBED_DIM
+    from leukograph.training.cells import bccd_cells
+    from leukograph.training.models import CellGraphNet
+    from leukograph.training.train import graph_data
+
+    frame = bccd_cells(load_bccd()[0])
+    embedded = [(np.random.default_rng(0).normal(size=(len(frame.labels), EMBED_DIM)).astype(np.float32), None)]
+    gnn = CellGraphNet()
+    plain, = graph_data([frame], embedded, gnn)
+    again, = graph_data([frame], embedded, gnn, widen=1.0, seed=5)
+    wide, = graph_data([frame], embedded, gnn, widen=3.0, seed=5)
+    assert torch.equal(plain.x, again.x) and torch.equal(plain.edge_index, again.edge_index)
+    assert torch.equal(wide.edge_index, plain.edge_index) and torch.equal(wide.y, plain.y)
+    cells = EMBED_DIM + 2  # embedding, log size / median cell, log aspect
+    assert torch.allclose(wide.x[:, :cells], plain.x[:, :cells], atol=1e-4)  # boxes shifted in float32
+    assert not torch.allclose(wide.x[:, cells:], plain.x[:, cells:])
+    assert (wide.x[:, -1] <= plain.x[:, -1] + 1e-6).all()  # a wider field: the median cell is smaller against it

@@ -71,16 +71,20 @@ CENTRE_FALLBACK = 0.6  # side of the fallback box, as a fraction of the image's 
 ZOOM_OUT = (1.5, 2.0, 3.0)
 
 
-def zoomed_out(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """(the image centred in a field `factor` times its size, filled with the median colour of the image's border;
-    the image's offset in it as [x, y, x, y], to map boxes back)."""
-    height, width = image.shape[:2]
+def centred_in_field(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the image centred in a height x width field filled with the median colour of the image's border; the
+    image's offset in it as [x, y, x, y], to map boxes back)."""
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    field = np.empty((round(height * factor), round(width * factor), 3), np.uint8)
+    field = np.empty((height, width, 3), np.uint8)
     field[:] = np.median(border, axis=0).astype(np.uint8)
-    top, left = (field.shape[0] - height) // 2, (field.shape[1] - width) // 2
-    field[top:top + height, left:left + width] = image
+    top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+    field[top:top + image.shape[0], left:left + image.shape[1]] = image
     return field, np.array([left, top, left, top], np.float32)
+
+
+def zoomed_out(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image centred in a field `factor` times its size (`centred_in_field`)."""
+    return centred_in_field(image, round(image.shape[0] * factor), round(image.shape[1] * factor))
 
 
 @dataclass

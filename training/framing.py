@@ -24,15 +24,11 @@ from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
 from leukograph.deploy.paths import WEIGHTS_DIR, shown_path
 from leukograph.deploy.readme import replace_section
-from leukograph.training.classify import Classifier
+from leukograph.training.classify import Classifier, centred_in_field
 from leukograph.training.datasets import load_pbc
 from leukograph.training.views import VIEWS
 
 FIELD_SIDE = 1000  # px: the wide field a PBC crop is placed in
-
-
-def border_colour(image: np.ndarray) -> np.ndarray:
-    return np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0).astype(np.uint8)
 
 
 def resized(factor: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -55,12 +51,7 @@ def magnified(factor: float) -> Callable[[np.ndarray], np.ndarray]:
 def in_field(side: int) -> Callable[[np.ndarray], np.ndarray]:
     """Centred in a side x side field of the image's border colour: the same cell, a wider field of view."""
     def frame(image: np.ndarray) -> np.ndarray:
-        height, width = image.shape[:2]
-        field = np.empty((side, side, 3), np.uint8)
-        field[:] = border_colour(image)
-        top, left = (side - height) // 2, (side - width) // 2
-        field[top:top + height, left:left + width] = image
-        return field
+        return centred_in_field(image, side, side)[0]
     return frame
 
 

@@ -343,15 +343,24 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     return model.eval()
 
 
-def graph_data(frames: list[FrameCells], embedded: list[tuple[np.ndarray, np.ndarray]],
-               gnn: CellGraphNet) -> list[Data]:
-    """One PyG graph per frame with labels: node inputs as `gnn` reads them, kNN edges, node labels."""
+def graph_data(frames: list[FrameCells], embedded: list[tuple[np.ndarray, np.ndarray]], gnn: CellGraphNet,
+               widen: float = 1.0, seed: int = 0) -> list[Data]:
+    """One PyG graph per frame with labels: node inputs as `gnn` reads them, kNN edges, node labels.
+
+    `widen` > 1 (training graphs, `--gnn-widen`): each frame is read as part of a field up to `widen` times wider and
+    taller (log-uniform), at a random place in it, as another camera's field of view would show the same cells. Only
+    the frame-relative node geometry changes (centroid / frame, median cell / frame); the kNN graph does not."""
+    rng = np.random.default_rng(seed)
     graphs = []
     for frame, (embeddings, _) in zip(frames, embedded):
         if len(frame.labels) == 0:
             continue
         boxes = torch.from_numpy(frame.boxes)
         frame_size = torch.tensor(frame.frame_size, dtype=torch.float32)
+        if widen > 1.0:
+            field = frame_size * float(np.exp(rng.uniform(0.0, np.log(widen))))
+            offset = torch.from_numpy(rng.uniform(0.0, 1.0, 2).astype(np.float32)) * (field - frame_size)
+            boxes, frame_size = boxes + offset.flip(0).repeat(2), field  # offset is (y, x); boxes are x1, y1, x2, y2
         x = gnn.node_inputs(torch.from_numpy(embeddings).float(), boxes, frame_size)
         graphs.append(Data(x=x, edge_index=knn_edge_index(boxes, frame_size), y=torch.from_numpy(frame.labels)))
     return graphs
@@ -392,7 +401,8 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
     model = CellGraphNet(**config)
     train_graphs = [g for view in range(args.gnn_views)
                     for g in graph_data(train_frames, embed_frames(embedder, train_frames, augment=True,
-                                                                   seed=args.seed + view), model)]
+                                                                   seed=args.seed + view), model,
+                                        args.gnn_widen, args.seed + view)]
     val_graphs = graph_data(val_frames, embed_frames(embedder, val_frames), model)
     class_weights = gnn_class_weights(train_graphs, args.gnn_class_balance)
     print("gnn class weights: " + ", ".join(f"{name} {w:.2f}" for name, w in zip(CLASSES, class_weights.tolist())))
@@ -552,6 +562,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-hidden", type=int, default=64)
     parser.add_argument("--gnn-layers", type=int, default=2)
     parser.add_argument("--gnn-views", type=int, default=2, help="augmented embedding views per training graph")
+    parser.add_argument("--gnn-widen", type=float, default=1.0, metavar="W",
+                        help="read each training graph as part of a field up to W times wider and taller (1 = off; "
+                        "README \"Node geometry\")")
     parser.add_argument("--gnn-geometry", choices=sorted(GEOMETRY_FEATURES), default="frame",
                         help="node geometry: frame, each cell against the other cells and the frame (default); "
                         "cells, against the other cells only (README \"Node geometry\")")
