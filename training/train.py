@@ -563,8 +563,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-layers", type=int, default=2)
     parser.add_argument("--gnn-views", type=int, default=2, help="augmented embedding views per training graph")
     parser.add_argument("--gnn-widen", type=float, default=1.0, metavar="W",
-                        help="read each training graph as part of a field up to W times wider and taller (1 = off; "
-                        "README \"Node geometry\")")
+                        help="read each training graph as part of a field up to W times wider and taller (1 = off, "
+                        "the release; README \"Node geometry\")")
     parser.add_argument("--gnn-geometry", choices=sorted(GEOMETRY_FEATURES), default="frame",
                         help="node geometry: frame, each cell against the other cells and the frame (default); "
                         "cells, against the other cells only (README \"Node geometry\")")
@@ -623,6 +623,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--cnn-pack trains the CNN only: use --stages cnn (the GNN needs every cell of the datasets)")
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}")
+    if args.gnn_widen < 1.0:
+        raise UserError(f"--gnn-widen must be >= 1 (1 = off), got {args.gnn_widen}")
     if args.crop_size is not None:
         try:
             check_crop_size(args.crop_size, "--crop-size")
