@@ -12,7 +12,9 @@ Reports (JSON, markdown, one confusion-matrix PNG per source):
 Image-level decision (the one `leukograph classify` prints as `white_cell`): among the localiser's WBC boxes (all
 cells when there is none), the cell with the largest probability over the nucleated classes; its class among the
 five WBC classes (4-class, BCCD) or among the nucleated classes (PBC, which has IG and NRBC). PBC platelet images
-are scored on the cell at the image centre. An image where the localiser finds no cell counts as wrong.
+are scored on the cell at the image centre. An image where the localiser finds no cell counts as wrong. (Where the
+localiser finds no WBC box, `classify` goes on to search a zoomed-out field and then a centred square; here such an
+image is scored on its cells as found. `leukograph framing` scores `classify`'s answer itself.)
 """
 
 from __future__ import annotations
