@@ -544,7 +544,8 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "CPU budget). 64-d embedding, 9-class logits.",
         "- `gnn.pt`: `CellGraphNet`, GraphSAGE (mean, 2 layers) over each frame's 5-nearest-neighbour cell graph; node "
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
-        "position). Its `temperature` buffer calibrates the served probabilities (fitted on validation).",
+        "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). Its "
+        "`temperature` buffer calibrates the served probabilities (fitted on validation).",
         "- `baseline.pt`: the seed paper's model (whole image at 64x64, 4 classes), reproduced for comparison; "
         "trained earlier on 4-class TRAIN and kept unchanged.",
         "- `calibration.json`: temperatures, validation ECE and the validation auto-accept curve behind the "
@@ -585,7 +586,21 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "move the image accuracy by several points; the per-frame column is the honest sample size.",
         "- Two labs in training (BCCD, PBC) plus context cells from Raabin-WBC and BCDD. Other labs were not seen; "
         "the stain and scale augmentation and the in-graph colour standardisation are the defence, not a guarantee.",
-        "- Low-confidence cells go to the review list (\"unidentified\"); a technologist verifies every result.", ""])
+        "- Low-confidence cells go to the review list (\"unidentified\"); a technologist verifies every result.",
+        *framing_limits(RESULTS_DIR / "framing.json"), ""])
+
+
+def framing_limits(path: Path) -> list[str]:
+    """The model card's line on other framings, from `leukograph framing --split test` (none before it has run)."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    rows = next(iter(report["weights"].values()))
+    figures = "; ".join(f"{name}: {100 * row['accuracy']:.1f}%" for name, row in rows.items())
+    return [f"- Framing (`{report['command']}`: PBC {report['split']} white cells framed as other labs frame them, "
+            f"`classify`'s answer): {figures}. A cell cut by the image's edge (a tight crop, a higher magnification) "
+            "or small in a wide field costs accuracy; where the detector finds no white cell, `classify` searches a "
+            "zoomed-out field before it answers from the image's centre."]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
