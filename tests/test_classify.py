@@ -244,3 +244,16 @@ def test_framing_reports_each_framing_from_the_classify_answer(tmp_path: Path) -
         assert 0.0 <= row["accuracy"] <= 1.0
     assert rows["as given (360 px)"]["accuracy"] >= 4 / 6  # PBC validation cells as given: 95.1% over all 205
     assert "| magnified 2x, cut to the frame |" in result.stdout
+
+
+def test_model_card_states_the_framing_figures(tmp_path: Path) -> None:
+    """The model card's framing line comes from the committed `leukograph framing --split test` report."""
+    from leukograph.training.evaluate import RESULTS_DIR, framing_limits
+    from leukograph.training.framing import FRAMINGS
+
+    report = json.loads((RESULTS_DIR / "framing.json").read_text())
+    line, = framing_limits(RESULTS_DIR / "framing.json")
+    assert report["split"] == "test" and report["command"] in line
+    for name, row in report["weights"]["training/weights"].items():
+        assert name in FRAMINGS and f"{name}: {100 * row['accuracy']:.1f}%" in line
+    assert framing_limits(tmp_path / "absent.json") == []
