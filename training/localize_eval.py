@@ -31,6 +31,7 @@ FRAME_SETS = ("held-out", "train", "all")
 LOCALIZERS = ("classical", "detector")
 DETECTOR_ONNX = stage_path(MODEL_REPOSITORY, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
 SPEED_REPEATS = 3  # timed passes over the speed frames (p50 over all of them)
+MOSAIC_SIDES = (2, 4)  # frames per side of the mosaics that stand in for a larger camera frame
 
 
 def _timed_localize(images: Sequence[np.ndarray]) -> tuple[list[Cells], float]:
@@ -291,6 +292,23 @@ def speed(localizer: Callable[[np.ndarray], Any], images: Sequence[np.ndarray]) 
             "frames": len(images), "frame_size": "x".join(str(v) for v in images[0].shape[1::-1])}
 
 
+def mosaic_set(box_set: BoxSet, side: int) -> BoxSet:
+    """side x side mosaics of consecutive frames of `box_set` (same size), boxes moved with their frame: the same
+    cells at the same magnification in a larger camera frame (a 640x480 set becomes 1280x960 or 2560x1920)."""
+    items = []
+    per = side * side
+    for start in range(0, len(box_set.items) - per + 1, per):
+        group = box_set.items[start:start + per]
+        height, width = group[0][0].shape[:2]
+        rows = [np.concatenate([image for image, _, _ in group[r * side:(r + 1) * side]], axis=1) for r in range(side)]
+        shifts = [np.array([c * width, r * height] * 2, np.float32) for r in range(side) for c in range(side)]
+        items.append((np.ascontiguousarray(np.concatenate(rows, axis=0)),
+                      np.concatenate([boxes + shift for (_, boxes, _), shift in zip(group, shifts)]),
+                      np.concatenate([kinds for _, _, kinds in group])))
+    height, width = items[0][0].shape[:2]
+    return BoxSet(f"{box_set.name}, {side}x{side} mosaics {width}x{height}", items)
+
+
 def compare_localizers(localizers: Sequence[str], root: str | None = None, iou: float = 0.5, four_class: int = 0,
                        pbc: int = 0, detector_path: Path = DETECTOR_ONNX, threads: int = 2,
                        split: str = "test") -> dict[str, Any]:
@@ -307,6 +325,7 @@ def compare_localizers(localizers: Sequence[str], root: str | None = None, iou: 
     result: dict[str, Any] = {"iou": iou, "sets": {}, "frames_per_s": {}, "speed": {},
                               "threads": {"classical": 1, "detector": threads}}
     sets = box_sets(root, split)
+    sets += [mosaic_set(sets[1], side) for side in MOSAIC_SIDES]
     for box_set in sets:
         result["sets"][box_set.name] = {name: score_box_set(box_set, run, iou) for name, run in runners.items()}
     four = [read_image(path) for path in four_class_images(root, split, four_class)]
@@ -354,8 +373,9 @@ def comparison_table(result: dict[str, Any]) -> str:
                      f"({result['threads'][n]} thread{'s' if result['threads'][n] > 1 else ''})"
                      for n, s in result["speed"].items()]
     if "load_average_1min" in result:
+        busy = " (other jobs running)" if result["load_average_1min"] >= result["cpu_cores"] else ""
         lines.append(f"- timed on {result['cpu_cores']} CPU cores at a 1-minute load average of "
-                     f"{result['load_average_1min']:.1f} (other jobs running)")
+                     f"{result['load_average_1min']:.1f}{busy}")
     return "\n".join(lines) + "\n"
 
 
