@@ -92,6 +92,7 @@ class Prediction:
     cells: Cells
     probs: np.ndarray  # [N, C] CNN+GNN
     cnn_probs: np.ndarray  # [N, C] CNN alone
+    served: dict[str, np.ndarray]  # every tensor of the served run (empty without cells): other views reuse it
 
 
 class Classifier:
@@ -121,18 +122,20 @@ class Classifier:
         cells = self.find_cells(image) if cells is None else cells
         if len(cells) == 0:
             empty = np.zeros((0, NUM_CLASSES), np.float32)
-            return Prediction(cells, empty, empty)
+            return Prediction(cells, empty, empty, {})
         outputs = run_pipeline(self.runners, np.ascontiguousarray(image), cells.boxes.astype(np.float32))
         cnn_logits = self.crop_stage.embedder.classifier(torch.from_numpy(outputs[EMBEDDINGS.name]))
-        return Prediction(cells, outputs[PROBS.name], torch.softmax(cnn_logits, 1).numpy())
+        return Prediction(cells, outputs[PROBS.name], torch.softmax(cnn_logits, 1).numpy(), outputs)
 
     @torch.no_grad()
-    def viewed_probs(self, image: np.ndarray, cells: Cells) -> np.ndarray:
+    def viewed_probs(self, image: np.ndarray, cells: Cells, served: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """CNN+GNN probabilities [N, C] with the white-cell candidates' embeddings averaged over `views` views of
         the frame (`views.viewed_rows`; the crop_embedder runner cuts each view's crops itself); the graph joins
-        the cells where they are."""
+        the cells where they are. `served`: the served run's tensors for these cells (`Prediction.served`), so the
+        served view is not embedded again."""
         crop_runner, graph_runner = self.runners
-        tensors = run_pipeline([crop_runner], np.ascontiguousarray(image), cells.boxes.astype(np.float32))
+        tensors = dict(served) if served else run_pipeline([crop_runner], np.ascontiguousarray(image),
+                                                           cells.boxes.astype(np.float32))
         rows = viewed_rows(cells.kinds)
         embeddings = [tensors[EMBEDDINGS.name][rows]]
         for view in range(1, self.views):
@@ -150,7 +153,7 @@ class Classifier:
         """The probabilities the image-level answer reads: the served view's (`--views 1`; `prediction`'s when it
         holds these cells) or the white-cell candidates' averaged over the views."""
         if self.views > 1:
-            return self.viewed_probs(image, cells)
+            return self.viewed_probs(image, cells, prediction.served if prediction is not None else None)
         return prediction.probs if prediction is not None else self.predict(image, cells).probs
 
     def zoomed_out_cells(self, image: np.ndarray) -> Cells | None:
@@ -171,10 +174,10 @@ class Classifier:
         """The image-level answer: the most white-cell-like WBC box of the image, else of a zoomed-out field, else
         of the image's cells and a centred square."""
         found_by = "detector" if self.localizer == "server" else "localiser"
-        if (prediction.cells.kinds == WBC).any():
+        candidates = np.flatnonzero(prediction.cells.kinds == WBC)
+        if len(candidates):
             probs = self.answer_probs(image, prediction.cells, prediction)
-            return white_cell_json(prediction.cells, probs, np.flatnonzero(prediction.cells.kinds == WBC), found_by,
-                                   self.views)
+            return white_cell_json(prediction.cells, probs, candidates, found_by, self.views)
         zoomed = self.zoomed_out_cells(image)
         if zoomed is not None:
             result = white_cell_json(zoomed, self.answer_probs(image, zoomed), np.flatnonzero(zoomed.kinds == WBC),
