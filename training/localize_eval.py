@@ -325,7 +325,8 @@ def compare_localizers(localizers: Sequence[str], root: str | None = None, iou: 
     result: dict[str, Any] = {"iou": iou, "sets": {}, "frames_per_s": {}, "speed": {},
                               "threads": {"classical": 1, "detector": threads}}
     sets = box_sets(root, split)
-    sets += [mosaic_set(sets[1], side) for side in MOSAIC_SIDES]
+    bccd = sets[1]  # the 640x480 BCCD held-out frames with their VOC boxes
+    sets += [mosaic_set(bccd, side) for side in MOSAIC_SIDES]
     for box_set in sets:
         result["sets"][box_set.name] = {name: score_box_set(box_set, run, iou) for name, run in runners.items()}
     four = [read_image(path) for path in four_class_images(root, split, four_class)]
@@ -334,7 +335,7 @@ def compare_localizers(localizers: Sequence[str], root: str | None = None, iou: 
     pbc_images = [read_image(path) for path in pbc_images_not_trained_on(root, pbc, split)]
     result["sets"]["pbc" if split == "test" else "pbc-val"] = {
         name: white_cell_found(pbc_images, run, centred=True) for name, run in runners.items()}
-    frames = [image for image, _, _ in sets[1].items]  # the 640x480 BCCD held-out frames
+    frames = [image for image, _, _ in bccd.items]
     threads_before = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
