@@ -17,6 +17,7 @@ any build of the python backend (GPU tensors through the stub need its CUDA supp
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,10 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from leukograph.client import contract
 from leukograph.deploy.python_step import StepModel
+
+# Shapes the warm-up runs before serving: every cell count up to 16, then steps up to 128, on a 480x640 frame.
+WARM_UP_CELLS = (*range(1, 17), 20, 24, 32, 48, 64, 96, 128)
+WARM_UP_FRAME = (480, 640)
 
 
 def _device(wanted: str) -> torch.device:
@@ -44,7 +49,31 @@ class TritonPythonModel(StepModel):
         self.device = _device(params.get("torch_device", "auto"))  # the device the module was traced on
         checkpoint = version_dir / params.get("checkpoint_file", contract.MODEL_FILES["pytorch"])
         self.module = torch.jit.load(str(checkpoint), map_location=self.device).eval()
-        self.logger.log_info(f"{self.stage.name}: loaded {checkpoint} on {self.device}")
+        started = time.perf_counter()
+        self.warm_up()
+        self.logger.log_info(f"{self.stage.name}: loaded {checkpoint} on {self.device}, warmed up in "
+                             f"{time.perf_counter() - started:.1f} s")
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the module on a synthetic WARM_UP_FRAME for every cell count in WARM_UP_CELLS before serving.
+
+        TorchScript's optimising executor profiles and compiles fused kernels for each new input shape, and CUDA
+        loads kernels on first use; cell counts and box rows (the detector pads to MAX_CELLS) are both shapes.
+        Without this, the first frames of a stream paid up to 0.8 s each on a GPU (p99 761 ms over 120 frames on
+        an H100, against 17.6 ms once warm)."""
+        generator = torch.Generator().manual_seed(0)
+        height, width = WARM_UP_FRAME
+        # The compile and kernel-loading costs are a GPU's; on the CPU two counts only check the path.
+        counts = WARM_UP_CELLS if self.device.type == "cuda" else WARM_UP_CELLS[:2]
+        if contract.BOXES.name not in self.stage.input_names:  # the frame is the only shape
+            counts = counts[:1]
+        for cells in counts:
+            for rows in (cells, contract.MAX_CELLS):  # the client's boxes, and the detector's padded rows
+                feed = _synthetic_feed(self.stage, rows, cells, height, width, generator)
+                self.module(*[feed[name].to(self.device) for name in self.stage.input_names])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def run(self, request) -> pb_utils.InferenceResponse:
@@ -64,6 +93,22 @@ class TritonPythonModel(StepModel):
 
     def finalize(self) -> None:
         self.module = None
+
+
+def _synthetic_feed(stage: contract.StageSpec, rows: int, cells: int, height: int, width: int,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Valid inputs of `stage` for a frame of height x width with `rows` random boxes, the first `cells` of them
+    cells (warm-up only)."""
+    corner = torch.rand(rows, 2, generator=generator) * torch.tensor([width * 0.8, height * 0.8])
+    size = 8 + torch.rand(rows, 2, generator=generator) * 40
+    feed = {
+        contract.FRAME.name: torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator),
+        contract.BOXES.name: torch.cat([corner, corner + size], 1),
+        contract.CELL_COUNT.name: torch.tensor([cells], dtype=torch.int32),
+        contract.EMBEDDINGS.name: torch.randn(cells, contract.EMBED_DIM, generator=generator),
+        contract.FRAME_SIZE.name: torch.tensor([height, width], dtype=torch.float32),
+    }
+    return {name: feed[name] for name in stage.input_names}
 
 
 def _shape_proxy(frame: torch.Tensor) -> np.ndarray:
