@@ -528,6 +528,9 @@ def model_card(report: dict, train_summary: dict | None) -> str:
     seconds = f"{train_summary['seconds']:.0f} s" if train_summary else "unknown"
     cnn_args = (train_summary or {}).get("cnn_args") or (train_summary or {}).get("args") or {}
     strength = cnn_args.get("aug_strength", "1.0")
+    widen = float((train_summary or {}).get("args", {}).get("gnn_widen") or 1.0)
+    widened = (f"Trained on graphs read as part of a field up to {widen:g} times wider and taller (`--gnn-widen`): the "
+               "frame-relative features see more framings than the training labs' own. " if widen > 1 else "")
     detector_cells = report.get("cells_found_by") == "server"
     cells_by = "the learned detector" if detector_cells else "the classical localiser"
     other_results = "docs/results/evaluation.md" if detector_cells else "docs/results/detector/evaluation.md"
@@ -544,8 +547,8 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "CPU budget). 64-d embedding, 9-class logits.",
         "- `gnn.pt`: `CellGraphNet`, GraphSAGE (mean, 2 layers) over each frame's 5-nearest-neighbour cell graph; node "
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
-        "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). Its "
-        "`temperature` buffer calibrates the served probabilities (fitted on validation).",
+        "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). "
+        f"{widened}Its `temperature` buffer calibrates the served probabilities (fitted on validation).",
         "- `baseline.pt`: the seed paper's model (whole image at 64x64, 4 classes), reproduced for comparison; "
         "trained earlier on 4-class TRAIN and kept unchanged.",
         "- `calibration.json`: temperatures, validation ECE and the validation auto-accept curve behind the "

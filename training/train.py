@@ -398,6 +398,7 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
     train_frames = [f for f in cells.train if len(f.labels)]
     val_frames = [f for f in cells.val if len(f.labels)]
     config = {"hidden": args.gnn_hidden, "layers": args.gnn_layers, "geometry": args.gnn_geometry}
+    torch.manual_seed(args.seed)  # the same initial GNN after a CNN stage in this run or from a saved CNN
     model = CellGraphNet(**config)
     train_graphs = [g for view in range(args.gnn_views)
                     for g in graph_data(train_frames, embed_frames(embedder, train_frames, augment=True,
@@ -562,9 +563,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-hidden", type=int, default=64)
     parser.add_argument("--gnn-layers", type=int, default=2)
     parser.add_argument("--gnn-views", type=int, default=2, help="augmented embedding views per training graph")
-    parser.add_argument("--gnn-widen", type=float, default=1.0, metavar="W",
-                        help="read each training graph as part of a field up to W times wider and taller (1 = off, "
-                        "the release; README \"Node geometry\")")
+    parser.add_argument("--gnn-widen", type=float, default=3.0, metavar="W",
+                        help="read each training graph as part of a field up to W times wider and taller (default "
+                        "%(default)s; 1 = off; README \"Node geometry\")")
     parser.add_argument("--gnn-geometry", choices=sorted(GEOMETRY_FEATURES), default="frame",
                         help="node geometry: frame, each cell against the other cells and the frame (default); "
                         "cells, against the other cells only (README \"Node geometry\")")
