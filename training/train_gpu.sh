@@ -4,7 +4,8 @@
 # The GNN stage and the evaluation then run where the datasets are (`leukograph train --stages gnn --output-dir RUN`
 # with the run's cnn_best.pt in RUN; `leukograph evaluate`).
 #
-#   leukograph train --stages cnn --save-cnn-pack .gpu/cnn-pack.pt   # where the datasets are (~45 MB)
+#   leukograph train --stages cnn --save-cnn-pack .gpu/cnn-pack.pt   # where the datasets are (~48 MB)
+#     (--pack-quality 92: 39 MB, for machines that take ~64 MB with the repository; JPEG quality of the crops)
 #   bash training/train_gpu.sh .gpu/cnn-pack.pt OUT_DIR               # on the GPU machine, in the repository root
 #
 # Every variant trains with `leukograph train`'s defaults beyond its own arguments, the consistency term on unlabelled
