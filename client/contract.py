@@ -173,6 +173,19 @@ def boxes_feed(frame: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
     return {FRAME.name: frame, BOXES.name: boxes, CELL_COUNT.name: cell_count(boxes)}
 
 
+def example_feed(stage: StageSpec, rows: int, cells: int, height: int, width: int,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Valid random inputs of `stage`, by name and in its input order, for a height x width frame with `rows` boxes
+    of 8-48 px, the first `cells` of them cells (tracing and warming up the served stages)."""
+    corner = rng.uniform(0.0, 1.0, (rows, 2)) * (width * 0.7, height * 0.7)
+    size = 8 + rng.uniform(0.0, 40.0, (rows, 2))
+    feed = {FRAME.name: rng.integers(0, 256, (height, width, 3)),
+            BOXES.name: np.concatenate([corner, corner + size], 1),
+            CELL_COUNT.name: [cells], EMBEDDINGS.name: rng.standard_normal((cells, EMBED_DIM)),
+            FRAME_SIZE.name: [height, width]}
+    return {spec.name: np.asarray(feed[spec.name], spec.np_dtype) for spec in stage.inputs}
+
+
 # ---- model repository layout ---------------------------------------------------------------------
 VERSION_DIR = "1"  # every step serves one version
 CONFIG_FILE = "config.pbtxt"

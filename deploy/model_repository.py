@@ -59,6 +59,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -319,25 +320,22 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
     crop_stage = CropEmbedderStage(embedder).eval().to(target)
     graph_stage = CellGraphStage(gnn).eval().to(target)
     detector_stage = DetectorStage(load_detector(detector_weights_dir(Path(weights_dir)))).eval().to(target)
-    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
 
-    def example(height: int, width: int, cells: int) -> tuple:
-        frame = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
-        corner = torch.rand(cells, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
-        size = 8 + torch.rand(cells, 2, generator=generator) * 40
-        boxes = torch.cat([corner, corner + size], 1).to(torch.float32)
-        return frame.to(target), boxes.to(target), torch.tensor([cells], dtype=torch.int32, device=target)
+    def example(height: int, width: int, rows: int, cells: int) -> list:  # crop_embedder's FRAME, BOXES, CELL_COUNT
+        feed = contract.example_feed(contract.CROP_EMBEDDER, rows, cells, height, width, rng)
+        return [torch.from_numpy(value).to(target) for value in feed.values()]
 
     written = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings: the second-size check below is what counts
-        frame, boxes, count = example(240, 320, 6)
+        frame, boxes, count = example(240, 320, 6, 6)
         traced_detector = torch.jit.trace(detector_stage, (frame,), check_trace=False)
         traced_crop = torch.jit.trace(crop_stage, (frame, boxes, count), check_trace=False)
         embeddings, frame_size = crop_stage(frame, boxes, count)
         traced_graph = torch.jit.trace(graph_stage, (embeddings, boxes, frame_size, count), check_trace=False)
-        frame, boxes, count = example(300, 410, 17)  # other sizes: the trace must not have frozen them
-        count = count - 3  # ... nor the cell count: the last 3 rows are padding
+        # Other sizes: the trace must not have frozen them, nor the cell count (the last 3 rows are padding).
+        frame, boxes, count = example(300, 410, 17, 14)
         want_b, *_ = detector_stage(frame)
         got_b, *_ = traced_detector(frame)
         want_e, want_s = crop_stage(frame, boxes, count)

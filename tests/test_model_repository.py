@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from leukograph.client import contract
@@ -122,3 +123,15 @@ def test_repository_digest_names_the_onnx_files(served_repository: Path, tmp_pat
     assert repo.repository_digest(tmp_path) == version
     path.write_bytes(path.read_bytes() + b"\0")
     assert repo.repository_digest(tmp_path) != version
+
+
+def test_example_feed_is_a_valid_request_of_every_served_stage() -> None:
+    """The inputs that trace and warm up the served stages pass the contract's own request checks."""
+    rng = np.random.default_rng(0)
+    for stage in contract.SERVED_STAGES:
+        for rows, cells in ((6, 6), (contract.MAX_CELLS, 14)):
+            feed = contract.example_feed(stage, rows, cells, 480, 640, rng)
+            assert list(feed) == stage.input_names
+            contract.validate_stage(stage, feed)
+            if contract.BOXES.name in feed:
+                assert len(feed[contract.BOXES.name]) == rows

@@ -67,7 +67,7 @@ from leukograph.training.views import VIEWS, check_views, view_frame, viewed_row
 
 CENTRE_FALLBACK = 0.6  # side of the fallback box, as a fraction of the image's shorter side
 # Fields (times the image's size) searched in turn when the image itself shows no WBC box: a cell twice as large as
-# the detector saw in training fills a 2x field as it was trained on (README "Other microscopes' scale").
+# the detector saw in training fills a 2x field as it was trained on (README "Other microscopes' framing").
 ZOOM_OUT = (1.5, 2.0, 3.0)
 
 
