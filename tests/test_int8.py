@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from leukograph.build_engines import int8, verify
 from leukograph.build_engines.onnx_ops import check_qdq, check_trt_compat
-from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, CROP_SIZE, STAGES, stage_path
+from leukograph.client.contract import CELL_GRAPH, CROP_EMBEDDER, CROP_SIZE, STAGES, boxes_feed, stage_path
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
 from leukograph.client.localize import localize
@@ -104,7 +104,43 @@ def test_front_of_the_graph_stays_fp32(int8_repository: Path, runtime: str) -> N
     assert frame_users and set(frame_users) <= {"Cast", "Shape"}  # uint8 FRAME feeds its Cast (and the frame size)
     first_q = next(node for node in model.graph.node if node.op_type == "QuantizeLinear")
     producer = {out: node for node in model.graph.node for out in node.output}
-    assert producer[first_q.input[0]].op_type == "Div"  # the colour standardisation, in FP32
+    before_q = producer[first_q.input[0]]
+    if quantize.FIRST_CONV_CHANNEL_MULTIPLE[runtime] > 1:  # the zero channel is padded on in FP32
+        assert before_q.op_type == "Pad"
+        before_q = producer[before_q.input[0]]
+    assert before_q.op_type == "Div"  # the colour standardisation, in FP32
+
+
+def _first_conv_input_channels(model: onnx.ModelProto) -> int:
+    initializers = {i.name: i for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    weight = conv.input[1]
+    if weight not in initializers:  # QDQ: the weight comes through its DequantizeLinear
+        weight = producer[weight].input[0]
+    return numpy_helper.to_array(initializers[weight]).shape[1]
+
+
+def test_first_convolution_gets_a_zero_channel_for_onnxruntime_only(int8_repository: Path) -> None:
+    assert _first_conv_input_channels(onnx.load(str(quantize.int8_path(int8_repository, "onnxruntime")))) == 4
+    assert _first_conv_input_channels(onnx.load(str(quantize.int8_path(int8_repository, "tensorrt")))) == 3
+
+
+def test_zero_channel_leaves_the_fp32_graph_s_outputs_unchanged(int8_repository: Path,
+                                                               samples: list[verify.Sample]) -> None:
+    import onnxruntime as ort
+
+    fp32 = onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx")))
+    padded = quantize.pad_first_conv_channels(fp32, 4)
+    onnx.checker.check_model(padded)
+    assert _first_conv_input_channels(padded) == 4 and _first_conv_input_channels(fp32) == 3
+    assert quantize.pad_first_conv_channels(padded, 4) is padded  # already a multiple: left alone
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (fp32, padded)]
+    for sample in samples[:8]:
+        feed = boxes_feed(sample.frame, sample.boxes)
+        plain, zero_channel = (session.run(None, feed) for session in sessions)
+        for a, b in zip(plain, zero_channel):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def _edited(model: onnx.ModelProto, edit) -> onnx.ModelProto:

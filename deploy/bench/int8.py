@@ -6,9 +6,10 @@ Rows (BCCD held-out frames, boxes from the localiser, tiled to a fixed cell coun
   `model.int8.onnx`) at 16 and 128 cells per frame, median ms per frame and per cell; the cell_graph (FP32 in both);
   the whole pipeline at 16 cells;
 * PyTorch eager, seed-paper style (one crop per forward call), at 16 cells: the baseline of the issue's ">= 6x";
-* Triton end to end (`leukocyte_pipeline` over gRPC, the product's client, localisation excluded: boxes given) at
-  16 cells, concurrency 1 and 2, for a repository serving each precision (`model_repository.set_precision`), after
-  checking the ensemble's outputs against the same precision in-process;
+* Triton end to end (`leukocyte_pipeline_boxes` through the product's client, over gRPC and over gRPC with system
+  shared memory; localisation excluded: boxes given) at 16 cells, concurrency 1 and 2, for a repository serving
+  each precision (`model_repository.set_precision`), after checking the ensemble's outputs against the same
+  precision in-process;
 * roofline: the CNN's multiply-adds per crop (counted with forward hooks on the Conv2d/Linear layers) divided by the
   measured crop_embedder time per cell at 128 cells, against one core's peak (`core_peak`).
 
@@ -18,6 +19,7 @@ Output: `docs/bench/int8.json` (`--out-dir`), and with `--readme` the README "in
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -39,6 +41,7 @@ INT8_JSON = "int8.json"
 README_SECTION = "int8-bench"
 FMA_PIPES = 2  # 512-bit FMA pipes per core (AMD Zen 4/5, Intel server cores with two AVX-512 FMA units)
 CELLS = (16, 128)
+TRITON_TRANSPORTS = ("grpc", "grpc-shm")
 ONNX_FILES = {"fp32": MODEL_FILES["onnxruntime"], "int8": "model.int8.onnx"}  # what each precision serves
 # In-process only: the TensorRT QDQ graph run by ONNX Runtime (symmetric activations: ReLU stays in float between
 # int8 convolutions), the measurement behind serving model.int8.onnx on the CPU.
@@ -143,7 +146,8 @@ def serving_repository(source: Path, target: Path, precision: str) -> Path:
 def triton_rows(repository: Path, precision: str, frames, boxes: list[np.ndarray], count: int,
                 reference: list[OrtRunner], work: Path) -> tuple[list[dict], dict]:
     """Triton serving `precision`: the ensemble checked against in-process ORT of the same precision on the first
-    frame, then concurrency 1 and 2 at the given boxes."""
+    frame, then concurrency 1 and 2 at the given boxes, over gRPC and over gRPC with the frames in system shared
+    memory (client and server on the same lab PC)."""
     from leukograph.deploy.bench.engines import triton_runners
     from leukograph.deploy.bench.statistics import stats_snapshot
     from leukograph.deploy.runners import TOLERANCES
@@ -164,12 +168,12 @@ def triton_rows(repository: Path, precision: str, frames, boxes: list[np.ndarray
         check = {"cells": comparison.nodes, "max_prob_diff_vs_in_process": comparison.max_prob_diff,
                  "labels_equal": comparison.agreeing_nodes == comparison.nodes}
         capture = MemoryCapture(frames.images)
-        for concurrency in (1, 2):
-            run = run_closed_loop(lambda k: triton_runners(server.grpc_url, "grpc"), capture,
+        for transport, concurrency in itertools.product(TRITON_TRANSPORTS, (1, 2)):
+            run = run_closed_loop(lambda k, t=transport: triton_runners(server.grpc_url, t), capture,
                                   lambda image, i: boxes[i % len(boxes)], count, concurrency, 2,
                                   lambda: stats_snapshot(server.grpc_url))
-            row = summarize(f"triton grpc {precision}", "triton", run, precision=precision, concurrency=concurrency,
-                            boxes=f"{len(boxes[0])} given")
+            row = summarize(f"triton {transport} {precision}", "triton", run, precision=precision,
+                            concurrency=concurrency, transport=transport, boxes=f"{len(boxes[0])} given")
             row.pop("latencies_ms", None)
             rows.append(row)
     finally:
@@ -296,11 +300,12 @@ def markdown(result: dict) -> str:
                          f"{row['crop_embedder_ms_per_cell']:.3f} | {row['crop_embedder_cpu_ms_per_cell']:.3f} | "
                          f"{fp32['crop_embedder_cpu_ms_per_cell'] / row['crop_embedder_cpu_ms_per_cell']:.2f}x | "
                          f"{row['cell_graph_ms']:.2f} | {row['pipeline_ms']:.1f} |")
-    lines += ["", "| Triton gRPC, 16 cells, boxes given | concurrency | p50 ms | p99 ms | frames/s | vs seed style |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| Triton, 16 cells, boxes given | transport | concurrency | p50 ms | p99 ms | frames/s | "
+                  "vs seed style |", "|---|---|---|---|---|---|---|"]
     for row in result["triton"]:
         speedup = result["seed_style_ms_16_cells"] / row["latency_ms"]["p50"]
-        lines.append(f"| {row['precision']} | {row['concurrency']} | {row['latency_ms']['p50']:.1f} | "
+        lines.append(f"| {row['precision']} | {row.get('transport', 'grpc')} | {row['concurrency']} | "
+                     f"{row['latency_ms']['p50']:.1f} | "
                      f"{row['latency_ms']['p99']:.1f} | {row['fps']:.1f} | {speedup:.1f}x |")
     lines += ["", f"Seed style (PyTorch eager, one crop per call, 1 thread), 16 cells: "
                   f"{result['seed_style_ms_16_cells']:.1f} ms per frame. Triton's outputs matched in-process ORT of "
