@@ -67,6 +67,12 @@ def test_calibration_covers_every_training_source(calibration: quantize.Calibrat
     assert any(source.startswith("txl-") for source in calibration.crops)
     for crops in calibration.crops.values():
         assert crops.dtype == np.uint8 and crops.shape[1:] == (CROP_SIZE, CROP_SIZE, 3) and len(crops)
+    frames = list(calibration.frames())
+    cells = sum(len(crops) for crops in calibration.crops.values())
+    assert cells % (quantize.MOSAIC_COLUMNS ** 2)  # this set does not fill its last mosaic by itself
+    # every calibration frame has one shape, which ONNX Runtime's percentile (histogram) calibration needs
+    assert len({frame.shape for frame, _ in frames}) == 1 and len({len(boxes) for _, boxes in frames}) == 1
+    assert len(frames) == -(-cells // quantize.MOSAIC_COLUMNS ** 2)
 
 
 def test_mosaic_frame_gives_back_each_crop_through_the_in_graph_crop() -> None:
