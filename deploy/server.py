@@ -156,11 +156,12 @@ def ensure_exported(repository: Path, weights: Path | None = None, precision: st
         export_all(weights, repository)
     int8_reason = int8_stale(repository)
     if int8_reason is not None:
-        print(f"quantising the crop_embedder to INT8 (calibration on training crops): {int8_reason}", flush=True)
+        print(f"quantising the crop_embedder to INT8: {int8_reason}", flush=True)
         from leukograph.training.checkpoints import cnn_crop_size
         from leukograph.training.quantize import export_int8
 
-        export_int8(repository, data_root(), crop_size=cnn_crop_size(weights))
+        print(export_int8(repository, data_root(), crop_size=cnn_crop_size(weights), weights_dir=weights)[1],
+              flush=True)
     write_digest(repository)
     return reason is not None or int8_reason is not None
 

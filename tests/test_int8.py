@@ -8,6 +8,7 @@ agree with FP32, <= 0.5 point accuracy change) and INT8_TOLERANCE.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -274,3 +275,59 @@ def test_op_profile_names_where_the_time_goes(served_repository: Path) -> None:
                             boxes_feed(image, localise_boxes(image)), reps=2)
     assert profile["Conv"] > 0 and profile["GridSample"] > 0
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
+
+
+def test_saved_activation_ranges_rebuild_both_int8_graphs_without_the_data(
+        int8_repository: Path, calibration: quantize.CalibrationSet, tmp_path: Path) -> None:
+    """Ranges saved while calibrating give the same INT8 files byte for byte where no training data is (a lab PC
+    running `serve --precision int8`)."""
+    fp32 = stage_path(int8_repository, CROP_EMBEDDER, "model.onnx")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copyfile(WEIGHTS_DIR / "cnn.pt", weights / "cnn.pt")
+    folder = weights / quantize.RANGES_DIR
+    for runtime in quantize.INT8_FILES:
+        quantize.quantize_crop_embedder(fp32, tmp_path / f"{runtime}.onnx", calibration, runtime,
+                                        ranges=folder / f"{runtime}.json")
+    method = quantize.DEFAULT_CALIBRATION_METHOD
+    key = quantize.ranges_key(weights, method, CALIBRATION_PER_SOURCE, 0, ())
+    (folder / quantize.RANGES_MANIFEST).write_text(json.dumps(
+        {"key": key, "calibration": quantize.calibration_text(calibration, method)}))
+    repository = tmp_path / "repository"
+    shutil.copytree(int8_repository, repository)
+    for runtime in quantize.INT8_FILES:
+        quantize.int8_path(repository, runtime).unlink()
+    no_data = tmp_path / "no-datasets"
+    paths, line = quantize.export_int8(repository, no_data, CALIBRATION_PER_SOURCE, weights_dir=weights)
+    assert "no calibration data read" in line
+    for runtime, path in paths.items():
+        assert path.read_bytes() == quantize.int8_path(int8_repository, runtime).read_bytes()
+    # other settings, or --calibrate, need the data: one line naming what is missing
+    for kwargs in ({"method": "minmax"}, {"calibrate": True}):
+        with pytest.raises(UserError):
+            quantize.export_int8(repository, no_data, CALIBRATION_PER_SOURCE, weights_dir=weights, **kwargs)
+
+
+def test_ranges_of_another_graph_are_refused(int8_repository: Path, calibration: quantize.CalibrationSet,
+                                             tmp_path: Path) -> None:
+    fp32 = stage_path(int8_repository, CROP_EMBEDDER, "model.onnx")
+    ranges = tmp_path / "ranges.json"
+    quantize.quantize_crop_embedder(fp32, tmp_path / "first.onnx", calibration, ranges=ranges)
+    cache = json.loads(ranges.read_text())
+    assert "/embedder/" in json.dumps(cache)
+    ranges.write_text(json.dumps(cache).replace("/embedder/", "/another/"))  # the tensors of some other export
+    out = tmp_path / "second.onnx"
+    with pytest.raises(UserError, match="do not cover"):
+        quantize.quantize_crop_embedder(fp32, out, None, ranges=ranges, source="test")
+    assert not out.exists()
+    ranges.write_text(json.dumps(cache))  # the same ranges, unmangled: accepted
+    assert quantize.quantize_crop_embedder(fp32, out, None, ranges=ranges, source="test").is_file()
+
+
+def test_committed_weights_carry_ranges_for_their_cnn() -> None:
+    """The release can serve INT8 without the training data: its saved ranges are for the committed cnn.pt."""
+    from leukograph.deploy.paths import RELEASE_WEIGHTS_DIR
+
+    key = quantize.ranges_key(RELEASE_WEIGHTS_DIR, quantize.DEFAULT_CALIBRATION_METHOD, quantize.DEFAULT_PER_SOURCE,
+                              0, ())
+    assert quantize.saved_ranges(RELEASE_WEIGHTS_DIR, key) is not None

@@ -90,7 +90,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--opset", type=int, default=OPSET)
     parser.add_argument("--int8", action="store_true",
-                        help="also write the INT8 (QDQ) crop_embedder, calibrated on training crops of every source")
+                        help="also write the INT8 (QDQ) crop_embedder, calibrated on training crops of every source "
+                             "(or from the activation ranges saved with the weights: no data needed)")
     quantize.add_arguments(parser)
     return parser
 
@@ -103,10 +104,11 @@ def main(args: argparse.Namespace) -> int:
     for name, path in export_all(args.weights, args.model_repository, args.opset).items():
         print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if args.int8:
-        paths, calibration = quantize.export_int8(args.model_repository, data_root(args.data_root),
-                                                  args.calibration_per_source, args.seed, args.calibration_method,
-                                                  tuple(args.keep_fp32), cnn_crop_size(args.weights))
-        print(f"calibrated on training crops: {calibration.summary()}")
+        paths, ranges = quantize.export_int8(args.model_repository, data_root(args.data_root),
+                                             args.calibration_per_source, args.seed, args.calibration_method,
+                                             tuple(args.keep_fp32), cnn_crop_size(args.weights), args.weights,
+                                             args.calibrate)
+        print(ranges)
         for runtime, path in paths.items():
             print(f"{CROP_EMBEDDER.name} INT8 for {runtime}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,9 +51,12 @@ from leukograph.client.contract import (
     CROP_SIZE,
     MODEL_FILES,
     boxes_feed,
+    file_sha256,
     stage_path,
 )
+from leukograph.client.errors import UserError
 from leukograph.deploy.model_repository import INT8_ONNX_FILES
+from leukograph.deploy.paths import shown_path
 
 # Beside model.onnx in crop_embedder/1/: `--precision int8` serves the onnxruntime one; build-engines reads the other.
 INT8_FILES = {"onnxruntime": INT8_ONNX_FILES[CROP_EMBEDDER.name], "tensorrt": "model.int8.tensorrt.onnx"}
@@ -208,29 +213,60 @@ def calibrate_method(name: str):
             "entropy": CalibrationMethod.Entropy}[name]
 
 
-def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: CalibrationSet, runtime: str = "onnxruntime",
-                           method: str = DEFAULT_CALIBRATION_METHOD, keep_fp32: tuple[str, ...] = ()) -> Path:
-    """Write the QDQ INT8 crop_embedder for `runtime` (weights inline) and return its path. `keep_fp32`: further node
-    names to leave in FP32 (e.g. a layer whose quantisation breaks accuracy)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+def _tensors_to_calibrate(model: onnx.ModelProto, excluded: list[str]) -> set[str]:
+    """The activations the quantiser needs ranges for: inputs and outputs of the quantised nodes."""
+    initializers = {i.name for i in model.graph.initializer}
+    return {name for node in model.graph.node if node.op_type in QUANTISED_OPS and node.name not in excluded
+            for name in (*node.input, *node.output) if name and name not in initializers}
 
+
+def calibration_text(calibration: CalibrationSet | None, method: str) -> str:
+    return f"{method}, {calibration.summary()} training crops" if calibration is not None else method
+
+
+def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: CalibrationSet | None,
+                           runtime: str = "onnxruntime", method: str = DEFAULT_CALIBRATION_METHOD,
+                           keep_fp32: tuple[str, ...] = (), ranges: Path | None = None,
+                           source: str | None = None) -> Path:
+    """Write the QDQ INT8 crop_embedder for `runtime` (weights inline) and return its path. `keep_fp32`: further node
+    names to leave in FP32 (e.g. a layer whose quantisation breaks accuracy).
+
+    Activation ranges: calibrated on `calibration` (and, with `ranges`, saved there as ONNX Runtime's calibration
+    cache), or with `calibration` None read from the saved `ranges` (no data needed). `source`: how the saved ranges
+    were calibrated (`calibration_text`), for the graph's description, so both ways write the same file."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    if calibration is None and (ranges is None or not ranges.is_file()):
+        raise UserError(f"no calibration crops and no saved INT8 activation ranges at {ranges}")
     model = pad_first_conv_channels(_named(onnx.load(str(fp32_path))), FIRST_CONV_CHANNEL_MULTIPLE[runtime])
     excluded = front_nodes(model) + list(keep_fp32)
+    if calibration is None:
+        missing = _tensors_to_calibrate(model, excluded) - set(load_tensors_data(ranges))
+        if missing:  # ranges saved for another export's tensor names
+            raise UserError(f"the INT8 activation ranges in {ranges} do not cover this crop_embedder's tensors "
+                            f"({len(missing)} missing, e.g. {sorted(missing)[0]}); calibrate again where the training "
+                            "data is (`leukograph export --int8 --calibrate`)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         named_path = Path(scratch) / "named.onnx"
         onnx.save(model, str(named_path))
+        # ORT reads a cache that exists and writes one that does not: calibrating, it writes a fresh one here
+        cache = ranges if calibration is None else Path(scratch) / "ranges.json"
         quantize_static(
-            str(named_path), str(out_path), MosaicReader(calibration),
+            str(named_path), str(out_path), MosaicReader(calibration) if calibration is not None else None,
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=excluded,
-            calibrate_method=calibrate_method(method),
+            calibrate_method=calibrate_method(method), calibration_cache_path=str(cache),
             extra_options={**RUNTIME_OPTIONS[runtime], "WeightSymmetric": True, "CalibMovingAverage": False},
         )
+        if calibration is not None and ranges is not None:
+            ranges.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache, ranges)
     quantised = onnx.load(str(out_path))
     quantised.doc_string = (f"{CROP_EMBEDDER.description} (INT8 QDQ for {runtime}: static PTQ, per-channel weights, "
-                            f"{calibration.summary()} training crops)")
+                            f"activation ranges: {source or calibration_text(calibration, method)})")
     onnx.checker.check_model(quantised)
     onnx.save(quantised, str(out_path), save_as_external_data=False)
     return out_path
@@ -248,16 +284,63 @@ def quantised_nodes(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
+# A weights folder's saved INT8 activation ranges (ONNX Runtime calibration caches, one per runtime) and what they
+# were calibrated for: `export --int8` then needs no training data for these weights.
+RANGES_DIR = "int8_ranges"
+RANGES_MANIFEST = "manifest.json"
+
+
+def ranges_key(weights_dir: Path, method: str, per_source: int, seed: int, keep_fp32: tuple[str, ...]) -> dict:
+    """What saved activation ranges depend on: the CNN's weights and the calibration's settings."""
+    return {"cnn_sha256": file_sha256(weights_dir / "cnn.pt"), "method": method, "per_source": per_source,
+            "seed": seed, "keep_fp32": list(keep_fp32)}
+
+
+def saved_ranges(weights_dir: Path, key: dict) -> tuple[dict[str, Path], dict] | None:
+    """(the saved ranges per runtime, the manifest) when `weights_dir` holds ranges calibrated for `key`, else None."""
+    folder = weights_dir / RANGES_DIR
+    try:
+        manifest = json.loads((folder / RANGES_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    paths = {runtime: folder / f"{runtime}.json" for runtime in INT8_FILES}
+    if manifest.get("key") != key or not all(path.is_file() for path in paths.values()):
+        return None
+    return paths, manifest
+
+
 def export_int8(repository: Path, data_root: Path | None, per_source: int = DEFAULT_PER_SOURCE, seed: int = 0,
                 method: str = DEFAULT_CALIBRATION_METHOD, keep_fp32: tuple[str, ...] = (),
-                crop_size: int = CROP_SIZE) -> tuple[dict[str, Path], CalibrationSet]:
-    """crop_embedder/1/model.onnx (a CNN of `crop_size`) -> both INT8 files beside it, calibrated on the same
-    training crops."""
-    calibration = calibration_set(data_root, per_source, seed, crop_size=crop_size)
+                crop_size: int = CROP_SIZE, weights_dir: Path | None = None,
+                calibrate: bool = False) -> tuple[dict[str, Path], str]:
+    """crop_embedder/1/model.onnx (a CNN of `crop_size`) -> both INT8 files beside it, and a line saying where their
+    activation ranges came from. With `weights_dir` (the weights model.onnx was exported from), ranges saved there for
+    the same weights and settings are used without the training data (unless `calibrate`); otherwise both files are
+    calibrated on the same training crops, and the ranges are saved there for the next export."""
+    import onnxruntime
+
     fp32_path = stage_path(repository, CROP_EMBEDDER, MODEL_FILES["onnxruntime"])
+    key = ranges_key(weights_dir, method, per_source, seed, keep_fp32) if weights_dir is not None else None
+    saved = saved_ranges(weights_dir, key) if key is not None and not calibrate else None
+    if saved is not None:
+        ranges, manifest = saved
+        paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), None, runtime, method,
+                                                 keep_fp32, ranges[runtime], manifest["calibration"])
+                 for runtime in INT8_FILES}
+        return paths, (f"activation ranges saved in {shown_path(ranges['onnxruntime'].parent)} "
+                       f"({manifest['calibration']}); no calibration data read")
+    calibration = calibration_set(data_root, per_source, seed, crop_size=crop_size)
+    folder = weights_dir / RANGES_DIR if weights_dir is not None else None
     paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime, method,
-                                             keep_fp32) for runtime in INT8_FILES}
-    return paths, calibration
+                                             keep_fp32, folder / f"{runtime}.json" if folder else None)
+             for runtime in INT8_FILES}
+    line = f"calibrated on training crops: {calibration.summary()}"
+    if folder is not None:
+        manifest = {"key": key, "calibration": calibration_text(calibration, method),
+                    "onnxruntime": onnxruntime.__version__}
+        (folder / RANGES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        line += f"; activation ranges saved in {shown_path(folder)}"
+    return paths, line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +354,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="datasets folder (default: $LEUKOGRAPH_DATA or "
                                                           "../shared/datasets)")
     parser.add_argument("--seed", type=int, default=0, help="training/validation split seed (as `train`)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="calibrate on the training data even where the weights folder holds saved INT8 "
+                             "activation ranges for these weights and settings")
 
 
 # ---- accuracy: FP32 vs INT8 on every test source -------------------------------------------------------------
