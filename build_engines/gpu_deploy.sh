@@ -75,6 +75,10 @@ step "1. ONNX stages from $SOURCE into $TRT_REPOSITORY"
 if ! have_onnx "$SOURCE"; then
   "$LEUKOGRAPH" export --model-repository "$SOURCE"  # only writes model.onnx files, which are gitignored
 fi
+if [[ ! -f "$SOURCE/crop_embedder/1/model.int8.tensorrt.onnx" ]]; then
+  # the INT8 QDQ graph for step 2b, from the activation ranges saved with the weights: no training data needed
+  "$LEUKOGRAPH" export --int8 --model-repository "$SOURCE" || echo "no INT8 QDQ graph: step 2b will be skipped"
+fi
 "$LEUKOGRAPH" generate-repo --backend tensorrt --model-repository "$TRT_REPOSITORY"
 for model in "${STAGES[@]}"; do
   cp "$SOURCE/$model/1/model.onnx" "$TRT_REPOSITORY/$model/1/model.onnx"
@@ -93,7 +97,7 @@ if [[ -f "$qdq" ]]; then
   cp "$qdq" "$TRT_REPOSITORY-int8/crop_embedder/1/"
   "$LEUKOGRAPH" build-engines --model-repository "$TRT_REPOSITORY-int8" "${build_flags[@]}" --precision int8-qdq
 else
-  echo "INT8 skipped: $qdq is missing (\`leukograph export --int8\` writes it where the training data is)"
+  echo "INT8 skipped: $qdq is missing (\`leukograph export --int8\` writes it from the ranges saved with the weights, or where the training data is)"
 fi
 
 step "3. start tritonserver on 127.0.0.1"
