@@ -320,6 +320,9 @@ def test_ranges_of_another_graph_are_refused(int8_repository: Path, calibration:
     with pytest.raises(UserError, match="do not cover"):
         quantize.quantize_crop_embedder(fp32, out, None, ranges=ranges, source="test")
     assert not out.exists()
+    ranges.write_text("{not json")
+    with pytest.raises(UserError, match="not a readable"):
+        quantize.quantize_crop_embedder(fp32, out, None, ranges=ranges, source="test")
     ranges.write_text(json.dumps(cache))  # the same ranges, unmangled: accepted
     assert quantize.quantize_crop_embedder(fp32, out, None, ranges=ranges, source="test").is_file()
 

@@ -242,7 +242,11 @@ def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: Calibra
     model = pad_first_conv_channels(_named(onnx.load(str(fp32_path))), FIRST_CONV_CHANNEL_MULTIPLE[runtime])
     excluded = front_nodes(model) + list(keep_fp32)
     if calibration is None:
-        missing = _tensors_to_calibrate(model, excluded) - set(load_tensors_data(ranges))
+        try:
+            saved = set(load_tensors_data(ranges))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not ORT's calibration cache format
+            raise UserError(f"{ranges} is not a readable INT8 activation ranges file ({exc})") from None
+        missing = _tensors_to_calibrate(model, excluded) - saved
         if missing:  # ranges saved for another export's tensor names
             raise UserError(f"the INT8 activation ranges in {ranges} do not cover this crop_embedder's tensors "
                             f"({len(missing)} missing, e.g. {sorted(missing)[0]}); calibrate again where the training "
@@ -330,17 +334,24 @@ def export_int8(repository: Path, data_root: Path | None, per_source: int = DEFA
         return paths, (f"activation ranges saved in {shown_path(ranges['onnxruntime'].parent)} "
                        f"({manifest['calibration']}); no calibration data read")
     calibration = calibration_set(data_root, per_source, seed, crop_size=crop_size)
-    folder = weights_dir / RANGES_DIR if weights_dir is not None else None
-    paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime, method,
-                                             keep_fp32, folder / f"{runtime}.json" if folder else None)
-             for runtime in INT8_FILES}
     line = f"calibrated on training crops: {calibration.summary()}"
-    if folder is not None:
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = {runtime: Path(scratch) / f"{runtime}.json" for runtime in INT8_FILES}
+        paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime,
+                                                 method, keep_fp32, fresh[runtime]) for runtime in INT8_FILES}
+        if weights_dir is None:
+            return paths, line
+        folder = weights_dir / RANGES_DIR
         manifest = {"key": key, "calibration": calibration_text(calibration, method),
                     "onnxruntime": onnxruntime.__version__}
-        (folder / RANGES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        line += f"; activation ranges saved in {shown_path(folder)}"
-    return paths, line
+        try:
+            folder.mkdir(exist_ok=True)
+            for runtime, cache in fresh.items():
+                shutil.copyfile(cache, folder / f"{runtime}.json")
+            (folder / RANGES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        except OSError as exc:  # e.g. weights installed read-only: the INT8 files are written all the same
+            return paths, f"{line}; activation ranges not saved ({shown_path(folder)}: {exc.strerror or exc})"
+    return paths, f"{line}; activation ranges saved in {shown_path(folder)}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
