@@ -288,7 +288,7 @@ def test_saved_activation_ranges_rebuild_both_int8_graphs_without_the_data(
     folder = weights / quantize.RANGES_DIR
     for runtime in quantize.INT8_FILES:
         quantize.quantize_crop_embedder(fp32, tmp_path / f"{runtime}.onnx", calibration, runtime,
-                                        ranges=folder / f"{runtime}.json")
+                                        ranges=quantize.ranges_files(folder)[runtime])
     method = quantize.DEFAULT_CALIBRATION_METHOD
     key = quantize.ranges_key(weights, method, CALIBRATION_PER_SOURCE, 0, ())
     (folder / quantize.RANGES_MANIFEST).write_text(json.dumps(

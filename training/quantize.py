@@ -294,6 +294,11 @@ RANGES_DIR = "int8_ranges"
 RANGES_MANIFEST = "manifest.json"
 
 
+def ranges_files(folder: Path) -> dict[str, Path]:
+    """Runtime -> the file in `folder` holding the activation ranges of that runtime's INT8 graph."""
+    return {runtime: folder / f"{runtime}.json" for runtime in INT8_FILES}
+
+
 def ranges_key(weights_dir: Path, method: str, per_source: int, seed: int, keep_fp32: tuple[str, ...]) -> dict:
     """What saved activation ranges depend on: the CNN's weights and the calibration's settings."""
     return {"cnn_sha256": file_sha256(weights_dir / "cnn.pt"), "method": method, "per_source": per_source,
@@ -307,7 +312,7 @@ def saved_ranges(weights_dir: Path, key: dict) -> tuple[dict[str, Path], dict] |
         manifest = json.loads((folder / RANGES_MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    paths = {runtime: folder / f"{runtime}.json" for runtime in INT8_FILES}
+    paths = ranges_files(folder)
     if manifest.get("key") != key or not all(path.is_file() for path in paths.values()):
         return None
     return paths, manifest
@@ -336,7 +341,7 @@ def export_int8(repository: Path, data_root: Path | None, per_source: int = DEFA
     calibration = calibration_set(data_root, per_source, seed, crop_size=crop_size)
     line = f"calibrated on training crops: {calibration.summary()}"
     with tempfile.TemporaryDirectory() as scratch:
-        fresh = {runtime: Path(scratch) / f"{runtime}.json" for runtime in INT8_FILES}
+        fresh = ranges_files(Path(scratch))
         paths = {runtime: quantize_crop_embedder(fp32_path, int8_path(repository, runtime), calibration, runtime,
                                                  method, keep_fp32, fresh[runtime]) for runtime in INT8_FILES}
         if weights_dir is None:
@@ -346,8 +351,8 @@ def export_int8(repository: Path, data_root: Path | None, per_source: int = DEFA
                     "onnxruntime": onnxruntime.__version__}
         try:
             folder.mkdir(exist_ok=True)
-            for runtime, cache in fresh.items():
-                shutil.copyfile(cache, folder / f"{runtime}.json")
+            for runtime, target in ranges_files(folder).items():
+                shutil.copyfile(fresh[runtime], target)
             (folder / RANGES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         except OSError as exc:  # e.g. weights installed read-only: the INT8 files are written all the same
             return paths, f"{line}; activation ranges not saved ({shown_path(folder)}: {exc.strerror or exc})"
