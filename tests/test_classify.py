@@ -160,31 +160,35 @@ def test_no_white_cell_found_falls_back_to_the_centre(tmp_path: Path) -> None:
     assert "no WBC box found: fallback" in run_cli(str(path)).stdout
 
 
-def test_white_cell_reads_eight_views_and_evaluate_scores_that_answer(held_out_frame: Path) -> None:
-    """classify's white_cell averages each cell's embeddings over its eight views, cut from viewed frames by the
-    served crop_embedder; `leukograph evaluate` scores the same answer ("CNN+GNN, 8 views") from viewed stored
-    crops. Both agree on a real held-out frame's cells (stored crops are uint8: up to 0.01), and the per-cell
-    `cells` stay the served view's (as the stream records them)."""
+def test_white_cell_reads_every_view_and_evaluate_scores_that_answer(held_out_frame: Path) -> None:
+    """classify's white_cell averages each cell's embeddings over its 24 views (eight flips and turns at three
+    scales), cut from viewed frames by the served crop_embedder; `leukograph evaluate` scores the same answer
+    ("CNN+GNN, 24 views") from viewed stored crops. Both agree on a real held-out frame's cells (stored crops are
+    uint8, and a scaled view re-samples them: up to 0.01), and the per-cell `cells` stay the served view's (as the
+    stream records them)."""
     from leukograph.client.localize import Cells
     from leukograph.deploy.paths import WEIGHTS_DIR
     from leukograph.training.cells import cells_of
     from leukograph.training.classify import Classifier
-    from leukograph.training.evaluate import VIEWS_MODEL, Models
+    from leukograph.training.evaluate import VIEWS_MODEL, Models, views_model
+    from leukograph.training.views import DIHEDRAL, VIEWS
 
     frame = cells_of(next(f for f in load_bccd() if f.image_path == held_out_frame))
-    scored = Models(WEIGHTS_DIR).cell_probs([frame])
-    classifier = Classifier(threads=1)
-    cells = Cells(frame.boxes, frame.kinds, np.ones(len(frame.boxes), np.float32))
     image = read_image(held_out_frame)
-    viewed, served = classifier.viewed_probs(image, cells), classifier.predict(image, cells).probs
-    np.testing.assert_allclose(viewed, scored[VIEWS_MODEL][0], atol=0.01, rtol=0)
-    np.testing.assert_allclose(served, scored["CNN+GNN"][0], atol=0.01, rtol=0)
-    assert np.abs(viewed - served).max() > 0.02  # the views do change the answer
+    cells = Cells(frame.boxes, frame.kinds, np.ones(len(frame.boxes), np.float32))
+    assert VIEWS_MODEL == views_model(VIEWS) == "CNN+GNN, 24 views"
+    for views in (DIHEDRAL, VIEWS):
+        scored = Models(WEIGHTS_DIR, views=views).cell_probs([frame])
+        classifier = Classifier(threads=1, views=views)
+        viewed, served = classifier.viewed_probs(image, cells), classifier.predict(image, cells).probs
+        np.testing.assert_allclose(viewed, scored[views_model(views)][0], atol=0.01, rtol=0)
+        np.testing.assert_allclose(served, scored["CNN+GNN"][0], atol=0.01, rtol=0)
+        assert np.abs(viewed - served).max() > 0.02  # the views do change the answer
 
     records = {views: json.loads(run_cli(str(held_out_frame), "--json", "--views", views).stdout)
-               for views in ("1", "8")}
-    assert records["1"]["white_cell"]["views"] == 1 and records["8"]["white_cell"]["views"] == 8
-    assert records["1"]["cells"] == records["8"]["cells"]
+               for views in ("1", "24")}
+    assert records["1"]["white_cell"]["views"] == 1 and records["24"]["white_cell"]["views"] == 24
+    assert records["1"]["cells"] == records["24"]["cells"]
 
 
 def test_a_cell_too_large_for_the_detector_is_found_in_a_zoomed_out_field(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ Python API: `Classifier().classify_image(rgb)` and `Classifier().classify_path(p
 Every image also gets one image-level answer, `white_cell`: the class of its most white-cell-like cell (the cell
 with the largest probability over the nucleated classes among the localiser's WBC boxes). `class` is one of the
 five WBC classes; `label` is the nucleated class (it may be `ig` or `nrbc`, flagged beside the differential).
-`white_cell` reads each cell's embeddings averaged over its eight flips and quarter-turns (`--views 8`, the default;
-`training/views.py`), the steadier answer `leukograph evaluate` scores as "CNN+GNN, 8 views"; `cells` are what the
+`white_cell` reads each cell's embeddings averaged over its 24 views: eight flips and quarter-turns, each with the
+cell at 1, 0.8 and 1.25 times its size in the crop (`--views 24`, the default; `--views 8` the flips and turns only;
+`training/views.py`), the steadier answer `leukograph evaluate` scores as "CNN+GNN, 24 views"; `cells` are what the
 served pipeline says of the one served view, exactly as `leukograph stream` records them.
 When the localiser finds no WBC box, the cell may be too large for it (a tight crop, a higher magnification): the
 image is shrunk into a field ZOOM_OUT times its size, filled with its border's colour, and searched again; the WBC
@@ -63,7 +64,7 @@ from leukograph.deploy.paths import WEIGHTS_DIR, detector_weights_dir
 from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
-from leukograph.training.views import VIEWS, check_views, view_frame, viewed_rows
+from leukograph.training.views import DIHEDRAL, VIEW_COUNTS, VIEW_SCALES, VIEWS, check_views, frame_views, viewed_rows
 
 CENTRE_FALLBACK = 0.6  # side of the fallback box, as a fraction of the image's shorter side
 # Fields (times the image's size) searched in turn when the image itself shows no WBC box: a cell twice as large as
@@ -137,12 +138,12 @@ class Classifier:
         tensors = dict(served) if served else run_pipeline([crop_runner], np.ascontiguousarray(image),
                                                            cells.boxes.astype(np.float32))
         rows = viewed_rows(cells.kinds)
-        embeddings = [tensors[EMBEDDINGS.name][rows]]
-        for view in range(1, self.views):
-            frame, boxes = view_frame(image, cells.boxes[rows], view)
-            embeddings.append(crop_runner.infer(boxes_feed(frame, boxes))[EMBEDDINGS.name])
+        total = tensors[EMBEDDINGS.name][rows].astype(np.float64)
+        for _, frame, boxes in frame_views(image, cells.boxes[rows], self.views):
+            viewed = crop_runner.infer(boxes_feed(frame, boxes))[EMBEDDINGS.name]
+            total += viewed.reshape(-1, len(rows), viewed.shape[-1]).sum(axis=0)
         tensors[EMBEDDINGS.name] = tensors[EMBEDDINGS.name].copy()
-        tensors[EMBEDDINGS.name][rows] = np.mean(embeddings, axis=0)
+        tensors[EMBEDDINGS.name][rows] = total / self.views
         return graph_runner.infer(tensors)[PROBS.name]
 
     def classify_image(self, image: np.ndarray) -> list[dict]:
@@ -279,9 +280,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--views", type=int, choices=(1, VIEWS), default=VIEWS,
-                        help=f"white_cell from each cell's embeddings averaged over its {VIEWS} flips and "
-                        "quarter-turns (default) or from the served view only (1)")
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=VIEWS,
+                        help=f"white_cell from each cell's embeddings averaged over {VIEWS} views: its {DIHEDRAL} "
+                        f"flips and quarter-turns at each of the scales {VIEW_SCALES} (default), over the {DIHEDRAL} "
+                        "flips and turns alone, or from the served view only (1)")
     parser.add_argument("--localizer", choices=LOCALIZERS, default="server",
                         help="server: the learned cell detector the served ensemble runs (default); client: the "
                         "classical localiser")

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from leukograph.client.contract import CLASSES
-from leukograph.training.augment import augment_batch, stain_shift, stored_to_served
+from leukograph.training.augment import augment_batch, stain_shift
 from leukograph.training.cells import FrameCells
 from leukograph.training.models import STORE_ZOOM, CropEmbedder, served_size
-from leukograph.training.views import view_crops
+from leukograph.training.views import view_crops, view_scale, view_stored
 
 
 @torch.no_grad()
@@ -21,12 +21,14 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
                  seed: int = 0, stain_strength: float = 0.0, view: int = 0,
                  rows: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(embeddings, CNN probabilities) per frame, in eval mode, on the served crops (or augmented views of them, or
-    the served crops under a deterministic synthetic stain shift of `stain_strength`), flipped or turned by
-    `view` (`views.view_crops`; 0: as served).
+    the served crops under a deterministic synthetic stain shift of `stain_strength`), in view `view`
+    (`views.view_stored`: flipped or turned, and read at a scale; 0: as served; augmented crops flip and turn only).
 
     `rows`: only these cells of each frame go through the CNN (and are returned, in frame order). Every crop is
     still cut, augmented and shifted in its place, so a cell gets the same augmentation and shift as in a full
     pass."""
+    if augment and view_scale(view) != 1.0:
+        raise ValueError("augmented crops are already scaled at random: view them at scale 1")
     model.eval()
     device = next(model.parameters()).device  # crops are cut and augmented on the CPU, the CNN runs where it is
     generator = torch.Generator().manual_seed(seed)
@@ -42,10 +44,10 @@ def embed_frames(model: CropEmbedder, frames: list[FrameCells], augment: bool = 
         if served_size(crops.shape[1]) != model.crop_size:
             raise ValueError(f"cells were cut for a {served_size(crops.shape[1])} px crop, the CNN takes "
                              f"{model.crop_size} px: build them with use_crop_size({model.crop_size})")
-        x = augment_batch(crops, generator, STORE_ZOOM) if augment else stored_to_served(crops, STORE_ZOOM)
+        x = view_crops(augment_batch(crops, generator, STORE_ZOOM), view) if augment else view_stored(crops, view)
         if stain_strength > 0:
             x = stain_shift(x, stain_strength, seed + start)
-        x = view_crops(x, view)[wanted[start:start + batch]]
+        x = x[wanted[start:start + batch]]
         if len(x) == 0:
             continue
         emb, logits = model(x.to(device))

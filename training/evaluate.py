@@ -70,13 +70,18 @@ from leukograph.training.models import (  # noqa: E402
     CellGraphStage,
     CropEmbedder,
 )
-from leukograph.training.views import VIEWS, check_views, viewed_rows  # noqa: E402
+from leukograph.training.views import DIHEDRAL, VIEW_COUNTS, VIEW_SCALES, VIEWS, check_views, viewed_rows  # noqa: E402
 
 NO_CELL = "no cell found"
 SINGLE_VIEW_MODELS = ("CNN only", "CNN+GNN")  # the served crop only: what the stream records per cell
-VIEWS_MODEL = f"CNN+GNN, {VIEWS} views"  # embeddings averaged over every flip and quarter-turn: classify's answer
-CELL_MODELS = (*SINGLE_VIEW_MODELS, VIEWS_MODEL)
-MODELS = ("seed baseline", *CELL_MODELS)
+
+
+def views_model(views: int) -> str:
+    """The row of CNN+GNN on embeddings averaged over `views` views (`training/views.py`)."""
+    return f"CNN+GNN, {views} views"
+
+
+VIEWS_MODEL = views_model(VIEWS)  # every flip and quarter-turn at every scale: classify's answer
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 NUM_WBC, NUM_NUCLEATED = len(WBC_CLASSES), len(NUCLEATED_CLASSES)
 PBC_TEST_CLASSES = (*NUCLEATED_CLASSES, "platelet")
@@ -84,7 +89,8 @@ PBC_TEST_CLASSES = (*NUCLEATED_CLASSES, "platelet")
 
 class Models:
     """The three models, loaded once; cell probabilities are calibrated with calibration.json's temperatures.
-    With `views` = VIEWS, CNN+GNN is also scored on the embeddings averaged over each crop's eight views."""
+    With `views` > 1, CNN+GNN is also scored on the embeddings averaged over each crop's first `views` views (its row:
+    `views_model(views)`)."""
 
     def __init__(self, weights_dir: Path, views: int = VIEWS) -> None:
         embedder, gnn, self.meta = load_models(weights_dir)
@@ -97,7 +103,7 @@ class Models:
     @property
     def cell_models(self) -> tuple[str, ...]:
         """The cell-level models `cell_probs` answers for."""
-        return CELL_MODELS if self.views > 1 else SINGLE_VIEW_MODELS
+        return (*SINGLE_VIEW_MODELS, views_model(self.views)) if self.views > 1 else SINGLE_VIEW_MODELS
 
     @classmethod
     def of_stages(cls, embedder: CropEmbedder, gnn: CellGraphNet, views: int = 1) -> Models:
@@ -122,7 +128,7 @@ class Models:
                 mean = served.clone()
                 mean[rows[index]] = torch.from_numpy(np.mean([served_embeddings[index][rows[index]],
                                                               *(viewed[index] for viewed in other_views)], axis=0))
-                out[VIEWS_MODEL].append(self._graph_probs(frame, mean))
+                out[views_model(self.views)].append(self._graph_probs(frame, mean))
         return out
 
     def _cnn_probs(self, embeddings: torch.Tensor) -> np.ndarray:
@@ -395,7 +401,7 @@ def markdown(report: dict) -> str:
     four, simple, bccd, pbc = (report["4class_test"], report["4class_test_simple"], report["bccd_heldout"],
                                report["pbc_test"])
     txl = report.get("txl_pbc_test")
-    scored = [name for name in CELL_MODELS if name in pbc["images"]]  # reports from before the eight-view row lack it
+    scored = [name for name in pbc["images"] if name in SINGLE_VIEW_MODELS or name.startswith("CNN+GNN, ")]
     lines = [
         "| model | 4-class TEST images (2,487) | macro-F1 | per source frame (frames) | macro-F1 | TEST_SIMPLE (71) "
         "| BCCD held-out WBC nodes | PBC test, 5 WBC classes | PBC test, all 7 nucleated | IG recall | NRBC recall "
@@ -558,8 +564,9 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "the detector's graphs was no better (README \"Detector\", docs/results/detector).",
         f"- The results below are on {cells_by}'s cells (`leukograph evaluate --localizer`); the other localiser's "
         f"are in {other_results}.",
-        "- \"CNN+GNN, 8 views\": the white-cell candidates' embeddings averaged over the crop's eight flips and "
-        "quarter-turns before the GNN (`training/views.py`), the image-level answer `leukograph classify` gives; the "
+        f"- \"{VIEWS_MODEL}\": the white-cell candidates' embeddings averaged over the crop's {DIHEDRAL} flips and "
+        f"quarter-turns, each with the cell at {', '.join(f'{s:g}' for s in VIEW_SCALES)} times its size in the crop, "
+        "before the GNN (`training/views.py`), the image-level answer `leukograph classify` gives; the "
         "served pipeline and the stream label every cell from the one served view (the CNN+GNN rows).",
         "",
         "## Data and split", "",
@@ -613,6 +620,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help="where results go; the README table is rewritten only for the default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=VIEWS,
+                        help=f"the last CNN+GNN row reads each white cell in this many views, as `leukograph classify "
+                        f"--views` does (default {VIEWS}; training/views.py)")
     parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
                         help="who finds the cells: server, the learned detector the served ensemble runs first; "
                         "client, the classical localiser (default %(default)s)")
@@ -643,13 +653,14 @@ def accuracy_over(metrics: dict, classes: tuple[str, ...]) -> float:
     return sum(c["recall"] * c["support"] for c in per_class) / support if support else 0.0
 
 
-def leave_one_source_out(specs: list[str], data_root: str | None, threshold: float) -> list[dict]:
+def leave_one_source_out(specs: list[str], data_root: str | None, threshold: float,
+                         views: int = VIEWS) -> list[dict]:
     """Weights trained without a source, scored on that source's test part (image level). Without PBC, also over
     the images of the classes the other labs label (TAUGHT_WITHOUT_PBC)."""
     rows = []
     for spec in specs:
         source, _, folder = spec.partition("=")
-        models = Models(Path(folder))
+        models = Models(Path(folder), views)
         if source == "pbc":
             result = evaluate_pbc(models, data_root, threshold)
             rows.append({"without": "PBC (+ TXL-PBC's PBC images)", "tested_on": "PBC test, 7 nucleated classes",
@@ -674,7 +685,7 @@ def main(args: argparse.Namespace) -> int:
         return evaluate_int8(args)
     started = time.time()
     use_localizer(args.localizer)
-    models = Models(args.weights)
+    models = Models(args.weights, args.views)
     calibration = models.meta["calibration"]
     threshold = UNIDENTIFIED_THRESHOLD
     report = {
@@ -691,11 +702,12 @@ def main(args: argparse.Namespace) -> int:
         "stain_shift": stain_shift_robustness(models, args.data_root),
         "weights": {k: {"epoch": v["epoch"], "metrics": {"val": v["metrics"].get("val")}}
                     for k, v in models.meta.items() if k in ("cnn", "gnn")},
-        "command": "leukograph evaluate",
+        "command": "leukograph evaluate" + (f" --views {args.views}" if args.views != VIEWS else ""),
+        "views": args.views,
         "cells_found_by": args.localizer,
     }
     if args.loso:
-        report["leave_one_source_out"] = leave_one_source_out(args.loso, args.data_root, threshold)
+        report["leave_one_source_out"] = leave_one_source_out(args.loso, args.data_root, threshold, args.views)
     if args.seed_report:
         report["seeds"] = {"committed": {k: report[k] for k in ("4class_test", "4class_test_simple", "bccd_heldout",
                                                                 "pbc_test", "stain_shift")}}
@@ -711,7 +723,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "evaluation.md").write_text(markdown(report))
-    for name in MODELS:
+    for name in ("seed baseline", *models.cell_models):
         slug = name.lower().replace(",", "").replace(" ", "_").replace("+", "_")
         plot_confusion(report["4class_test"]["images"][name], WBC_CLASSES, f"{name}: 4-class TEST images",
                        out / f"confusion_4class_test_{slug}.png")

@@ -26,7 +26,7 @@ from leukograph.deploy.paths import WEIGHTS_DIR, shown_path
 from leukograph.deploy.readme import replace_section
 from leukograph.training.classify import Classifier, centred_in_field
 from leukograph.training.datasets import load_pbc
-from leukograph.training.views import VIEWS
+from leukograph.training.views import VIEW_COUNTS, VIEWS
 
 FIELD_SIDE = 1000  # px: the wide field a PBC crop is placed in
 
@@ -114,7 +114,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="weights folders (cnn.pt + gnn.pt; default: the release)")
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="PBC split the images come from (choose on val; default %(default)s)")
-    parser.add_argument("--views", type=int, choices=(1, VIEWS), default=VIEWS)
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=VIEWS)
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="the first N images of the split only (a quick check; not for figures)")
     parser.add_argument("--threads", type=int, default=2)

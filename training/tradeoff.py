@@ -11,7 +11,7 @@ per cell. Writes JSON and the README's `tradeoff` section.
 selects on; no test data), per source: labelled nucleated cells right over the seven nucleated classes, and over the
 five white-cell classes. This is how training recipes are compared for an unseen lab: a CNN trained with
 `--exclude-source pbc` is scored on PBC's validation cells, which it never saw. A weights folder (cnn.pt + gnn.pt)
-gives three rows: its CNN alone, CNN+GNN, and CNN+GNN with the white-cell candidates read in eight views (as
+gives three rows: its CNN alone, CNN+GNN, and CNN+GNN with the white-cell candidates read in every view (as
 `leukograph classify` answers).
 """
 
@@ -43,7 +43,7 @@ from leukograph.training.embedding import embed_frames
 from leukograph.training.export import export_stage
 from leukograph.training.metrics import NUM_NUCLEATED, image_prediction, labelled_nucleated
 from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage
-from leukograph.training.views import VIEWS
+from leukograph.training.views import VIEW_COUNTS, VIEWS
 
 NUM_WBC = len(WBC_CLASSES)
 TIMING_CELLS = 128
@@ -192,13 +192,13 @@ def _validation_scores(name: str, crop: int, truth: np.ndarray, probs: np.ndarra
 
 
 def validation_rows_of_weights(folder: Path, data_root: str | None,
-                               cells_by_side: dict[int, list[FrameCells]]) -> list[dict]:
+                               cells_by_side: dict[int, list[FrameCells]], views: int = VIEWS) -> list[dict]:
     """A weights folder (cnn.pt + gnn.pt): one row per model `leukograph evaluate` scores (CNN only, CNN+GNN,
-    CNN+GNN with the white-cell candidates read in eight views), on every source's validation cells."""
+    CNN+GNN with the white-cell candidates read in `views` views), on every source's validation cells."""
     from leukograph.training.evaluate import Models
 
     embedder, gnn, _ = load_models(folder)
-    models = Models.of_stages(embedder, gnn, views=VIEWS)
+    models = Models.of_stages(embedder, gnn, views=views)
     frames = _validation_frames(embedder.crop_size, data_root, cells_by_side)
     probs = models.cell_probs(frames)
     return [_validation_scores(f"{shown_path(folder)} ({name})", embedder.crop_size,
@@ -240,11 +240,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      add_help=add_help)
     parser.add_argument("checkpoints", nargs="+", type=Path,
                         help="cnn.pt files (e.g. one per width); with --split validation also weights folders (cnn.pt "
-                        "+ gnn.pt), scored as CNN only, CNN+GNN and CNN+GNN in eight views")
+                        "+ gnn.pt), scored as CNN only, CNN+GNN and CNN+GNN in --views views")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "docs" / "results" / "tradeoff.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's tradeoff section")
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=VIEWS,
+                        help="with --split validation: the views a weights folder's last row reads (training/views.py)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="test: accuracy on the test sources and ms per cell (default); validation: accuracy on "
                         "every source's validation cells (for comparing recipes; writes JSON only)")
@@ -260,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
         cells_by_side: dict[int, list[FrameCells]] = {}
         rows = []
         for path in args.checkpoints:
-            rows += (validation_rows_of_weights(path, args.data_root, cells_by_side) if path.is_dir()
+            rows += (validation_rows_of_weights(path, args.data_root, cells_by_side, args.views) if path.is_dir()
                      else [validation_row(path, args.data_root, cells_by_side)])
         result = {"split": "validation", "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
