@@ -197,6 +197,27 @@ def test_domain_generalisation_options_train(tmp_path: Path) -> None:
     assert load_cnn(release / "cnn.pt").crop_size == 64
 
 
+def test_cnn_ema_validates_and_releases_the_average_and_resumes_it(tmp_path: Path) -> None:
+    """--cnn-ema keeps a moving average of the CNN's weights: the average, not the last weights, is validated and
+    becomes the best (released) checkpoint; --resume carries the average on from where it stopped."""
+    run, release = tmp_path / "run", tmp_path / "release"
+    common = [*CLI, *SMOKE, "--stages", "cnn", "--cnn-ema", "0.5", "--output-dir", str(run), "--release-dir",
+              str(release)]
+    first = subprocess.run([*common, "--cnn-epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    raw = torch.load(run / "cnn_last.pt", weights_only=True)
+    average = torch.load(run / "cnn_average_last.pt", weights_only=True)
+    released = torch.load(release / "cnn.pt", weights_only=True)
+    steps = average["metrics"]["n_averaged"]
+    assert average["epoch"] == 1 and steps >= 1
+    assert all(torch.equal(released["model"][k], average["model"][k]) for k in average["model"])
+    assert not all(torch.equal(raw["model"][k], average["model"][k]) for k in raw["model"])
+    second = subprocess.run([*common, "--cnn-epochs", "2", "--resume"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed = torch.load(run / "cnn_average_last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["metrics"]["n_averaged"] > steps
+
+
 def test_gnn_widen_moves_only_the_frame_relative_geometry() -> None:
     """--gnn-widen reads a training frame as part of a wider field: the kNN graph, labels and the cells-relative
     geometry stay; the centroid / frame and median cell / frame features change; 1 leaves the graph as it was."""

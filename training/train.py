@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader as GraphLoader
 from tqdm import tqdm
@@ -238,8 +239,9 @@ def unlabelled_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, thre
 
 def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                     batch_size: int, seed: int, label_smoothing: float = 0.1, strength: float = 1.0,
-                    unlabelled: Unlabelled | None = None) -> float:
-    """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are."""
+                    unlabelled: Unlabelled | None = None, average: AveragedModel | None = None) -> float:
+    """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are. `average`:
+    a moving average of the weights, updated after every step (`--cnn-ema`)."""
     model.train()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed + epoch)
@@ -263,6 +265,8 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(model)
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)
@@ -285,18 +289,27 @@ def _resume_state(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[i
 
 
 def _fit(name: str, model: nn.Module, epochs: int, steps_per_epoch: int, lr: float, weight_decay: float,
-         run_dir: Path, args: argparse.Namespace, config: dict, run_epoch, validate) -> dict:
-    """The shared epoch loop: train, validate, keep last and best (by validation macro-F1) checkpoints."""
+         run_dir: Path, args: argparse.Namespace, config: dict, run_epoch, validate,
+         average: AveragedModel | None = None) -> dict:
+    """The shared epoch loop: train, validate, keep last and best (by validation macro-F1) checkpoints. With
+    `average` (a moving average of `model`'s weights), the average is validated and kept as the best checkpoint,
+    and its last state is saved beside the model's for `--resume`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(epochs * steps_per_epoch, 1),
                                                     pct_start=0.15)
     last, best_path = run_dir / f"{name}_last.pt", run_dir / f"{name}_best.pt"
+    average_last = run_dir / f"{name}_average_last.pt"
     start_epoch, metrics = (_resume_state(last, model, optimizer, scheduler) if args.resume else (0, {}))
+    if average is not None and start_epoch:
+        saved = load_checkpoint(average_last)
+        average.module.load_state_dict(saved["model"])
+        average.n_averaged.fill_(saved["metrics"]["n_averaged"])
+    kept = average.module if average is not None else model  # what is validated and released
     best = metrics.get("best_score", -1.0)
     for epoch in range(start_epoch, epochs):
         started = time.time()
         loss = run_epoch(model, optimizer, scheduler, epoch)
-        val = validate(model)
+        val = validate(kept)
         score = val["score"]
         line = {"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(v, 4) for k, v in val.items()},
                 "seconds": round(time.time() - started, 1)}
@@ -304,8 +317,11 @@ def _fit(name: str, model: nn.Module, epochs: int, steps_per_epoch: int, lr: flo
         history = [*metrics.get("history", []), line]
         if score > best:
             best = score
-            save_checkpoint(best_path, model, None, epoch + 1, args, {"val": val, "history": history}, config)
+            save_checkpoint(best_path, kept, None, epoch + 1, args, {"val": val, "history": history}, config)
         metrics = {"history": history, "best_score": best, "scheduler": scheduler.state_dict()}
+        if average is not None:  # first: a resumed run never finds the model's epoch ahead of its average
+            save_checkpoint(average_last, average.module, None, epoch + 1, args,
+                            {"n_averaged": int(average.n_averaged)}, config)
         save_checkpoint(last, model, optimizer, epoch + 1, args, metrics, config)
     if not best_path.exists():  # zero epochs requested after resume: keep what we have
         shutil.copy(last, best_path)
@@ -330,15 +346,18 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     # an epoch's size varies with the context draw: schedule for the largest possible epoch
     steps = -(-(len(sampler.nucleated) + sum(bool(c) for c in sampler.context)) // args.batch_size)
 
+    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.cnn_ema), use_buffers=True)
+               if args.cnn_ema > 0 else None)
+
     def run_epoch(model, optimizer, scheduler, epoch):
         return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed,
-                               strength=args.aug_strength, unlabelled=unlabelled)
+                               strength=args.aug_strength, unlabelled=unlabelled, average=average)
 
     def validate(model):
         return cell_metrics(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
 
     best = _fit("cnn", model, args.cnn_epochs, steps, args.lr, args.weight_decay, run_dir, args, config, run_epoch,
-                validate)
+                validate, average)
     model.load_state_dict(best["model"])
     return model.eval()
 
@@ -558,6 +577,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="weight of the consistency term on unlabelled white cells (0 = off; default %(default)s)")
     parser.add_argument("--pseudo-threshold", type=float, default=0.95,
                         help="confidence a weak view needs to be a target for the consistency term")
+    parser.add_argument("--cnn-ema", type=float, default=0.0, metavar="DECAY",
+                        help="validate and release an exponential moving average of the CNN's weights and BatchNorm "
+                        "statistics, updated every step with this decay (e.g. 0.999; 0 = off, the default)")
     parser.add_argument("--gnn-epochs", type=int, default=25)
     parser.add_argument("--gnn-lr", type=float, default=3e-3)
     parser.add_argument("--gnn-hidden", type=int, default=64)
