@@ -579,7 +579,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="confidence a weak view needs to be a target for the consistency term")
     parser.add_argument("--cnn-ema", type=float, default=0.0, metavar="DECAY",
                         help="validate and release an exponential moving average of the CNN's weights and BatchNorm "
-                        "statistics, updated every step with this decay (e.g. 0.999; 0 = off, the default)")
+                        "statistics, updated every step with this decay (0.99: about the last 100 optimiser "
+                        "steps; 0 = off, the default)")
     parser.add_argument("--gnn-epochs", type=int, default=25)
     parser.add_argument("--gnn-lr", type=float, default=3e-3)
     parser.add_argument("--gnn-hidden", type=int, default=64)
