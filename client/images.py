@@ -139,6 +139,9 @@ def list_images(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, s
     problems: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
+        if str(raw) == "":  # Path("") is the working directory: an unset shell variable must not walk it
+            problems.append((Path(repr(str(raw))), "empty path"))  # shown as '' rather than "."
+            continue
         try:
             if path.is_dir():
                 _walk(path, images, problems)
