@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leukograph.client.contract import CELL_KINDS
+from leukograph.training.augment import stored_to_served
 from leukograph.training.models import STORE_ZOOM, served_size
 
 DIHEDRAL = 8  # flips and quarter-turns
@@ -68,11 +69,11 @@ def view_stored(crops: np.ndarray, view: int, zoom: float = STORE_ZOOM) -> Tenso
     """View `view` of uint8 stored crops [B, S, S, 3] (a `zoom` times wider view than the served crop, same pixel
     grid) -> float [B, 3, C, C] in 0..1. At scale 1 the served crop exactly; at scale s the C samples of a region
     1/s times the served one, taken where the frame's crop would take them (bilinear within the stored crop)."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    stored, side, scale = x.shape[-1], served_size(x.shape[-1], zoom), view_scale(view)
+    scale = view_scale(view)
     if scale == 1.0:
-        pad = (stored - side) // 2
-        return view_crops(x[:, :, pad:pad + side, pad:pad + side].contiguous(), view)
+        return view_crops(stored_to_served(crops, zoom), view)
+    x = stored_to_served(crops, 1.0)  # zoom 1: the whole stored crop, as float
+    stored, side = x.shape[-1], served_size(x.shape[-1], zoom)
     if side / scale > stored:
         raise ValueError(f"scale {scale} needs a view {side / scale:.0f} px wide; the stored crops hold {stored}")
     steps = ((torch.arange(side, dtype=torch.float32) + 0.5) - side / 2) / scale  # stored px from the centre
