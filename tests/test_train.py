@@ -185,16 +185,45 @@ def test_unlabelled_loss_follows_confident_weak_views_only() -> None:
 
 
 def test_domain_generalisation_options_train(tmp_path: Path) -> None:
-    """--mixstyle and --unlabelled-weight train a CNN whose checkpoint loads like any other."""
+    """--mixstyle, --unlabelled-weight and --amplitude-mix train a CNN whose checkpoint loads like any other."""
     run, release = tmp_path / "run", tmp_path / "release"
     result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--mixstyle", "0.5",
-                             "--unlabelled-weight", "1", "--output-dir", str(run), "--release-dir", str(release)],
+                             "--unlabelled-weight", "1", "--amplitude-mix", "0.5", "--output-dir", str(run),
+                             "--release-dir", str(release)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unlabelled white cells for the consistency term: " in result.stdout
     from leukograph.training.checkpoints import load_cnn
 
     assert load_cnn(release / "cnn.pt").crop_size == 64
+
+
+def test_amplitude_mix_keeps_the_phase_and_mixes_the_amplitude() -> None:
+    """On real BCCD crops: p = 0 returns the crops and draws nothing; p = 1 keeps each crop's phase (up to the 0..1
+    clip) and mixes its amplitude with one donor's, so each crop's mean colour (the zero-frequency term) moves
+    toward the donor's along a straight line."""
+    from leukograph.client.images import read_image
+    from leukograph.training.augment import amplitude_mix
+    from leukograph.training.models import crop_cells
+
+    frame = load_bccd()[0]
+    boxes = torch.tensor([b.box for b in frame.boxes], dtype=torch.float32)
+    crops = crop_cells(torch.from_numpy(read_image(frame.image_path)), boxes)[:8]  # float 0..1
+    donor = crops.flip(1)[:1]  # one donor with other colours: channels reversed
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert amplitude_mix(crops, donor, generator, 0.0) is crops and torch.equal(generator.get_state(), state)
+    mixed = amplitude_mix(crops, donor, generator, 1.0)
+    assert mixed.shape == crops.shape and mixed.min() >= 0 and mixed.max() <= 1
+    unclipped = (mixed > 0.01) & (mixed < 0.99)
+    assert unclipped.float().mean() > 0.95
+    own, other, got = (t.mean(dim=(2, 3)) for t in (crops, donor.expand_as(crops), mixed))
+    weight = ((got - own) * (other - own)).sum(1) / ((other - own) ** 2).sum(1)  # projection on the line
+    assert ((weight > 0) & (weight < 1)).all()
+    assert torch.allclose(got, own + weight[:, None] * (other - own), atol=0.01)
+    phase = torch.fft.fft2(mixed).angle() - torch.fft.fft2(crops).angle()
+    low = torch.fft.fft2(crops).abs() > 1.0  # where the phase is defined well
+    assert torch.cos(phase[low]).mean() > 0.95
 
 
 def test_cnn_ema_validates_and_releases_the_average_and_resumes_it(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ What varies between labs, and what stands in for it here:
   a 100x oil crop's 300 px; both reach the CNN at its crop side);
 * stain: HED (haematoxylin / eosin / DAB optical density) scale and shift, hue rotation, saturation, per-channel gain,
   brightness, contrast, gamma, grayscale;
-* optics: Gaussian blur (focus), sensor noise, JPEG compression, vignetting.
+* optics: Gaussian blur (focus), sensor noise, JPEG compression, vignetting;
+* another lab's look as a whole (`amplitude_mix`, off by default): a crop's Fourier amplitude mixed with another
+  crop's, often one from a lab whose cells carry no labels.
 """
 
 from __future__ import annotations
@@ -156,6 +158,22 @@ def optics(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tens
                 decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].copy()
                 x[index] = torch.from_numpy(decoded).permute(2, 0, 1).float() / 255.0
     return x
+
+
+def amplitude_mix(x: Tensor, donors: Tensor, generator: torch.Generator, p: float) -> Tensor:
+    """Fourier amplitude mix (Xu et al., "A Fourier-based framework for domain generalization", CVPR 2021) of float
+    RGB [B,3,H,W] in 0..1: with probability `p` per crop, its amplitude spectrum becomes a random convex mix (weight
+    ~ U(0, 1) of the donor's) of its own and a random donor crop's [D,3,H,W], its phase is kept. Phase carries most
+    of a cell's shape, amplitude most of a lab's stain, contrast, sharpness and noise."""
+    if p <= 0:  # off: draws nothing, so the other augmentations' random streams stay as they were
+        return x
+    n = x.shape[0]
+    chosen = _chance(generator, n, p)
+    donor = donors[torch.randint(len(donors), (n,), generator=generator)]
+    weight = (_uniform(generator, n, 0.0, 1.0) * chosen.float()).view(n, 1, 1, 1)
+    spectrum = torch.fft.fft2(x)
+    amplitude = (1 - weight) * spectrum.abs() + weight * torch.fft.fft2(donor).abs()
+    return torch.fft.ifft2(torch.polar(amplitude, spectrum.angle())).real.clamp(0, 1).contiguous()
 
 
 def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from leukograph.client.contract import CLASSES, CROP_SIZE, LOCALIZERS, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import WEIGHTS_DIR
-from leukograph.training.augment import augment_batch
+from leukograph.training.augment import amplitude_mix, augment_batch
 from leukograph.training.cells import (
     DEFAULT_LOCALIZER,
     IGNORE,
@@ -239,9 +239,12 @@ def unlabelled_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, thre
 
 def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                     batch_size: int, seed: int, label_smoothing: float = 0.1, strength: float = 1.0,
-                    unlabelled: Unlabelled | None = None, average: AveragedModel | None = None) -> float:
+                    unlabelled: Unlabelled | None = None, average: AveragedModel | None = None,
+                    amplitude: float = 0.0) -> float:
     """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are. `average`:
-    a moving average of the weights, updated after every step (`--cnn-ema`)."""
+    a moving average of the weights, updated after every step (`--cnn-ema`). `amplitude`: share of labelled crops
+    given another crop's Fourier amplitude in part (`--amplitude-mix`), drawn from the batch and its lightly
+    augmented unlabelled cells."""
     model.train()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed + epoch)
@@ -256,6 +259,7 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
             extra = sampler.unlabelled_batch(rng, max(1, round(len(labels) * unlabelled.share)))
             views += [augment_batch(extra, generator, STORE_ZOOM, 0.0), augment_batch(extra, generator, STORE_ZOOM,
                                                                                       strength)]
+        views[0] = amplitude_mix(views[0], torch.cat(views[:2]), generator, amplitude)
         _, logits_all = model(torch.cat(views).to(device))  # one pass: BatchNorm sees every view together
         logits, *weak_and_strong = logits_all.split([len(view) for view in views])
         loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
@@ -351,7 +355,8 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
 
     def run_epoch(model, optimizer, scheduler, epoch):
         return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed,
-                               strength=args.aug_strength, unlabelled=unlabelled, average=average)
+                               strength=args.aug_strength, unlabelled=unlabelled, average=average,
+                               amplitude=args.amplitude_mix)
 
     def validate(model):
         return cell_metrics(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
@@ -573,6 +578,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="scales every augmentation range of the CNN's crops (training/augment.py)")
     parser.add_argument("--mixstyle", type=float, default=0.0, metavar="P",
                         help="MixStyle after the CNN's first two blocks with probability P per batch (0 = off)")
+    parser.add_argument("--amplitude-mix", type=float, default=0.0, metavar="P",
+                        help="give a share P of the labelled crops another crop's Fourier amplitude in part, often "
+                        "an unlabelled lab's (0 = off, the default)")
     parser.add_argument("--unlabelled-weight", type=float, default=1.0,
                         help="weight of the consistency term on unlabelled white cells (0 = off; default %(default)s)")
     parser.add_argument("--pseudo-threshold", type=float, default=0.95,
