@@ -234,6 +234,48 @@ def test_a_cell_too_large_for_the_detector_is_found_in_a_zoomed_out_field(tmp_pa
     assert "WBC box found in a zoomed-out field" in run_cli(str(paths[0])).stdout
 
 
+def test_a_cell_that_fills_the_image_is_answered_in_a_zoomed_out_field(tmp_path: Path) -> None:
+    """PBC test cells magnified 2x and cut to the image, where the detector does find the WBC box but it spans
+    LARGE_CELL or more of the image's shorter side: classify answers in a field LARGE_CELL_FIELD times the image's
+    size (`found_by` "large cell"), the answer `answer_in_field` gives, with the box mapped back into the image.
+    PBC's own framing stays below the limit (the single-cell test above: `found_by` "detector")."""
+    from leukograph.client.contract import WBC_CLASSES
+    from leukograph.client.localize import WBC
+    from leukograph.training.classify import LARGE_CELL, LARGE_CELL_FIELD, Classifier, fills_image
+    from leukograph.training.datasets import load_pbc
+    from leukograph.training.framing import magnified
+
+    assert fills_image([0, 0, 60, 10], (100, 200, 3)) and not fills_image([0, 0, 59, 59], (100, 200, 3))
+    classifier = Classifier(views=1)
+    large = []
+    for item in (img for img in load_pbc() if img.split == "test" and img.label in WBC_CLASSES):
+        image = magnified(2.0)(read_image(item.path))
+        cells = classifier.find_cells(image)
+        wbc = cells.boxes[cells.kinds == WBC]
+        if len(wbc) == 1 and fills_image(list(wbc[0]), image.shape):
+            large.append(image)
+        if len(large) == 2:
+            break
+    assert len(large) == 2
+    paths = []
+    for k, image in enumerate(large):
+        paths.append(tmp_path / f"large-{k}.png")
+        cv2.imwrite(str(paths[-1]), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    result = run_cli(*map(str, paths), "--json", "--views", "1")
+    assert result.returncode == 0, result.stderr
+    for image, record in zip(large, map(json.loads, result.stdout.splitlines())):
+        white = record["white_cell"]
+        assert white["found_by"] == "large cell" and white["cell_index"] is None
+        expected = classifier.answer_in_field(image, LARGE_CELL_FIELD)
+        assert white["class"] == expected["class"] in WBC_CLASSES and white["box"] == expected["box"]
+        height, width = image.shape[:2]
+        x1, y1, x2, y2 = white["box"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        assert any(c["kind"] == "wbc" and max(c["box"][2] - c["box"][0], c["box"][3] - c["box"][1])
+                   >= LARGE_CELL * min(height, width) for c in record["cells"])  # the served cells stay as found
+    assert "the cell fills the image: answered in a zoomed-out field" in run_cli(str(paths[0]), "--views", "1").stdout
+
+
 def test_framing_reports_each_framing_from_the_classify_answer(tmp_path: Path) -> None:
     """`leukograph framing` scores classify's own answer on PBC validation cells in each framing."""
     from leukograph.training.framing import FRAMINGS

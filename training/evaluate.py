@@ -609,8 +609,9 @@ def framing_limits(path: Path) -> list[str]:
     figures = "; ".join(f"{name}: {100 * row['accuracy']:.1f}%" for name, row in rows.items())
     return [f"- Framing (`{report['command']}`: PBC {report['split']} white cells framed as other labs frame them, "
             f"`classify`'s answer): {figures}. A cell cut by the image's edge (a tight crop, a higher magnification) "
-            "or small in a wide field costs accuracy; where the detector finds no white cell, `classify` searches a "
-            "zoomed-out field before it answers from the image's centre."]
+            "or small in a wide field costs accuracy; where the white cell fills the image, `classify` answers in a "
+            "field twice the image's size, and where the detector finds no white cell, it searches a zoomed-out field "
+            "before it answers from the image's centre."]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
