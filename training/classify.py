@@ -170,12 +170,10 @@ class Classifier:
     def zoomed_out_cells(self, image: np.ndarray) -> Cells | None:
         """The cells found in the first ZOOM_OUT field that shows a WBC box, mapped back into the image (clipped),
         or None."""
-        height, width = image.shape[:2]
-        limits = np.array([width, height, width, height], np.float32)
         for factor in ZOOM_OUT:
             field, offset = zoomed_out(image, factor)
             found = self.find_cells(field)
-            boxes = np.clip(found.boxes - offset, 0.0, limits)
+            boxes = field_boxes_in_image(found.boxes, offset, image.shape)
             keep = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= 2.0  # still inside the image
             if (found.kinds[keep] == WBC).any():
                 return Cells(boxes[keep], found.kinds[keep], found.scores[keep])
@@ -209,8 +207,7 @@ class Classifier:
             return None
         answer = white_cell_json(prediction.cells, self.answer_probs(field, prediction.cells, prediction),
                                  candidates, "large cell", self.views)
-        height, width = image.shape[:2]
-        box = np.clip(np.asarray(answer["box"], np.float32) - offset, 0.0, [width, height, width, height])
+        box = field_boxes_in_image(np.asarray([answer["box"]], np.float32), offset, image.shape)[0]
         return {**answer, "box": [round(float(v), 1) for v in box], "cell_index": None}  # not one of the listed cells
 
     def centre_answer(self, image: np.ndarray, prediction: Prediction) -> dict:
@@ -238,6 +235,12 @@ class Classifier:
         result = {"path": str(path), "white_cell": self.white_cell(image, prediction),
                   "cells": cells_json(prediction.cells, prediction.probs)}
         return result, image, prediction
+
+
+def field_boxes_in_image(boxes: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Boxes [N,4] found in a `zoomed_out` field, mapped back into the image and clipped to it."""
+    height, width = shape[:2]
+    return np.clip(boxes - offset, 0.0, np.array([width, height, width, height], np.float32))
 
 
 def fills_image(box: list[float], shape: tuple[int, ...]) -> bool:

@@ -259,7 +259,8 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
             extra = sampler.unlabelled_batch(rng, max(1, round(len(labels) * unlabelled.share)))
             views += [augment_batch(extra, generator, STORE_ZOOM, 0.0), augment_batch(extra, generator, STORE_ZOOM,
                                                                                       strength)]
-        views[0] = amplitude_mix(views[0], torch.cat(views[:2]), generator, amplitude)
+        if amplitude > 0:  # donors: the batch and its lightly augmented unlabelled cells
+            views[0] = amplitude_mix(views[0], torch.cat(views[:2]), generator, amplitude)
         _, logits_all = model(torch.cat(views).to(device))  # one pass: BatchNorm sees every view together
         logits, *weak_and_strong = logits_all.split([len(view) for view in views])
         loss = F.cross_entropy(logits, labels.to(device), label_smoothing=label_smoothing)
