@@ -183,30 +183,33 @@ class Classifier:
         """The image-level answer: the most white-cell-like WBC box of the image, else of a zoomed-out field, else
         of the image's cells and a centred square."""
         found_by = "detector" if self.localizer == "server" else "localiser"
-        candidates = np.flatnonzero(prediction.cells.kinds == WBC)
-        if len(candidates):
-            probs = self.answer_probs(image, prediction.cells, prediction)
-            answer = white_cell_json(prediction.cells, probs, candidates, found_by, self.views)
+        answer = self.wbc_box_answer(image, prediction.cells, found_by, prediction)
+        if answer is not None:
             if fills_image(answer["box"], image.shape):
                 return self.answer_in_field(image, LARGE_CELL_FIELD) or answer
             return answer
         zoomed = self.zoomed_out_cells(image)
         if zoomed is not None:
-            result = white_cell_json(zoomed, self.answer_probs(image, zoomed), np.flatnonzero(zoomed.kinds == WBC),
-                                     "zoomed out", self.views)
-            return {**result, "cell_index": None}  # not one of the listed cells
+            return {**self.wbc_box_answer(image, zoomed, "zoomed out"), "cell_index": None}  # not a listed cell
         return self.centre_answer(image, prediction)
+
+    def wbc_box_answer(self, image: np.ndarray, cells: Cells, found_by: str,
+                       prediction: Prediction | None = None) -> dict | None:
+        """The white-cell answer from the WBC boxes of `cells` (`white_cell_json`; `prediction`: the served run of
+        these cells, reused as in `answer_probs`), or None where there is none."""
+        candidates = np.flatnonzero(cells.kinds == WBC)
+        if len(candidates) == 0:
+            return None
+        return white_cell_json(cells, self.answer_probs(image, cells, prediction), candidates, found_by, self.views)
 
     def answer_in_field(self, image: np.ndarray, factor: float) -> dict | None:
         """The white-cell answer read in the image centred in a field `factor` times its size (`zoomed_out`), its
         box mapped back into the image (clipped); None where the field shows no WBC box."""
         field, offset = zoomed_out(image, factor)
         prediction = self.predict(field)
-        candidates = np.flatnonzero(prediction.cells.kinds == WBC)
-        if len(candidates) == 0:
+        answer = self.wbc_box_answer(field, prediction.cells, "large cell", prediction)
+        if answer is None:
             return None
-        answer = white_cell_json(prediction.cells, self.answer_probs(field, prediction.cells, prediction),
-                                 candidates, "large cell", self.views)
         box = field_boxes_in_image(np.asarray([answer["box"]], np.float32), offset, image.shape)[0]
         return {**answer, "box": [round(float(v), 1) for v in box], "cell_index": None}  # not one of the listed cells
 
