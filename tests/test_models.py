@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,42 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
         calibrated = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)) / gnn.temperature, 1)
         assert gnn.temperature != 1.0 and torch.allclose(served, calibrated, atol=1e-6)
         assert torch.equal(labels, dense.argmax(1).to(torch.int32))
+
+
+def test_cnn_blend_is_a_log_linear_pool_of_the_two_calibrated_models(models, held_out_images) -> None:
+    """With `set_cnn_blend`, the served PROBS (PyG and dense alike) are softmax((GNN + w x CNN) / T): for
+    w = a T_gnn / ((1 - a) T_cnn) and T = T_gnn / (1 - a), the log-linear pool
+    (1 - a) x GNN / T_gnn + a x CNN / T_cnn."""
+    embedder, trained = models
+    gnn = copy.deepcopy(trained)
+    t_gnn, t_cnn, a = 1.3, 0.8, 0.4
+    image = held_out_images[0]
+    b = torch.from_numpy(localize(image).boxes)
+    count = torch.tensor([len(b)], dtype=torch.int32)
+    with torch.no_grad():
+        embeddings, frame_size = CropEmbedderStage(embedder)(torch.from_numpy(image), b, count)
+        x = gnn.node_inputs(embeddings, b, frame_size)
+        gnn.set_cnn_blend(embedder.classifier, 0.0)
+        alone = gnn.forward_dense(x, dense_mean_adjacency(b, frame_size))
+        gnn.set_cnn_blend(embedder.classifier, a * t_gnn / ((1 - a) * t_cnn))
+        gnn.temperature.fill_(t_gnn / (1 - a))
+        served, _ = CellGraphStage(gnn)(embeddings, b, frame_size, count)
+        pyg = torch.softmax(gnn(x, knn_edge_index(b, frame_size)) / gnn.temperature, 1)
+    pooled = torch.softmax((1 - a) * alone / t_gnn + a * embedder.classifier(embeddings) / t_cnn, 1)
+    assert torch.allclose(served, pooled, atol=1e-5) and torch.allclose(pyg, pooled, atol=1e-5)
+
+
+def test_a_gnn_saved_before_the_cnn_blend_loads_as_the_gnn_alone(models, tmp_path) -> None:
+    from leukograph.training.checkpoints import CNN_FILE, GNN_FILE
+
+    embedder, _ = models
+    for name in (CNN_FILE, GNN_FILE):
+        (tmp_path / name).write_bytes((WEIGHTS_DIR / name).read_bytes())
+    old = torch.load(tmp_path / GNN_FILE, weights_only=True)
+    old["model"] = {k: v for k, v in old["model"].items() if not k.startswith("cnn_")}
+    torch.save(old, tmp_path / GNN_FILE)
+    _, gnn, _ = load_models(tmp_path)
+    assert float(gnn.cnn_weight) == 0.0
 
 
 def test_knn_graph_shape_and_degree(held_out_images) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from leukograph.training.datasets import load_bccd
@@ -53,13 +55,43 @@ def test_gnn_stage_from_a_saved_cnn_equals_the_gnn_after_the_cnn(tmp_path: Path)
     got = torch.load(gnn_only / "gnn_best.pt", weights_only=True)["model"]
     assert want.keys() == got.keys()
     assert all(torch.equal(want[name], got[name]) for name in want)
+    assert float(got["cnn_weight"]) == 0.0  # the GNN alone unless --cnn-blend says otherwise
+
+
+def test_cnn_blend_pools_the_calibrated_cnn_into_the_same_gnn(tmp_path: Path) -> None:
+    """`--cnn-blend 0.4` trains the same GNN, then adds the CNN's logits to it at the weight the two validation
+    temperatures give: (1 - a) x GNN / T_gnn + a x CNN / T_cnn, refitted as one temperature."""
+    runs = {}
+    for blend in ("0", "0.4"):
+        run, release = tmp_path / f"run-{blend}", tmp_path / f"release-{blend}"
+        result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn,gnn", "--cnn-epochs", "1", "--cnn-blend", blend,
+                                 "--output-dir", str(run), "--release-dir", str(release)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[blend] = release
+    plain = torch.load(runs["0"] / "gnn.pt", weights_only=True)["model"]
+    blended = torch.load(runs["0.4"] / "gnn.pt", weights_only=True)["model"]
+    cnn = torch.load(runs["0.4"] / "cnn.pt", weights_only=True)["model"]
+    assert all(torch.equal(plain[name], blended[name]) for name in plain if not name.startswith(("cnn_", "temp")))
+    assert torch.equal(blended["cnn_head_weight"], cnn["classifier.weight"])
+    calibration = json.loads((runs["0.4"] / "calibration.json").read_text())
+    expected = 0.4 * calibration["gnn_alone_temperature"] / (0.6 * calibration["cnn_temperature"])
+    assert calibration["cnn_blend"] == 0.4 and float(blended["cnn_weight"]) == pytest.approx(expected, rel=1e-5)
+    assert float(blended["temperature"]) == pytest.approx(calibration["gnn_temperature"], rel=1e-5)
+
+
+def test_bad_cnn_blend_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([*CLI, "--cnn-blend", "1", "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "leukograph train: error: --cnn-blend must be in [0, 1), got 1.0"
 
 
 def test_unknown_stage_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run([*CLI, "--stages", "cnn,transformer", "--output-dir", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "leukograph train: error: unknown stage(s) ['transformer']; use cnn, gnn, baseline"
+    assert result.stderr.strip() == ("leukograph train: error: unknown stage(s) ['transformer']; use cnn, gnn, "
+                                     "baseline, or calibrate alone")
 
 
 def test_cnn_pack_trains_the_cnn_without_the_datasets(tmp_path: Path) -> None:

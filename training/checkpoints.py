@@ -78,14 +78,27 @@ def load_cnn(path: Path) -> CropEmbedder:
     return _cnn_from(load_checkpoint(path))
 
 
+def _gnn_from(ckpt: dict) -> CellGraphNet:
+    gnn = CellGraphNet(**ckpt["config"])
+    state = ckpt["model"]
+    if "cnn_weight" not in state:  # made before the CNN blend: the GNN's logits alone
+        state = {**state, **{k: v for k, v in gnn.state_dict().items() if k.startswith("cnn_")}}
+    gnn.load_state_dict(state)
+    return gnn.eval()
+
+
+def load_gnn(path: Path) -> CellGraphNet:
+    """A GNN checkpoint (run or released) as a CellGraphNet in eval mode."""
+    return _gnn_from(load_checkpoint(path))
+
+
 def load_models(weights_dir: Path) -> tuple[CropEmbedder, CellGraphNet, dict]:
     """The CNN and GNN in eval mode, plus their checkpoints' metadata. Cells built after this are cut at the CNN's
     crop side (`cells.use_crop_size`), so evaluation, classification and calibration feed it what it was trained on."""
     cnn_ckpt = load_checkpoint(weights_dir / CNN_FILE)
     gnn_ckpt = load_checkpoint(weights_dir / GNN_FILE)
     embedder = _cnn_from(cnn_ckpt)
-    gnn = CellGraphNet(**gnn_ckpt["config"])
-    gnn.load_state_dict(gnn_ckpt["model"])
+    gnn = _gnn_from(gnn_ckpt)
     use_crop_size(embedder.crop_size)
     meta = {"cnn": {k: cnn_ckpt[k] for k in ("epoch", "args", "metrics")},
             "gnn": {k: gnn_ckpt[k] for k in ("epoch", "args", "metrics")},

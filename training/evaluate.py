@@ -537,6 +537,7 @@ def model_card(report: dict, train_summary: dict | None) -> str:
     widen = float((train_summary or {}).get("args", {}).get("gnn_widen") or 1.0)
     widened = (f"Trained on graphs read as part of a field up to {widen:g} times wider and taller (`--gnn-widen`): the "
                "frame-relative features see more framings than the training labs' own. " if widen > 1 else "")
+    blend = report.get("cnn_blend", 0.0)
     detector_cells = report.get("cells_found_by") == "server"
     cells_by = "the learned detector" if detector_cells else "the classical localiser"
     other_results = "docs/results/evaluation.md" if detector_cells else "docs/results/detector/evaluation.md"
@@ -554,7 +555,11 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- `gnn.pt`: `CellGraphNet`, GraphSAGE (mean, 2 layers) over each frame's 5-nearest-neighbour cell graph; node "
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
         "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). "
-        f"{widened}Its `temperature` buffer calibrates the served probabilities (fitted on validation).",
+        f"{widened}Its `temperature` buffer calibrates the served probabilities (fitted on validation)."
+        + (f" Its logits add the CNN's own (`cnn_weight` x the CNN's classifier, copied in as `cnn_head_weight` and "
+           "`cnn_head_bias`): the "
+           f"calibrated GNN and CNN pooled log-linearly at {1 - blend:g} : {blend:g} (`leukograph train --cnn-blend`, "
+           "chosen on validation; README \"The CNN's own vote\")." if blend else ""),
         "- `baseline.pt`: the seed paper's model (whole image at 64x64, 4 classes), reproduced for comparison; "
         "trained earlier on 4-class TRAIN and kept unchanged.",
         "- `calibration.json`: temperatures, validation ECE and the validation auto-accept curve behind the "
@@ -694,6 +699,7 @@ def main(args: argparse.Namespace) -> int:
         "threshold_on_validation": calibration.get("threshold"),
         "temperatures": {"cnn": calibration.get("cnn_temperature", 1.0), "gnn": calibration.get("gnn_temperature",
                                                                                               1.0)},
+        "cnn_blend": calibration.get("cnn_blend", 0.0),
         "4class_test": evaluate_four_class(models, "TEST", args.data_root, threshold),
         "4class_test_simple": evaluate_four_class(models, "TEST_SIMPLE", args.data_root, threshold),
         "bccd_heldout": evaluate_bccd(models, args.data_root, threshold),

@@ -211,7 +211,11 @@ def dense_mean_adjacency(boxes: Tensor, frame_size: Tensor, k: int = KNN_K) -> T
 
 
 class CellGraphNet(nn.Module):
-    """GraphSAGE (mean) over the frame's kNN cell graph. Node input: CNN embedding + geometry."""
+    """GraphSAGE (mean) over the frame's kNN cell graph. Node input: CNN embedding + geometry.
+
+    Its logits add `cnn_weight` times the CNN's own per-crop logits (`cnn_head`, a copy of the CNN's classifier, read
+    from the embedding part of x): a log-linear pool of the two calibrated models, set after training
+    (`leukograph train --cnn-blend`); 0 while the GNN trains, and in checkpoints made before the blend."""
 
     def __init__(self, embed_dim: int = EMBED_DIM, hidden: int = 64, layers: int = 2,
                  num_classes: int = NUM_CLASSES, dropout: float = 0.2, geometry: str = "frame") -> None:
@@ -225,6 +229,19 @@ class CellGraphNet(nn.Module):
         self.head = nn.Linear(2 * hidden, num_classes)
         # Calibration (temperature scaling, fitted on validation after training); the served PROBS divide by it.
         self.register_buffer("temperature", torch.ones(()))
+        self.embed_dim = embed_dim
+        self.register_buffer("cnn_weight", torch.zeros(()))
+        self.register_buffer("cnn_head_weight", torch.zeros(num_classes, embed_dim))
+        self.register_buffer("cnn_head_bias", torch.zeros(num_classes))
+
+    def set_cnn_blend(self, classifier: nn.Linear, weight: float) -> None:
+        """Add `weight` x the CNN's logits (`classifier`: the CropEmbedder's) to this network's logits."""
+        self.cnn_head_weight.copy_(classifier.weight.detach())
+        self.cnn_head_bias.copy_(classifier.bias.detach())
+        self.cnn_weight.fill_(weight)
+
+    def _with_cnn(self, logits: Tensor, x: Tensor) -> Tensor:
+        return logits + self.cnn_weight * F.linear(x[:, :self.embed_dim], self.cnn_head_weight, self.cnn_head_bias)
 
     def node_inputs(self, embeddings: Tensor, boxes: Tensor, frame_size: Tensor) -> Tensor:
         """Node input x [N, D+G]: the CNN embedding ++ this network's node geometry."""
@@ -236,7 +253,7 @@ class CellGraphNet(nn.Module):
         h = h0
         for conv in self.convs:
             h = h + F.relu(conv(self.dropout(h), edge_index))
-        return self.head(torch.cat([h0, h], dim=1))
+        return self._with_cnn(self.head(torch.cat([h0, h], dim=1)), x)
 
     def forward_dense(self, x: Tensor, adjacency: Tensor) -> Tensor:
         """The same network with the mean aggregation as a matmul: SAGEConv = lin_l(A @ h) + lin_r(h)."""
@@ -244,7 +261,12 @@ class CellGraphNet(nn.Module):
         h = h0
         for conv in self.convs:
             h = h + F.relu(conv.lin_l(adjacency @ h) + conv.lin_r(h))
-        return self.head(torch.cat([h0, h], dim=1))
+        return self._with_cnn(self.head(torch.cat([h0, h], dim=1)), x)
+
+
+def cnn_blend_weight(blend: float, gnn_temperature: float, cnn_temperature: float) -> float:
+    """`CellGraphNet.cnn_weight` that pools the calibrated models log-linearly, (1 - blend) x GNN + blend x CNN."""
+    return blend * gnn_temperature / ((1.0 - blend) * cnn_temperature)
 
 
 # ---- the two served classifier stages ----------------------------------------------------------------------
@@ -273,7 +295,8 @@ class CellGraphStage(nn.Module):
     """Served stage `cell_graph`: EMBEDDINGS [N,D], BOXES [R,4], FRAME_SIZE, CELL_COUNT -> PROBS [N,C], LABELS int32
     [N]; the graph joins only the first N = CELL_COUNT boxes.
 
-    PROBS are calibrated: softmax(logits / gnn.temperature), the temperature fitted on validation cells."""
+    PROBS are calibrated: softmax(logits / gnn.temperature), the temperature fitted on validation cells; the logits
+    include the CNN's own, weighted by gnn.cnn_weight."""
 
     def __init__(self, gnn: CellGraphNet) -> None:
         super().__init__()

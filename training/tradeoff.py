@@ -40,9 +40,10 @@ from leukograph.training.cells import FrameCells, build_cells, use_crop_size
 from leukograph.training.checkpoints import load_checkpoint, load_cnn, load_models
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, split_frames
 from leukograph.training.embedding import embed_frames
+from leukograph.training.evaluate import Models
 from leukograph.training.export import export_stage
 from leukograph.training.metrics import NUM_NUCLEATED, image_prediction, labelled_nucleated
-from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage
+from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage, cnn_blend_weight
 from leukograph.training.views import VIEW_COUNTS, VIEWS
 
 NUM_WBC = len(WBC_CLASSES)
@@ -152,6 +153,18 @@ def evaluate_checkpoint(path: Path, sets: TestSets) -> dict:
     }
 
 
+class _EmbeddingsOnce(Models):
+    """`Models` that embeds each set of frames once, for scoring several CNN blends of the same embeddings."""
+
+    def embed(self, frames: list[FrameCells], stain_strength: float = 0.0, view: int = 0,
+              rows: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        cache = self.__dict__.setdefault("_embedded", {})
+        key = (id(frames), stain_strength, view, rows is None)
+        if key not in cache:
+            cache[key] = super().embed(frames, stain_strength, view, rows)
+        return cache[key]
+
+
 VALIDATION_SOURCES = ("4class", "bccd", "pbc", "txl-pbc", "txl-raabin-wbc", "txl-bcdd")
 
 
@@ -192,17 +205,27 @@ def _validation_scores(name: str, crop: int, truth: np.ndarray, probs: np.ndarra
 
 
 def validation_rows_of_weights(folder: Path, data_root: str | None,
-                               cells_by_side: dict[int, list[FrameCells]], views: int = VIEWS) -> list[dict]:
+                               cells_by_side: dict[int, list[FrameCells]], views: int = VIEWS,
+                               blends: tuple[float, ...] = ()) -> list[dict]:
     """A weights folder (cnn.pt + gnn.pt): one row per model `leukograph evaluate` scores (CNN only, CNN+GNN,
-    CNN+GNN with the white-cell candidates read in `views` views), on every source's validation cells."""
-    from leukograph.training.evaluate import Models
-
-    embedder, gnn, _ = load_models(folder)
-    models = Models.of_stages(embedder, gnn, views=views)
+    CNN+GNN with the white-cell candidates read in `views` views), on every source's validation cells; then one row
+    per CNN blend in `blends` (`train --cnn-blend`, at the folder's validation temperatures), in `views` views."""
+    embedder, gnn, meta = load_models(folder)
+    models = _EmbeddingsOnce.of_stages(embedder, gnn, views=views)
     frames = _validation_frames(embedder.crop_size, data_root, cells_by_side)
     probs = models.cell_probs(frames)
-    return [_validation_scores(f"{shown_path(folder)} ({name})", embedder.crop_size,
+    rows = [_validation_scores(f"{shown_path(folder)} ({name})", embedder.crop_size,
                                *labelled_nucleated(frames, probs[name])) for name in models.cell_models]
+    calibration = meta["calibration"]
+    gnn_temperature = calibration.get("gnn_alone_temperature", calibration.get("gnn_temperature", 1.0))
+    for blend in blends:
+        gnn.set_cnn_blend(embedder.classifier,
+                          cnn_blend_weight(blend, gnn_temperature, calibration.get("cnn_temperature", 1.0)))
+        gnn.temperature.fill_(gnn_temperature / (1.0 - blend))
+        name = models.cell_models[-1]
+        rows.append(_validation_scores(f"{shown_path(folder)} ({name}, CNN blend {blend:g})", embedder.crop_size,
+                                       *labelled_nucleated(frames, models.cell_probs(frames)[name])))
+    return rows
 
 
 def validation_body(result: dict) -> str:
@@ -247,6 +270,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's tradeoff section")
     parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=VIEWS,
                         help="with --split validation: the views a weights folder's last row reads (training/views.py)")
+    parser.add_argument("--cnn-blend", type=float, nargs="+", default=[], metavar="A",
+                        help="with --split validation: also score each weights folder's CNN+GNN with the CNN pooled "
+                        "in at each A (`leukograph train --cnn-blend`), in --views views")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="test: accuracy on the test sources and ms per cell (default); validation: accuracy on "
                         "every source's validation cells (for comparing recipes; writes JSON only)")
@@ -257,12 +283,15 @@ def main(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.checkpoints if not p.exists()]
     if missing:
         raise UserError(f"checkpoint(s) not found: {', '.join(missing)}")
+    if any(not 0.0 <= blend < 1.0 for blend in args.cnn_blend):
+        raise UserError(f"--cnn-blend values must be in [0, 1), got {args.cnn_blend}")
     torch.set_num_threads(args.threads)
     if args.split == "validation":
         cells_by_side: dict[int, list[FrameCells]] = {}
         rows = []
         for path in args.checkpoints:
-            rows += (validation_rows_of_weights(path, args.data_root, cells_by_side, args.views) if path.is_dir()
+            rows += (validation_rows_of_weights(path, args.data_root, cells_by_side, args.views,
+                                                tuple(args.cnn_blend)) if path.is_dir()
                      else [validation_row(path, args.data_root, cells_by_side)])
         result = {"split": "validation", "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)

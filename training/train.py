@@ -54,6 +54,7 @@ from leukograph.training.checkpoints import (
     GNN_FILE,
     load_checkpoint,
     load_cnn,
+    load_gnn,
     save_checkpoint,
 )
 from leukograph.training.cnn_pack import load_cnn_pack, save_cnn_pack
@@ -84,6 +85,7 @@ from leukograph.training.models import (
     CropEmbedder,
     SeedBaseline,
     check_crop_size,
+    cnn_blend_weight,
     knn_edge_index,
     served_size,
 )
@@ -458,16 +460,29 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
 
 
 @torch.no_grad()
-def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_dir: Path, release_dir: Path) -> dict:
+def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_dir: Path, release_dir: Path,
+              cnn_blend: float = 0.0) -> dict:
     """Temperatures for the CNN-only and CNN+GNN logits fitted on validation cells, ECE before/after, and the
-    "unidentified" threshold chosen from the validation auto-accept curve of the calibrated CNN+GNN."""
+    "unidentified" threshold chosen from the validation auto-accept curve of the calibrated CNN+GNN.
+
+    `cnn_blend` = a pools the two calibrated models log-linearly, (1 - a) x GNN + a x CNN: the served logits become
+    GNN + cnn_weight x CNN, cnn_weight = a T_gnn / ((1 - a) T_cnn), and the served temperature is fitted on those."""
     val_frames = [f for f in cells.val if len(f.labels)]
     embedded = embed_frames(embedder, val_frames)
     graphs = graph_data(val_frames, embedded, gnn)
     gnn.eval()
+    gnn.set_cnn_blend(embedder.classifier, 0.0)
     gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
     cnn_logits = [embedder.classifier(torch.from_numpy(e).float()).numpy() for e, _ in embedded]
     out: dict = {"validation_cells": 0}
+    if cnn_blend > 0.0:
+        truth, gnn_stacked, _ = labelled_nucleated(val_frames, gnn_logits)
+        _, cnn_stacked, _ = labelled_nucleated(val_frames, cnn_logits)
+        out["gnn_alone_temperature"] = fit_temperature(gnn_stacked, truth)
+        weight = cnn_blend_weight(cnn_blend, out["gnn_alone_temperature"], fit_temperature(cnn_stacked, truth))
+        gnn.set_cnn_blend(embedder.classifier, weight)
+        out["cnn_blend"], out["cnn_weight"] = cnn_blend, weight
+        gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
     for name, logits in (("cnn", cnn_logits), ("gnn", gnn_logits)):
         truth, stacked, _ = labelled_nucleated(val_frames, logits)
         temperature = fit_temperature(stacked, truth)
@@ -553,7 +568,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None, help="datasets (default $LEUKOGRAPH_DATA, ../shared/datasets)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="full checkpoints (for --resume)")
     parser.add_argument("--release-dir", type=Path, default=WEIGHTS_DIR, help="where the best weights are released")
-    parser.add_argument("--stages", default="cnn,gnn,baseline", help="comma list of cnn, gnn, baseline")
+    parser.add_argument("--stages", default="cnn,gnn,baseline",
+                        help="comma list of cnn, gnn, baseline; or calibrate: fit the temperatures, --cnn-blend and "
+                        "the threshold again for --output-dir's trained CNN and GNN, without training")
     parser.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -604,6 +621,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--gnn-class-balance", type=float, default=0.0, metavar="POWER",
                         help="GNN loss weight of white-cell class c: n_c ** -POWER (0 = every node alike, 1 = "
                         "balanced classes; default %(default)s)")
+    parser.add_argument("--cnn-blend", type=float, default=0.0, metavar="A",
+                        help="served cell probabilities pool the calibrated GNN and CNN log-linearly, (1 - A) x GNN "
+                        "+ A x CNN, 0 <= A < 1 (default %(default)s: the GNN alone; README \"The CNN's own vote\")")
     parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
                         help="who finds the training graphs' cells: client, the classical localiser; server, the "
                         "learned detector the served ensemble runs first (default %(default)s)")
@@ -632,18 +652,20 @@ def train_classifier(args: argparse.Namespace, stages: list[str], run_dir: Path,
     if embedder is None:
         embedder = train_cnn(cells, args, run_dir).cpu()
         released.append(("cnn", CNN_FILE))
-    if "gnn" in stages:
-        gnn = train_gnn(cells, embedder, args, run_dir)
+    if "gnn" in stages or "calibrate" in stages:
+        gnn = train_gnn(cells, embedder, args, run_dir) if "gnn" in stages else load_gnn(run_dir / "gnn_best.pt")
         released.append(("gnn", GNN_FILE))
-        calibrate(cells, embedder, gnn, run_dir, args.release_dir)
+        calibrate(cells, embedder, gnn, run_dir, args.release_dir, args.cnn_blend)
     return released
 
 
 def main(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = set(stages) - {"cnn", "gnn", "baseline"}
+    unknown = set(stages) - {"cnn", "gnn", "baseline", "calibrate"}
     if unknown:
-        raise UserError(f"unknown stage(s) {sorted(unknown)}; use cnn, gnn, baseline")
+        raise UserError(f"unknown stage(s) {sorted(unknown)}; use cnn, gnn, baseline, or calibrate alone")
+    if "calibrate" in stages and stages != ["calibrate"]:
+        raise UserError("--stages calibrate runs alone (the gnn stage calibrates after training)")
     _seed_everything(args.seed)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
@@ -656,6 +678,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--cnn-pack trains the CNN only: use --stages cnn (the GNN needs every cell of the datasets)")
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}")
+    if not 0.0 <= args.cnn_blend < 1.0:
+        raise UserError(f"--cnn-blend must be in [0, 1), got {args.cnn_blend}")
     if args.gnn_widen < 1.0:
         raise UserError(f"--gnn-widen must be >= 1 (1 = off), got {args.gnn_widen}")
     if args.crop_size is not None:
@@ -678,7 +702,7 @@ def main(args: argparse.Namespace) -> int:
         if "baseline" in stages:  # first: its images are freed before the cell sets are built
             train_baseline(args, run_dir)
             released.append(("baseline", BASELINE_FILE))
-        if "cnn" in stages or "gnn" in stages:
+        if {"cnn", "gnn", "calibrate"} & set(stages):
             _seed_everything(args.seed)  # the classifier starts from the same random state with or without a baseline
             released += train_classifier(args, stages, run_dir, started)
     release(run_dir, args.release_dir, released)
