@@ -36,7 +36,14 @@ from leukograph.deploy.paths import REPO_ROOT, shown_path
 from leukograph.deploy.readme import replace_section
 from leukograph.deploy.runners import OrtRunner
 from leukograph.training.augment import stored_to_served
-from leukograph.training.cells import FrameCells, build_cells, use_crop_size
+from leukograph.training.cells import (
+    DEFAULT_LOCALIZER,
+    LOCALIZERS,
+    FrameCells,
+    build_cells,
+    use_crop_size,
+    use_localizer,
+)
 from leukograph.training.checkpoints import load_checkpoint, load_cnn, load_models
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, split_frames
 from leukograph.training.embedding import embed_frames
@@ -273,6 +280,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--cnn-blend", type=float, nargs="+", default=[], metavar="A",
                         help="with --split validation: also score each weights folder's CNN+GNN with the CNN pooled "
                         "in at each A (`leukograph train --cnn-blend`), in --views views")
+    parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
+                        help="with --split validation: who finds the cells: client, the classical localiser the "
+                        "released GNN was trained on (default); server, the learned detector `classify` and the "
+                        "served ensemble run")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="test: accuracy on the test sources and ms per cell (default); validation: accuracy on "
                         "every source's validation cells (for comparing recipes; writes JSON only)")
@@ -287,6 +298,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--cnn-blend values must be in [0, 1), got {args.cnn_blend}")
     torch.set_num_threads(args.threads)
     if args.split == "validation":
+        use_localizer(args.localizer)
         cells_by_side: dict[int, list[FrameCells]] = {}
         rows = []
         for path in args.checkpoints:
