@@ -166,8 +166,8 @@ def test_white_cell_reads_every_view_and_evaluate_scores_that_answer(held_out_fr
     """classify's white_cell averages each cell's embeddings over its 24 views (eight flips and turns at three
     scales), cut from viewed frames by the served crop_embedder; `leukograph evaluate` scores the same answer
     ("CNN+GNN, 24 views") from viewed stored crops. Both agree on a real held-out frame's cells (stored crops are
-    uint8, and a scaled view re-samples them: up to 0.01), and the per-cell `cells` stay the served view's (as the
-    stream records them)."""
+    uint8, and a scaled view re-samples them: up to 0.02 with the CNN's vote in the pool), and the per-cell `cells` stay
+    the served view's (as the stream records them)."""
     from leukograph.client.localize import Cells
     from leukograph.deploy.paths import WEIGHTS_DIR
     from leukograph.training.cells import cells_of
@@ -179,13 +179,17 @@ def test_white_cell_reads_every_view_and_evaluate_scores_that_answer(held_out_fr
     image = read_image(held_out_frame)
     cells = Cells(frame.boxes, frame.kinds, np.ones(len(frame.boxes), np.float32))
     assert VIEWS_MODEL == views_model(VIEWS) == "CNN+GNN, 24 views"
+    viewed_answers = {}
     for views in (DIHEDRAL, VIEWS):
         scored = Models(WEIGHTS_DIR, views=views).cell_probs([frame])
         classifier = Classifier(threads=1, views=views)
         viewed, served = classifier.viewed_probs(image, cells), classifier.predict(image, cells).probs
-        np.testing.assert_allclose(viewed, scored[views_model(views)][0], atol=0.01, rtol=0)
+        np.testing.assert_allclose(viewed, scored[views_model(views)][0], atol=0.02, rtol=0)
         np.testing.assert_allclose(served, scored["CNN+GNN"][0], atol=0.01, rtol=0)
-        assert np.abs(viewed - served).max() > 0.02  # the views do change the answer
+        viewed_answers[views] = viewed
+    # the views change the answer by more than that: flips and turns against the served view, scales against those
+    assert np.abs(viewed_answers[DIHEDRAL] - served).max() > 0.02
+    assert np.abs(viewed_answers[VIEWS] - viewed_answers[DIHEDRAL]).max() > 0.02
 
     records = {views: json.loads(run_cli(str(held_out_frame), "--json", "--views", views).stdout)
                for views in ("1", "24")}
