@@ -213,9 +213,10 @@ def dense_mean_adjacency(boxes: Tensor, frame_size: Tensor, k: int = KNN_K) -> T
 class CellGraphNet(nn.Module):
     """GraphSAGE (mean) over the frame's kNN cell graph. Node input: CNN embedding + geometry.
 
-    Its logits add `cnn_weight` times the CNN's own per-crop logits (`cnn_head`, a copy of the CNN's classifier, read
-    from the embedding part of x): a log-linear pool of the two calibrated models, set after training
-    (`leukograph train --cnn-blend`); 0 while the GNN trains, and in checkpoints made before the blend."""
+    Its logits add `cnn_weight` times the CNN's own per-crop logits (`cnn_head_weight`, `cnn_head_bias`: a copy of the
+    CNN's classifier, read from the embedding part of x): a log-linear pool of the two calibrated models, set after
+    training (`pool_with_cnn`, `leukograph train --cnn-blend`); 0 while the GNN trains, and in checkpoints made before
+    the blend."""
 
     def __init__(self, embed_dim: int = EMBED_DIM, hidden: int = 64, layers: int = 2,
                  num_classes: int = NUM_CLASSES, dropout: float = 0.2, geometry: str = "frame") -> None:
@@ -239,6 +240,17 @@ class CellGraphNet(nn.Module):
         self.cnn_head_weight.copy_(classifier.weight.detach())
         self.cnn_head_bias.copy_(classifier.bias.detach())
         self.cnn_weight.fill_(weight)
+
+    def pool_with_cnn(self, classifier: nn.Linear, blend: float, gnn_temperature: float,
+                      cnn_temperature: float) -> float:
+        """Pool this network and the CNN (`classifier`: the CropEmbedder's), each calibrated by its own validation
+        temperature, log-linearly: (1 - blend) x GNN / T_gnn + blend x CNN / T_cnn. Sets `cnn_weight` and the
+        temperature that give exactly that pool (a later refit of the temperature on the pooled logits may replace
+        it); returns the weight."""
+        weight = cnn_blend_weight(blend, gnn_temperature, cnn_temperature)
+        self.set_cnn_blend(classifier, weight)
+        self.temperature.fill_(gnn_temperature / (1.0 - blend))
+        return weight
 
     def _with_cnn(self, logits: Tensor, x: Tensor) -> Tensor:
         return logits + self.cnn_weight * F.linear(x[:, :self.embed_dim], self.cnn_head_weight, self.cnn_head_bias)

@@ -50,7 +50,7 @@ from leukograph.training.embedding import embed_frames
 from leukograph.training.evaluate import Models
 from leukograph.training.export import export_stage
 from leukograph.training.metrics import NUM_NUCLEATED, image_prediction, labelled_nucleated
-from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage, cnn_blend_weight
+from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage
 from leukograph.training.views import VIEW_COUNTS, VIEWS
 
 NUM_WBC = len(WBC_CLASSES)
@@ -226,9 +226,7 @@ def validation_rows_of_weights(folder: Path, data_root: str | None,
     calibration = meta["calibration"]
     gnn_temperature = calibration.get("gnn_alone_temperature", calibration.get("gnn_temperature", 1.0))
     for blend in blends:
-        gnn.set_cnn_blend(embedder.classifier,
-                          cnn_blend_weight(blend, gnn_temperature, calibration.get("cnn_temperature", 1.0)))
-        gnn.temperature.fill_(gnn_temperature / (1.0 - blend))
+        gnn.pool_with_cnn(embedder.classifier, blend, gnn_temperature, calibration.get("cnn_temperature", 1.0))
         name = models.cell_models[-1]
         rows.append(_validation_scores(f"{shown_path(folder)} ({name}, CNN blend {blend:g})", embedder.crop_size,
                                        *labelled_nucleated(frames, models.cell_probs(frames)[name])))

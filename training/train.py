@@ -85,7 +85,6 @@ from leukograph.training.models import (
     CropEmbedder,
     SeedBaseline,
     check_crop_size,
-    cnn_blend_weight,
     knn_edge_index,
     served_size,
 )
@@ -475,17 +474,18 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
     gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
     cnn_logits = [embedder.classifier(torch.from_numpy(e).float()).numpy() for e, _ in embedded]
     out: dict = {"validation_cells": 0}
+    truth, cnn_stacked, _ = labelled_nucleated(val_frames, cnn_logits)
+    temperatures = {"cnn": fit_temperature(cnn_stacked, truth)}
     if cnn_blend > 0.0:
-        truth, gnn_stacked, _ = labelled_nucleated(val_frames, gnn_logits)
-        _, cnn_stacked, _ = labelled_nucleated(val_frames, cnn_logits)
+        _, gnn_stacked, _ = labelled_nucleated(val_frames, gnn_logits)
         out["gnn_alone_temperature"] = fit_temperature(gnn_stacked, truth)
-        weight = cnn_blend_weight(cnn_blend, out["gnn_alone_temperature"], fit_temperature(cnn_stacked, truth))
-        gnn.set_cnn_blend(embedder.classifier, weight)
-        out["cnn_blend"], out["cnn_weight"] = cnn_blend, weight
+        out["cnn_blend"] = cnn_blend
+        out["cnn_weight"] = gnn.pool_with_cnn(embedder.classifier, cnn_blend, out["gnn_alone_temperature"],
+                                              temperatures["cnn"])
         gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
     for name, logits in (("cnn", cnn_logits), ("gnn", gnn_logits)):
         truth, stacked, _ = labelled_nucleated(val_frames, logits)
-        temperature = fit_temperature(stacked, truth)
+        temperature = temperatures[name] if name in temperatures else fit_temperature(stacked, truth)
         out[f"{name}_temperature"] = temperature
         for tag, t in (("raw", 1.0), ("calibrated", temperature)):
             probs = torch.softmax(torch.from_numpy(stacked) / t, 1).numpy()
