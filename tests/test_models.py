@@ -71,8 +71,8 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
 
 
 def test_cnn_blend_is_a_log_linear_pool_of_the_two_calibrated_models(models, held_out_images) -> None:
-    """With `set_cnn_blend`, the served PROBS (PyG and dense alike) are softmax((GNN + w x CNN) / T): for
-    w = a T_gnn / ((1 - a) T_cnn) and T = T_gnn / (1 - a), the log-linear pool
+    """After `pool_with_cnn`, the served PROBS (PyG and dense alike) are softmax((GNN + w x CNN) / T) with
+    w = a T_gnn / ((1 - a) T_cnn) and T = T_gnn / (1 - a): the log-linear pool
     (1 - a) x GNN / T_gnn + a x CNN / T_cnn."""
     embedder, trained = models
     gnn = copy.deepcopy(trained)
@@ -85,12 +85,13 @@ def test_cnn_blend_is_a_log_linear_pool_of_the_two_calibrated_models(models, hel
         x = gnn.node_inputs(embeddings, b, frame_size)
         gnn.set_cnn_blend(embedder.classifier, 0.0)
         alone = gnn.forward_dense(x, dense_mean_adjacency(b, frame_size))
-        gnn.set_cnn_blend(embedder.classifier, a * t_gnn / ((1 - a) * t_cnn))
-        gnn.temperature.fill_(t_gnn / (1 - a))
+        weight = gnn.pool_with_cnn(embedder.classifier, a, t_gnn, t_cnn)
         served, _ = CellGraphStage(gnn)(embeddings, b, frame_size, count)
         pyg = torch.softmax(gnn(x, knn_edge_index(b, frame_size)) / gnn.temperature, 1)
     pooled = torch.softmax((1 - a) * alone / t_gnn + a * embedder.classifier(embeddings) / t_cnn, 1)
     assert torch.allclose(served, pooled, atol=1e-5) and torch.allclose(pyg, pooled, atol=1e-5)
+    assert weight == pytest.approx(a * t_gnn / ((1 - a) * t_cnn)) and float(gnn.cnn_weight) == pytest.approx(weight)
+    assert torch.equal(gnn.cnn_head_weight, embedder.classifier.weight)
 
 
 def test_a_gnn_saved_before_the_cnn_blend_loads_as_the_gnn_alone(models, tmp_path) -> None:
