@@ -217,17 +217,45 @@ def test_unlabelled_loss_follows_confident_weak_views_only() -> None:
 
 
 def test_domain_generalisation_options_train(tmp_path: Path) -> None:
-    """--mixstyle, --unlabelled-weight and --amplitude-mix train a CNN whose checkpoint loads like any other."""
+    """--mixstyle, --unlabelled-weight, --amplitude-mix and --grey-share train a CNN whose checkpoint loads like any
+    other."""
     run, release = tmp_path / "run", tmp_path / "release"
     result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--mixstyle", "0.5",
-                             "--unlabelled-weight", "1", "--amplitude-mix", "0.5", "--output-dir", str(run),
-                             "--release-dir", str(release)],
+                             "--unlabelled-weight", "1", "--amplitude-mix", "0.5", "--grey-share", "0.5",
+                             "--output-dir", str(run), "--release-dir", str(release)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unlabelled white cells for the consistency term: " in result.stdout
     from leukograph.training.checkpoints import load_cnn
 
     assert load_cnn(release / "cnn.pt").crop_size == 64
+
+
+def test_grey_share_turns_crops_grey_and_draws_nothing_when_off() -> None:
+    """On real BCCD crops: --grey-share 0 draws no random number (the augmentation stream, and so every CNN trained
+    without it, is unchanged); 1 turns every crop grey (at strength 0, where nothing after it touches the colour);
+    0.5 some of them."""
+    from leukograph.training.augment import augment_batch
+    from leukograph.training.cells import build_cells
+    from leukograph.training.models import STORE_ZOOM
+
+    crops = np.concatenate([f.crops for f in build_cells(load_bccd()[:2], "grey-share-test", cache=False,
+                                                         progress=False)])
+    off, default = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(crops, off, STORE_ZOOM, 1.5, 0.0), augment_batch(crops, default, STORE_ZOOM, 1.5))
+    assert torch.equal(off.get_state(), default.get_state())
+    grey = augment_batch(crops, torch.Generator().manual_seed(0), STORE_ZOOM, 0.0, 1.0)
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    some = augment_batch(crops, torch.Generator().manual_seed(0), STORE_ZOOM, 0.0, 0.5)
+    is_grey = (some[:, 0] == some[:, 1]).flatten(1).all(1) & (some[:, 1] == some[:, 2]).flatten(1).all(1)
+    assert 0 < int(is_grey.sum()) < len(crops)
+
+
+def test_bad_grey_share_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--grey-share", "1.5", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "leukograph train: error: --grey-share must be in [0, 1], got 1.5"
 
 
 def test_amplitude_mix_keeps_the_phase_and_mixes_the_amplitude() -> None:

@@ -113,9 +113,13 @@ def stain(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tenso
     x = ((x - mean) * contrast + mean + brightness).clamp(0, 1)
     gamma = torch.exp(_uniform(generator, n, -0.45 * s, 0.45 * s)).view(n, 1, 1, 1)
     x = x.clamp(min=1e-4) ** gamma
-    gray = _chance(generator, n, 0.1 * min(s, 1.0)).view(n, 1, 1, 1)
-    luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
-    return torch.where(gray, luma, x).clamp(0, 1)
+    return greyed(x, _chance(generator, n, 0.1 * min(s, 1.0))).clamp(0, 1)
+
+
+def greyed(x: Tensor, chosen: Tensor) -> Tensor:
+    """The crops of float RGB [B,3,H,W] where `chosen` [B] is true turned grey (luma in all three channels)."""
+    luma = (x * _RGB_TO_YIQ[0].view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+    return torch.where(chosen.view(-1, 1, 1, 1), luma, x)
 
 
 def _gaussian_kernel(sigma: float) -> Tensor:
@@ -176,12 +180,16 @@ def amplitude_mix(x: Tensor, donors: Tensor, generator: torch.Generator, p: floa
     return torch.fft.ifft2(torch.polar(amplitude, spectrum.angle())).real.clamp(0, 1).contiguous()
 
 
-def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, strength: float = 1.0) -> Tensor:
-    """uint8 stored crops [B,S,S,3] -> augmented float [B,3,C,C] in 0..1 (C = S / zoom)."""
+def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, strength: float = 1.0,
+                  grey: float = 0.0) -> Tensor:
+    """uint8 stored crops [B,S,S,3] -> augmented float [B,3,C,C] in 0..1 (C = S / zoom). `grey`: the chance that a
+    crop is also turned grey after the stain jitter, whatever the strength (0: no draw, the stream unchanged)."""
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     x = geometry(x, generator, zoom, strength)
     x = resolution(x, generator)
     x = stain(x, generator, strength)
+    if grey > 0:
+        x = greyed(x, _chance(generator, x.shape[0], grey))
     return optics(x, generator, strength).contiguous()
 
 
