@@ -14,9 +14,13 @@
 #   nvidia-pytriton 0.7.0 (tritonserver 2.51.0 + python backend + stubs), tritonclient 2.73.0 (gRPC client; its
 #   generated code needs grpcio >= 1.81.1 and protobuf >= 6.30 on the GPU machine - `run` checks), python-rapidjson,
 #   protobuf 6. Not tritonclient.http's gevent stack (too large to carry): the HTTP rows are reported as not run.
+# With EXTRA_WHEELS="onnxruntime-gpu==1.31.1" (built for CUDA 13, whose runtime, cuBLAS and cuDNN come with PyTorch's
+# nvidia-* wheels; 256 MB) `run` also times ONNX Runtime's CUDA provider on the fp32 graphs and on the FP16 graphs
+# TensorRT's fp16 engines are built from, each checked against fp32 on the CPU first; without it those rows are
+# listed as not run.
 # `run` writes docs/bench/gpu/bench.json (+ PNGs, results.md) and copies them to $RESULTS_COPY_DIR when that is set.
 # Environment: PYTHON (default python3), WHEELS (.whl), SITE (/tmp/leukograph-site), BENCH_OUT (docs/bench/gpu),
-# BENCH_ARGS (extra `leukograph bench` arguments), LEUKOGRAPH_WEIGHTS (pack: which checkpoints to carry),
+# BENCH_ARGS (extra `leukograph bench` arguments), EXTRA_WHEELS (pack), LEUKOGRAPH_WEIGHTS (pack: which checkpoints to carry),
 # GPU_PYTHON (3.12), BENCH_DEVICE (cuda; `cpu` rehearses the whole script on a CPU machine, as done here before any GPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +36,11 @@ pack() {
   local py=.venv/bin/python
   [ -x "$py" ] || py=$PYTHON
   mkdir -p "$WHEELS" "$CARRY/frames" "$CARRY/weights"
+  # shellcheck disable=SC2086  # EXTRA_WHEELS is a list of words
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" --implementation cp \
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" \
-    nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson==1.25 "protobuf>=6.30,<7"
+    nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson==1.25 "protobuf>=6.30,<7" ${EXTRA_WHEELS:-}
   # Only the GPU machine's Python stub travels: drop the other stubs and the bundled libpython3.13 that only the
   # 3.13 stub links (13 MB), so wheels, frames and the repository fit what such a machine accepts.
   "$py" - "$WHEELS"/nvidia_pytriton-*.whl "$GPU_PYTHON" <<'EOF'
@@ -100,9 +105,10 @@ EOF
   trap "rm -f $(echo "$pth_files" | tr '\n' ' ')" EXIT
   "$PYTHON" - "$BENCH_DEVICE" <<'EOF'
 import sys
-import grpc, google.protobuf, numpy, torch
+import grpc, google.protobuf, numpy, onnxruntime, torch
 print(f"python ok: torch {torch.__version__} cuda={torch.cuda.is_available()}, numpy {numpy.__version__}, "
-      f"grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}")
+      f"grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}, onnxruntime {onnxruntime.__version__} "
+      f"({', '.join(onnxruntime.get_available_providers())})")
 import tritonclient.grpc  # raises when grpcio/protobuf are older than its generated code needs
 assert sys.argv[1] != "cuda" or torch.cuda.is_available(), "no CUDA GPU visible to torch"
 EOF

@@ -120,6 +120,7 @@ def test_quick_runs_end_to_end_and_matches_schema(quick: tuple[dict, Path, str])
     reasons = {row["name"]: row["reason"] for row in result["not_run"]}
     assert "tensorrt" in reasons["tensorrt engine runner (standalone)"]
     assert "triton with tensorrt plans" in reasons
+    assert "CUDAExecutionProvider" in reasons["onnxruntime CUDA in-process"]  # ONNX Runtime here is CPU-only
     for name in ("bench.json", "results.md", "latency_cdf.png", "throughput.png", "cells.png"):
         assert (out / name).stat().st_size > 0, name
     assert "| triton grpc-shm | 1 |" in stdout and "### Targets" in stdout
@@ -199,3 +200,45 @@ def test_instances_setting_is_served_and_recorded(tmp_path: Path) -> None:
     assert result["server"]["instances"] == {contract.CELL_DETECTOR.name: 1, contract.CROP_EMBEDDER.name: 3,
                                              contract.CELL_GRAPH.name: 1}
     assert {r["transport"] for r in result["runs"]} == {"grpc"}
+
+
+def test_ort_gpu_rows_check_fp32_and_fp16_graphs_first(served_repository: Path, tmp_path: Path) -> None:
+    """The onnxruntime CUDA rows of `deploy/bench_gpu.sh`, rehearsed with ONNX Runtime's CPU provider: the exported
+    graphs and the FP16 graphs TensorRT's fp16 engines are built from are compared with fp32 on the CPU over real
+    frames before any row is timed; the factories serve both ensembles' stage chains."""
+    from leukograph.deploy.bench.run import ort_cuda_baselines
+    from leukograph.deploy.runners import ORT_CPU
+
+    held = frames.load_frames(3)
+    boxes = [frames.localise_boxes(image) for image in held.images]
+    rows, checks, not_run = ort_cuda_baselines(served_repository, 1, tmp_path, held, boxes, provider=ORT_CPU)
+    assert not_run == []
+    assert [name for name, *_ in rows] == [
+        "onnxruntime CPUExecutionProvider in-process",
+        "onnxruntime CPUExecutionProvider in-process with the detector",
+        "onnxruntime CPUExecutionProvider in-process, FP16 graphs",
+        "onnxruntime CPUExecutionProvider in-process, FP16 graphs with the detector"]
+    fp32, fp16 = checks["onnxruntime_cpuexecutionprovider_fp32"], checks["onnxruntime_cpuexecutionprovider_fp16"]
+    assert fp32["ok"] and fp32["label_agreement"] == 1.0 and fp32["cells"] == sum(len(b) for b in boxes)
+    assert fp16["ok"] and fp16["label_agreement"] >= 0.99 and 0 < fp16["max_abs_diff_vs_ort"] < 0.05
+    from leukograph.deploy.bench.analysis import analyse
+
+    notes = analyse({"runs": [], "checks": checks, "machine": {}})["notes"]
+    assert any(n.startswith("Check onnxruntime_cpuexecutionprovider_fp16:") and "within the fp16 tolerance" in n
+               for n in notes), notes
+    for name, _kind, factory, _, extra in rows:
+        runners = factory(0)
+        stages = contract.SERVED_STAGES if extra.get("localizer") == "detector" else contract.STAGES
+        assert [r.stage for r in runners] == list(stages), name
+        out = run_pipeline(runners, held.images[0], None if extra.get("localizer") else boxes[0])
+        assert out[contract.PROBS.name].shape[1] == len(contract.CLASSES), name
+
+
+def test_ort_runner_refuses_a_provider_that_does_not_start(served_repository: Path) -> None:
+    """ONNX Runtime falls back to the CPU when a provider can't start; a row named CUDA must not time the CPU."""
+    from leukograph.client.errors import UserError
+    from leukograph.deploy.runners import ORT_CUDA, OrtRunner
+
+    path = contract.stage_path(served_repository, contract.CELL_GRAPH, contract.MODEL_FILES["onnxruntime"])
+    with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
+        OrtRunner(path, contract.CELL_GRAPH, provider=ORT_CUDA)

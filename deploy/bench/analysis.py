@@ -49,6 +49,15 @@ def analyse(result: dict) -> dict:
     triton = [r for r in runs if r["kind"] == "triton"]
     out: dict[str, Any] = {"targets": [], "notes": []}
     _detector_targets(detected, out)
+    for key, check in sorted(result.get("checks", {}).items()):
+        if key.startswith("onnxruntime_"):  # ort_cuda_baselines: a provider's graphs against fp32 on the CPU
+            verdict = "within" if check["ok"] else "outside (" + "; ".join(check["failures"]) + ")"
+            out["notes"].append(
+                f"Check {key}: {check['cells']} cells of {check['frames']} frames against "
+                f"{check['against'].split(',')[0]}: "
+                f"labels agree on {100 * check['label_agreement']:.2f}%, largest probability difference "
+                f"{check['max_abs_diff_vs_ort']:.2g}, smallest embedding cosine {check['min_embedding_cosine']:.5f}; "
+                f"{verdict} the {check['tolerance']} tolerance.")
     if not triton:
         return out
     # best sustained throughput with p99 within the target

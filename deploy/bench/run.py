@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from leukograph.client.contract import LABELS
+from leukograph.client.contract import LABELS, MODEL_FILES, SERVED_STAGES, STAGES, stage_path
 from leukograph.client.errors import UserError
 from leukograph.deploy.bench.analysis import analyse
 from leukograph.deploy.bench.constants import (
@@ -51,7 +51,18 @@ from leukograph.deploy.bench.profile import start_pyspy, stub_pids, summarize_py
 from leukograph.deploy.bench.repository import prepare_repository
 from leukograph.deploy.bench.statistics import server_version, stats_snapshot
 from leukograph.deploy.paths import WEIGHTS_DIR
-from leukograph.deploy.runners import ORT_CUDA, TOLERANCES, Sample, compare, ort_cuda_status, run_pipeline
+from leukograph.deploy.runners import (
+    ORT_CUDA,
+    TOLERANCES,
+    OrtRunner,
+    Sample,
+    compare,
+    ort_cuda_status,
+    run_pipeline,
+)
+
+# (row name, kind, runners factory, concurrencies, extra fields of the row)
+Baseline = tuple[str, str, Callable[[int], Any], tuple[int, ...], dict]
 
 
 @dataclass
@@ -209,7 +220,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 shutil.rmtree(video.parent, ignore_errors=True)
 
         # -- in-process baselines on the same frames
-        baselines: list[tuple[str, str, Callable[[int], Any], tuple[int, ...], dict]] = []
+        baselines: list[Baseline] = []
         if args.no_baselines:
             not_run.append({"name": "in-process baselines", "reason": "--no-baselines"})
         elif repository is None:
@@ -230,13 +241,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 ("onnxruntime in-process with the detector (2 threads)", "ort",
                  lambda k: ort_runners(repository, 2, detector=True), (1,), {"threads": 2, "localizer": "detector"}),
             ]
-            cuda_reason = ort_cuda_status()
-            if cuda_reason is None:
-                baselines.append(("onnxruntime CUDA in-process", "ort",
-                                  lambda k: ort_runners(repository, args.ort_threads, ORT_CUDA), (1, 2),
-                                  {"provider": ORT_CUDA}))
-            else:
-                not_run.append({"name": "onnxruntime CUDA in-process", "reason": cuda_reason})
+            cuda_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="leukograph-bench-fp16-")))
+            cuda_rows, cuda_checks, cuda_missing = ort_cuda_baselines(repository, args.ort_threads, cuda_dir, frames,
+                                                                      real_boxes)
+            baselines += cuda_rows
+            checks.update(cuda_checks)
+            not_run += cuda_missing
             if weights is not None:
                 device = args.torch_device
                 batched = torch_runners(weights, threads_torch, device)
@@ -329,6 +339,53 @@ def check_transport(transport: str, candidate: Runners, reference: Runners | Non
     return {"cells": comparison.nodes, "max_abs_diff_vs_ort": comparison.max_prob_diff,
             "labels_equal": comparison.agreeing_nodes == comparison.nodes, "atol": tolerance.max_prob_diff,
             "ok": True}
+
+
+def ort_cuda_baselines(repository: Path, threads: int, work_dir: Path, frames: Frames, boxes: list[np.ndarray],
+                       provider: str = ORT_CUDA) -> tuple[list[Baseline], dict[str, Any], list[dict]]:
+    """ONNX Runtime's CUDA provider on the exported fp32 graphs and on the FP16 graphs that TensorRT's fp16 engines
+    are built from (`build_engines.build.network_onnx`). Each is first compared with ONNX Runtime fp32 on the CPU over
+    every frame (tf32 and fp16 tolerances; a miss is recorded, not fatal). Returns (rows, checks, not-run rows):
+    a graph that does not start on `provider` is a not-run row with ONNX Runtime's reason."""
+    reason = ort_cuda_status() if provider == ORT_CUDA else None
+    if reason:
+        return [], {}, [{"name": "onnxruntime CUDA in-process", "reason": reason}]
+    from leukograph.build_engines.build import network_onnx  # onnx and the fp16 converter, only here
+
+    fp32_paths = {s.name: stage_path(repository, s, MODEL_FILES["onnxruntime"]) for s in SERVED_STAGES}
+    fp16_paths = {s.name: network_onnx(s, fp32_paths[s.name], "fp16", work_dir, {}) for s in SERVED_STAGES}
+    samples = [Sample(frame_id, image, frame_boxes, [None] * len(frame_boxes), "localised")
+               for frame_id, image, frame_boxes in zip(frames.ids, frames.images, boxes)]
+    reference = ort_runners(repository, threads)
+    label = "CUDA" if provider == ORT_CUDA else provider
+    rows: list[Baseline] = []
+    checks: dict[str, Any] = {}
+    not_run: list[dict] = []
+    for precision, paths, tolerance_name, concurrencies in (("fp32", fp32_paths, "tf32", (1, 2)),
+                                                           ("fp16", fp16_paths, "fp16", (1,))):
+        name = f"onnxruntime {label} in-process" + (", FP16 graphs" if precision == "fp16" else "")
+
+        def make(detector: bool, paths: dict[str, Path] = paths) -> Runners:
+            return [OrtRunner(paths[s.name], s, threads, provider=provider)
+                    for s in (SERVED_STAGES if detector else STAGES)]
+
+        try:
+            comparison = compare(reference, make(False), samples)
+        except UserError as exc:
+            not_run.append({"name": name, "reason": str(exc)})
+            continue
+        tolerance = TOLERANCES[tolerance_name]
+        failures = comparison.failures_for(tolerance)
+        checks[f"onnxruntime_{label.lower()}_{precision}"] = {
+            "against": "onnxruntime fp32 on the CPU, every frame, localised boxes", "frames": comparison.frames,
+            "cells": comparison.nodes, "label_agreement": round(comparison.class_agreement, 5),
+            "max_abs_diff_vs_ort": comparison.max_prob_diff, "min_embedding_cosine": comparison.min_embedding_cosine,
+            "tolerance": tolerance_name, "failures": failures, "ok": not failures}
+        extra = {"provider": provider, "precision": precision}
+        rows += [(name, "ort", lambda k, make=make: make(False), concurrencies, extra),
+                 (f"{name} with the detector", "ort", lambda k, make=make: make(True), (1,),
+                  {**extra, "localizer": "detector"})]
+    return rows, checks, not_run
 
 
 def profile_run(args: argparse.Namespace, plan: Plan, server_proc: subprocess.Popen | None,

@@ -57,8 +57,18 @@ class OrtRunner(BaseRunner):
         options.inter_op_num_threads = 1
         self.path = Path(path)
         self.threads = threads
-        providers = [ORT_CPU] if provider == ORT_CPU else [provider, ORT_CPU]
+        providers: list = [ORT_CPU]
+        if provider == ORT_CUDA:
+            if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels (PyTorch's), when present
+                ort.preload_dlls(msvc=False)
+            # cuDNN's own choice per shape: the exhaustive search reruns for every new cell count
+            providers = [(ORT_CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), ORT_CPU]
+        elif provider != ORT_CPU:
+            providers = [provider, ORT_CPU]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if provider not in self.session.get_providers():  # ONNX Runtime falls back to the CPU with a logged error
+            raise UserError(f"{path}: onnxruntime could not start {provider} (session providers: "
+                            f"{', '.join(self.session.get_providers())}; its error is logged above)")
         got = [i.name for i in self.session.get_inputs()]
         if got != stage.input_names:
             raise ValueError(f"{path} has inputs {got}, the contract says {stage.input_names}")
