@@ -119,6 +119,32 @@ def fold_round_trips(model: onnx.ModelProto) -> int:
             model.graph.node.remove(node)
 
 
+def drop_duplicate_casts(model: onnx.ModelProto) -> int:
+    """Keep one of several identical Cast nodes writing the same tensor (onnxruntime < 1.32's converter adds one per
+    consumer of a blocked node's input, all named `<input>_cast_to_fp32`, which breaks SSA form), and one value_info
+    per name. Returns the number of nodes dropped; a name written by two different nodes raises RuntimeError."""
+    producers: dict[str, onnx.NodeProto] = {}
+    duplicates = []
+    for node in model.graph.node:
+        for output in node.output:
+            first = producers.setdefault(output, node)
+            if first is node:
+                continue
+            same = (node.op_type == first.op_type == "Cast" and list(node.input) == list(first.input)
+                    and _cast_to(node) == _cast_to(first))
+            if not same:
+                raise RuntimeError(f"fp16 conversion: {output} is written by {first.name} and {node.name}")
+            duplicates.append(node)
+    for node in duplicates:
+        model.graph.node.remove(node)
+    seen: set[str] = set()
+    for info in list(model.graph.value_info):
+        if info.name in seen:
+            model.graph.value_info.remove(info)
+        seen.add(info.name)
+    return len(duplicates)
+
+
 def topological_sort(model: onnx.ModelProto) -> None:
     """Reorder the nodes so each comes after the producers of its inputs (stable otherwise); in place."""
     available = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
@@ -169,6 +195,7 @@ def convert_model_to_fp16(model: onnx.ModelProto, op_block_list: list[str] | Non
         converted = convert_float_to_float16(model, keep_io_types=True,
                                              op_block_list=default_op_block_list() if op_block_list is None
                                              else op_block_list, node_block_list=node_block_list)
+    drop_duplicate_casts(converted)
     topological_sort(converted)
     if keep_coordinates_fp32:
         fold_round_trips(converted)

@@ -178,3 +178,26 @@ def test_fp32_onnxruntime_matches_pytorch(fp32_repository: Path, torch_stages, s
         assert np.array_equal(ort_out["FRAME_SIZE"], size.numpy())
         assert np.array_equal(ort_out["LABELS"], labels.numpy())
     print(f"\n{cells} cells: max |p_ort - p_torch| = {worst:.2e} over 3 frames")
+
+
+def test_duplicate_casts_of_older_converters_are_folded() -> None:
+    """onnxruntime < 1.32's fp16 converter writes one `<x>_cast_to_fp32` Cast per blocked consumer of x (the
+    detector's box decoding has two): one is kept, so the graph is in SSA form again; anything else is refused."""
+    from onnx import TensorProto, helper
+
+    def cast(name: str, to: int = TensorProto.FLOAT) -> onnx.NodeProto:
+        return helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], to=to, name=name)
+
+    def graph(*nodes: onnx.NodeProto) -> onnx.ModelProto:
+        consumers = [helper.make_node("Neg", ["x_cast_to_fp32"], [f"y{i}"], name=f"neg{i}") for i in range(2)]
+        return helper.make_model(helper.make_graph(
+            [*nodes, *consumers], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+            [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2]) for i in range(2)],
+            value_info=[helper.make_tensor_value_info("x_cast_to_fp32", TensorProto.FLOAT, [2])] * len(nodes)))
+
+    model = graph(cast("c0"), cast("c1"))
+    assert fp16.drop_duplicate_casts(model) == 1
+    assert [n.name for n in model.graph.node] == ["c0", "neg0", "neg1"] and len(model.graph.value_info) == 1
+    onnx.checker.check_model(model)
+    with pytest.raises(RuntimeError, match="written by c0 and c1"):
+        fp16.drop_duplicate_casts(graph(cast("c0"), cast("c1", TensorProto.DOUBLE)))
