@@ -242,3 +242,16 @@ def test_ort_runner_refuses_a_provider_that_does_not_start(served_repository: Pa
     path = contract.stage_path(served_repository, contract.CELL_GRAPH, contract.MODEL_FILES["onnxruntime"])
     with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
         OrtRunner(path, contract.CELL_GRAPH, provider=ORT_CUDA)
+
+
+def test_a_copy_of_the_committed_checkpoints_counts_as_committed(tmp_path: Path) -> None:
+    """deploy/bench_gpu.sh carries copies of the checkpoints: the run says they are the committed ones by hash."""
+    import shutil
+
+    from leukograph.deploy.bench.machine import weights_info
+
+    for name in ("cnn.pt", "gnn.pt"):
+        shutil.copy2(WEIGHTS_DIR / name, tmp_path / name)
+    assert weights_info(tmp_path)["committed_weights"] is True
+    (tmp_path / "gnn.pt").write_bytes(b"another checkpoint")
+    assert weights_info(tmp_path)["committed_weights"] is False

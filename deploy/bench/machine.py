@@ -40,6 +40,10 @@ def machine_description() -> dict:
     versions = {name: _version(dist) for name, dist in (
         ("torch", "torch"), ("onnxruntime", "onnxruntime"), ("tritonclient", "tritonclient"), ("numpy", "numpy"),
         ("nvidia-pytriton", "nvidia-pytriton"), ("torch-geometric", "torch_geometric"))}
+    with contextlib.suppress(ImportError):  # the module imported, which onnxruntime-gpu also provides
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
     versions["opencv"] = cv2.__version__
     versions["python"] = platform.python_version()
     return {"cpu_model": cpu, "cores": os.cpu_count(), "available_cores": len(os.sched_getaffinity(0)),
@@ -88,7 +92,10 @@ def weights_info(weights: Path) -> dict:
             metrics = ckpt.get("metrics") or {}
             info[f"{name}_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     release = (REPO_ROOT / "training" / "weights").resolve()
-    info["committed_weights"] = weights.resolve() == release  # the release folder (trained), not a stand-in
+    # the release folder (trained), or a copy of its checkpoints (carried to another machine), not a stand-in
+    info["committed_weights"] = weights.resolve() == release or all(
+        (release / name).exists() and info.get(name) == hashlib.sha256((release / name).read_bytes()).hexdigest()[:12]
+        for name in ("cnn.pt", "gnn.pt"))
     with contextlib.suppress(Exception):
         done = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %cI", "--",
                                str(weights / "cnn.pt")], capture_output=True, text=True, timeout=10)
