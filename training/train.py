@@ -476,17 +476,17 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
     cnn_logits = [embedder.classifier(torch.from_numpy(e).float()).numpy() for e, _ in embedded]
     out: dict = {"validation_cells": 0}
     truth, cnn_stacked, _ = labelled_nucleated(val_frames, cnn_logits)
-    temperatures = {"cnn": fit_temperature(cnn_stacked, truth)}
+    cnn_temperature = fit_temperature(cnn_stacked, truth)
     if cnn_blend > 0.0:
         _, gnn_stacked, _ = labelled_nucleated(val_frames, gnn_logits)
         out["gnn_alone_temperature"] = fit_temperature(gnn_stacked, truth)
         out["cnn_blend"] = cnn_blend
         out["cnn_weight"] = gnn.pool_with_cnn(embedder.classifier, cnn_blend, out["gnn_alone_temperature"],
-                                              temperatures["cnn"])
+                                              cnn_temperature)
         gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
-    for name, logits in (("cnn", cnn_logits), ("gnn", gnn_logits)):
-        truth, stacked, _ = labelled_nucleated(val_frames, logits)
-        temperature = temperatures[name] if name in temperatures else fit_temperature(stacked, truth)
+    _, gnn_stacked, _ = labelled_nucleated(val_frames, gnn_logits)  # the served logits (pooled when blended)
+    for name, stacked, temperature in (("cnn", cnn_stacked, cnn_temperature),
+                                       ("gnn", gnn_stacked, fit_temperature(gnn_stacked, truth))):
         out[f"{name}_temperature"] = temperature
         for tag, t in (("raw", 1.0), ("calibrated", temperature)):
             probs = torch.softmax(torch.from_numpy(stacked) / t, 1).numpy()
@@ -496,7 +496,7 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
                 curve = auto_accept_curve(confidence, correct)
                 out["auto_accept_curve"] = curve
                 out["threshold"] = choose_threshold(curve)
-        out["validation_cells"] = int(len(truth))
+    out["validation_cells"] = int(len(truth))
     gnn.temperature.fill_(out["gnn_temperature"])  # served PROBS are calibrated: the buffer travels in gnn.pt
     best = load_checkpoint(run_dir / "gnn_best.pt")
     best["model"] = gnn.state_dict()
