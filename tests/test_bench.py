@@ -211,7 +211,8 @@ def test_ort_gpu_rows_check_fp32_and_fp16_graphs_first(served_repository: Path, 
 
     held = frames.load_frames(3)
     boxes = [frames.localise_boxes(image) for image in held.images]
-    rows, checks, not_run = ort_cuda_baselines(served_repository, 1, tmp_path, held, boxes, provider=ORT_CPU)
+    rows, checks, not_run = ort_cuda_baselines(served_repository, 1, tmp_path, held, boxes,
+                                               engines.ort_runners(served_repository, 1), provider=ORT_CPU)
     assert not_run == []
     assert [name for name, *_ in rows] == [
         "onnxruntime CPUExecutionProvider in-process",

@@ -243,7 +243,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             ]
             cuda_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="leukograph-bench-fp16-")))
             cuda_rows, cuda_checks, cuda_missing = ort_cuda_baselines(repository, args.ort_threads, cuda_dir, frames,
-                                                                      real_boxes)
+                                                                      real_boxes, reference)
             baselines += cuda_rows
             checks.update(cuda_checks)
             not_run += cuda_missing
@@ -342,11 +342,13 @@ def check_transport(transport: str, candidate: Runners, reference: Runners | Non
 
 
 def ort_cuda_baselines(repository: Path, threads: int, work_dir: Path, frames: Frames, boxes: list[np.ndarray],
-                       provider: str = ORT_CUDA) -> tuple[list[Baseline], dict[str, Any], list[dict]]:
+                       reference: Runners, provider: str = ORT_CUDA
+                       ) -> tuple[list[Baseline], dict[str, Any], list[dict]]:
     """ONNX Runtime's CUDA provider on the exported fp32 graphs and on the FP16 graphs that TensorRT's fp16 engines
-    are built from (`build_engines.build.network_onnx`). Each is first compared with ONNX Runtime fp32 on the CPU over
-    every frame (tf32 and fp16 tolerances; a miss is recorded, not fatal). Returns (rows, checks, not-run rows):
-    a graph that does not start on `provider` is a not-run row with ONNX Runtime's reason."""
+    are built from (`build_engines.build.network_onnx`). Each is first compared with `reference` (ONNX Runtime fp32
+    on the CPU, the runners the Triton checks use) over every frame (tf32 and fp16 tolerances; a miss is recorded,
+    not fatal). Returns (rows, checks, not-run rows): a graph that does not start on `provider` is a not-run row with
+    ONNX Runtime's reason."""
     reason = ort_cuda_status() if provider == ORT_CUDA else None
     if reason:
         return [], {}, [{"name": "onnxruntime CUDA in-process", "reason": reason}]
@@ -361,7 +363,6 @@ def ort_cuda_baselines(repository: Path, threads: int, work_dir: Path, frames: F
 
     samples = [Sample(frame_id, image, frame_boxes, [None] * len(frame_boxes), "localised")
                for frame_id, image, frame_boxes in zip(frames.ids, frames.images, boxes)]
-    reference = ort_runners(repository, threads)
     label = "CUDA" if provider == ORT_CUDA else provider
     rows: list[Baseline] = []
     checks: dict[str, Any] = {}
