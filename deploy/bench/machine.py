@@ -74,15 +74,19 @@ def tensorrt_status() -> str | None:
     return None
 
 
-def weights_info(weights: Path) -> dict:
-    """Which checkpoints the run used (path, epochs, a hash): trained weights or the development stand-ins."""
+def _short_hash(path: Path) -> str:
     import hashlib
 
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def weights_info(weights: Path) -> dict:
+    """Which checkpoints the run used (path, epochs, a hash): trained weights or the development stand-ins."""
     info: dict[str, Any] = {"dir": str(weights)}
     for name in ("cnn.pt", "gnn.pt"):
         path = weights / name
         if path.exists():
-            info[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            info[name] = _short_hash(path)
     with contextlib.suppress(Exception):
         from leukograph.training.checkpoints import load_checkpoint
 
@@ -94,8 +98,7 @@ def weights_info(weights: Path) -> dict:
     release = (REPO_ROOT / "training" / "weights").resolve()
     # the release folder (trained), or a copy of its checkpoints (carried to another machine), not a stand-in
     info["committed_weights"] = weights.resolve() == release or all(
-        (release / name).exists() and info.get(name) == hashlib.sha256((release / name).read_bytes()).hexdigest()[:12]
-        for name in ("cnn.pt", "gnn.pt"))
+        (release / name).exists() and info.get(name) == _short_hash(release / name) for name in ("cnn.pt", "gnn.pt"))
     with contextlib.suppress(Exception):
         done = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %cI", "--",
                                str(weights / "cnn.pt")], capture_output=True, text=True, timeout=10)
