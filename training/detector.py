@@ -1,7 +1,8 @@
 """The learned cell detector: a small CenterNet-style network and its served graph.
 
 Network (`CellDetector`, ~0.9M parameters): the frame stretched to DETECTOR_SIZE x DETECTOR_SIZE, standardised per
-image (channel means removed, one global scale: a yellow or blue background looks like any other), a 5-level
+image over its smear (channel means removed, one global scale: a yellow or blue background looks like any other;
+black fill and field-stop corners left out of both, `standardise`), a 5-level
 convolutional backbone (stride 2..32) with a top-down path back to stride DETECTOR_STRIDE, then one head giving per
 output pixel: 3 kind logits (wbc/rbc/platelet centre heatmaps), log width/height (in output pixels) and the
 sub-pixel centre offset.
@@ -43,6 +44,8 @@ NUM_KINDS = len(CELL_KINDS)
 HEAD_CHANNELS = NUM_KINDS + 4  # kind logits, log w, log h, offset x, offset y
 HEAT_PRIOR = 0.05  # initial heatmap probability (focal-loss init)
 OPSET = 17
+BLACK_LEVEL = 10 / 255  # channel mean below which a pixel is fill or field stop, not smear
+MIN_SMEAR_SHARE = 1e-3  # an all-black frame: no division by zero
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -61,9 +64,14 @@ class Residual(nn.Module):
 
 
 def standardise(x: Tensor) -> Tensor:
-    """[B,3,H,W] in 0..1 -> channel means removed, divided by one global standard deviation per image."""
-    centred = x - x.mean(dim=(2, 3), keepdim=True)
-    scale = centred.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-4).sqrt()
+    """[B,3,H,W] in 0..1 -> channel means removed, divided by one global standard deviation per image, both taken
+    over the smear only: pixels darker than BLACK_LEVEL (a rotated image's black fill, a microscope field stop's
+    black corners) are left out of the statistics and set to the mean. A frame without such pixels is standardised
+    exactly as over all its pixels (the share is then 1)."""
+    smear = (x.mean(dim=1, keepdim=True) > BLACK_LEVEL).to(x.dtype)
+    share = smear.mean(dim=(2, 3), keepdim=True).clamp_min(MIN_SMEAR_SHARE)
+    centred = (x - (x * smear).mean(dim=(2, 3), keepdim=True) / share) * smear
+    scale = (centred.pow(2).mean(dim=(1, 2, 3), keepdim=True) / share).add(1e-4).sqrt()
     return centred / scale
 
 
