@@ -6,6 +6,8 @@ the weights are the package's own, and the model repository, cache and data defa
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -63,3 +65,33 @@ def shown_path(path: Path) -> str:
     """A path as the repository's docs and help texts show it: relative to the repository root when inside it."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+# The code that builds the served ONNX graphs. Every exported graph carries the digest of these files
+# (`GRAPH_CODE_KEY` in its metadata): a graph exported by other code (an upgrade that changed a stage but not the
+# weights) is stale, as one older than the weights is.
+GRAPH_SOURCES = ("client/contract.py", "training/models.py", "training/detector.py", "training/export.py")
+GRAPH_CODE_KEY = "leukograph_graph_code"
+
+
+@functools.cache
+def graph_code_digest() -> str:
+    """sha256 (16 hex digits) over `GRAPH_SOURCES`, names and bytes."""
+    digest = hashlib.sha256()
+    for name in GRAPH_SOURCES:
+        digest.update(name.encode() + b"\0" + (PACKAGE_ROOT / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def graph_code_stale(path: Path) -> str | None:
+    """Why the exported graph at `path` was not built by this code, or None when it was."""
+    import onnx  # only when checking: `paths` stays light
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is simply to be exported again
+        return f"{path} is not a readable ONNX file ({type(exc).__name__})"
+    stamped = {prop.key: prop.value for prop in model.metadata_props}.get(GRAPH_CODE_KEY)
+    if stamped != graph_code_digest():
+        return f"{path} was exported by other code (graph code {stamped or 'not recorded'}, now {graph_code_digest()})"
+    return None

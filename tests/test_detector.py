@@ -20,7 +20,7 @@ from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_DETECTOR, CELL_KINDS, DETECTOR_FP32_AFTER, DETECTOR_THRESHOLD, MAX_CELLS
 from leukograph.client.images import read_image
 from leukograph.client.localize import detector_cells
-from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR
+from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR, graph_code_stale
 from leukograph.training.detector import (
     DETECTOR_WEIGHTS,
     DetectorStage,
@@ -69,6 +69,7 @@ def test_graph_passes_op_check_with_constant_topk(onnx_path: Path) -> None:
                       if n.op_type == "Constant"})
     assert int(np.asarray(constants[topk[0].input[1]]).reshape(-1)[0]) == MAX_CELLS
     assert [o.name for o in model.graph.output] == CELL_DETECTOR.output_names
+    assert graph_code_stale(onnx_path) is None  # stamped with the code that exported it
 
 
 def test_tensorrt_profile_covers_the_frame_range(onnx_path: Path, tmp_path: Path) -> None:

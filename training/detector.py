@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -182,11 +181,9 @@ def export_detector(net: CellDetector, path: Path, opset: int = OPSET) -> Path:
         torch.onnx.export(stage, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=CELL_DETECTOR.input_names, output_names=CELL_DETECTOR.output_names,
                           dynamic_axes=CELL_DETECTOR.dynamic_axes, do_constant_folding=True)
-    model = onnx.load(str(path))
-    model.doc_string = CELL_DETECTOR.description
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path), save_as_external_data=False)
-    return path
+    from leukograph.training.export import save_served_graph
+
+    return save_served_graph(path, CELL_DETECTOR.description)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -27,7 +27,14 @@ from leukograph.client.contract import (
     stage_path,
 )
 from leukograph.client.errors import UserError
-from leukograph.deploy.paths import MODEL_REPOSITORY, WEIGHTS_DIR, data_root, detector_weights_dir
+from leukograph.deploy.paths import (
+    GRAPH_CODE_KEY,
+    MODEL_REPOSITORY,
+    WEIGHTS_DIR,
+    data_root,
+    detector_weights_dir,
+    graph_code_digest,
+)
 from leukograph.training import quantize
 from leukograph.training.checkpoints import cnn_crop_size, load_models
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
@@ -61,8 +68,16 @@ def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: i
             input_names=stage.input_names, output_names=stage.output_names,
             dynamic_axes=stage.dynamic_axes, do_constant_folding=True,
         )
+    return save_served_graph(path, stage.description)
+
+
+def save_served_graph(path: Path, description: str) -> Path:
+    """Finish an exported graph: its description, the digest of the code that built it (`graph_code_digest`, read by
+    `leukograph serve` to re-export after an upgrade), the ONNX checker, weights inline."""
     model = onnx.load(str(path))
-    model.doc_string = stage.description
+    model.doc_string = description
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        GRAPH_CODE_KEY: graph_code_digest()})
     onnx.checker.check_model(model)
     onnx.save(model, str(path), save_as_external_data=False)
     return path
