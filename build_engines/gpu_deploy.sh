@@ -10,7 +10,8 @@
 #
 # FRAMES_DIR defaults to BCCD's JPEGImages under $LEUKOGRAPH_DATA (or ../shared/datasets). Environment:
 #   TRT_REPOSITORY (the tensorrt repository written here, default ./build/gpu_model_repository),
-#   SOURCE (where the ONNX stages come from, default ./model_repository; exported there with torch when missing),
+#   SOURCE (where the ONNX stages come from, default ./model_repository; exported there with torch when missing,
+#   older than the weights or exported by other code),
 #   GRPC_PORT (8001), HTTP_PORT (8000), METRICS_PORT (8002), LEUKOGRAPH (the CLI, default `leukograph`),
 #   PYTHON (the Python that has leukograph, default python3), TRITONSERVER (default `tritonserver`),
 #   SAMPLE (gpu-smoke), TARGET (100: WBCs to count before the stream stops).
@@ -41,7 +42,12 @@ build_flags=("$@")
 
 step() { printf '\n== %s\n' "$*"; }
 die() { printf 'gpu_deploy: %s\n' "$*" >&2; exit 1; }
-have_onnx() { for m in "${STAGES[@]}"; do [[ -f "$1/$m/1/model.onnx" ]] || return 1; done; }
+# Why the ONNX stages in $1 need (re-)exporting: missing, older than the weights, or exported by other code than this
+# checkout's (`leukograph serve`'s own rule, deploy/server.onnx_stale); empty when they are up to date.
+export_reason() {
+  "$PYTHON" -c 'import sys; from pathlib import Path; from leukograph.deploy.paths import WEIGHTS_DIR
+from leukograph.deploy.server import onnx_stale; print(onnx_stale(Path(sys.argv[1]), WEIGHTS_DIR) or "")' "$1"
+}
 
 step "0. prerequisites"
 mkdir -p "$(dirname "$TRT_REPOSITORY")"
@@ -52,9 +58,10 @@ command -v "$LEUKOGRAPH" >/dev/null || die "'$LEUKOGRAPH' not found (pip install
 command -v "$TRITONSERVER" >/dev/null || die "'$TRITONSERVER' not found: run inside NVIDIA's Triton container"
 command -v curl >/dev/null || die "curl not found (used to wait for Triton's readiness)"
 [[ -d "$frames" ]] || die "frames folder $frames not found (pass FRAMES_DIR)"
-if ! have_onnx "$SOURCE"; then
+stale="$(export_reason "$SOURCE")" || die "cannot check the ONNX stages in $SOURCE with $PYTHON (pip install -e '.[serve]')"
+if [[ -n "$stale" ]]; then
   "$PYTHON" -c "import torch" 2>/dev/null \
-    || die "no model.onnx in $SOURCE and torch is not importable to export them (pip install -e '.[train]')"
+    || die "$stale, and torch is not importable to export the stages (pip install -e '.[train]')"
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
 trt_python="$("$PYTHON" -c "import tensorrt; print(tensorrt.__version__)" 2>/dev/null)" \
@@ -72,10 +79,11 @@ else
 fi
 
 step "1. ONNX stages from $SOURCE into $TRT_REPOSITORY"
-if ! have_onnx "$SOURCE"; then
+if [[ -n "$stale" ]]; then
+  echo "exporting the ONNX stages: $stale"
   "$LEUKOGRAPH" export --model-repository "$SOURCE"  # only writes model.onnx files, which are gitignored
 fi
-if [[ ! -f "$SOURCE/crop_embedder/1/model.int8.tensorrt.onnx" ]]; then
+if [[ -n "$stale" || ! -f "$SOURCE/crop_embedder/1/model.int8.tensorrt.onnx" ]]; then
   # the INT8 QDQ graph for step 2b, from the activation ranges saved with the weights: no training data needed
   "$LEUKOGRAPH" export --int8 --model-repository "$SOURCE" || echo "no INT8 QDQ graph: step 2b will be skipped"
 fi

@@ -590,3 +590,37 @@ def test_gpu_deploy_never_writes_the_committed_repository(tmp_path: Path) -> Non
     assert missing.returncode == 1 and "'no-such-tritonserver' not found" in missing.stderr
     after = sorted((p.relative_to(MODEL_REPOSITORY), p.stat().st_mtime_ns) for p in MODEL_REPOSITORY.rglob("*"))
     assert after == before
+
+
+def test_gpu_deploy_exports_again_what_serve_would(tmp_path: Path) -> None:
+    """gpu_deploy.sh asks `leukograph serve`'s own rule (`onnx_stale`) whether to export: missing graphs, and graphs
+    exported by other code than this checkout's (an upgrade), are exported before the engines are built."""
+    script = (REPO_ROOT / "build_engines" / "gpu_deploy.sh").read_text()
+    function = re.search(r"^export_reason\(\) \{\n.*?^\}\n", script, re.S | re.M)
+    assert function is not None and 'if [[ -n "$stale" ]]; then' in script
+
+    def reason(source: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", function.group(0) + 'export_reason "$1"', "-", str(source)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+
+    source = tmp_path / "source"
+    repo.generate(source, "onnxruntime")
+    missing = reason(source)
+    assert missing.returncode == 0 and missing.stdout.strip().endswith("model.onnx is missing")
+    import onnx
+
+    from leukograph.deploy.paths import GRAPH_CODE_KEY, graph_code_digest
+
+    for stage in contract.SERVED_STAGES:
+        values = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1]) for name in ("x", "y")]
+        model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                                              values[:1], values[1:]))
+        onnx.helper.set_model_props(model, {GRAPH_CODE_KEY: graph_code_digest()})
+        onnx.save(model, str(source / stage.name / "1" / "model.onnx"))
+    newest = max(path.stat().st_mtime for path in (REPO_ROOT / "training" / "weights").glob("*.pt"))
+    for stage in contract.SERVED_STAGES:  # newer than the weights, as an export after them is
+        os.utime(source / stage.name / "1" / "model.onnx", (newest + 60, newest + 60))
+    assert reason(source).stdout.strip() == ""
+    onnx.helper.set_model_props(model, {GRAPH_CODE_KEY: "0123456789abcdef"})
+    onnx.save(model, str(source / "cell_graph" / "1" / "model.onnx"))
+    assert "exported by other code" in reason(source).stdout
