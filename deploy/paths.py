@@ -10,7 +10,7 @@ import functools
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 DATA_ENV = "LEUKOGRAPH_DATA"
@@ -95,3 +95,14 @@ def graph_code_stale(path: Path) -> str | None:
     if stamped != graph_code_digest():
         return f"{path} was exported by other code (graph code {stamped or 'not recorded'}, now {graph_code_digest()})"
     return None
+
+
+def export_stale(path: Path, checkpoints: Iterable[Path]) -> str | None:
+    """Why the exported graph at `path` must be exported (again): missing, older than one of `checkpoints`, or built
+    by other code (`graph_code_stale`); None when it is up to date."""
+    if not path.exists():
+        return f"{path} is missing"
+    newest = max(checkpoints, key=lambda checkpoint: checkpoint.stat().st_mtime, default=None)
+    if newest is not None and path.stat().st_mtime < newest.stat().st_mtime:
+        return f"{path} is older than the weights in {newest.parent}"
+    return graph_code_stale(path)

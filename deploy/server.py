@@ -59,7 +59,7 @@ from leukograph.client.triton_client import (
     GRPC_RESTRICTED_PREFIX,
     admin_key,
 )
-from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV, data_root, graph_code_stale
+from leukograph.deploy.paths import CACHE_DIR, MODEL_REPOSITORY, WEIGHTS_DIR, WEIGHTS_ENV, data_root, export_stale
 
 GPU_HINT = "GPU machines: run NVIDIA's Triton container with `tritonserver --model-repository model_repository/` " \
            "after `leukograph generate-repo --backend tensorrt` (README section \"GPU deployment\")."
@@ -111,18 +111,11 @@ def server_dir() -> Path:
 
 def onnx_stale(repository: Path, weights: Path) -> str | None:
     """Why the repository's ONNX files need (re-)exporting, or None when they are up to date: missing, older than a
-    checkpoint, or exported by other code than this (`graph_code_stale`)."""
+    checkpoint, or exported by other code than this (`paths.export_stale`)."""
     checkpoints = sorted(weights.glob("*.pt")) if weights.is_dir() else []
-    newest = max((p.stat().st_mtime for p in checkpoints), default=None)
-    for stage in SERVED_STAGES:
-        path = stage_path(repository, stage, MODEL_FILES["onnxruntime"])
-        if not path.exists():
-            return f"{path} is missing"
-        if newest is not None and path.stat().st_mtime < newest:
-            return f"{path} is older than the weights in {weights}"
-        if (reason := graph_code_stale(path)) is not None:
-            return reason
-    return None
+    reasons = (export_stale(stage_path(repository, stage, MODEL_FILES["onnxruntime"]), checkpoints)
+               for stage in SERVED_STAGES)
+    return next((reason for reason in reasons if reason is not None), None)
 
 
 def int8_stale(repository: Path) -> str | None:

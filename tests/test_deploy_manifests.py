@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -592,7 +593,7 @@ def test_gpu_deploy_never_writes_the_committed_repository(tmp_path: Path) -> Non
     assert after == before
 
 
-def test_gpu_deploy_exports_again_what_serve_would(tmp_path: Path) -> None:
+def test_gpu_deploy_exports_again_what_serve_would(tmp_path: Path, tiny_graph: Callable) -> None:
     """gpu_deploy.sh asks `leukograph serve`'s own rule (`onnx_stale`) whether to export: missing graphs, and graphs
     exported by other code than this checkout's (an upgrade), are exported before the engines are built."""
     script = (REPO_ROOT / "build_engines" / "gpu_deploy.sh").read_text()
@@ -607,20 +608,13 @@ def test_gpu_deploy_exports_again_what_serve_would(tmp_path: Path) -> None:
     repo.generate(source, "onnxruntime")
     missing = reason(source)
     assert missing.returncode == 0 and missing.stdout.strip().endswith("model.onnx is missing")
-    import onnx
-
-    from leukograph.deploy.paths import GRAPH_CODE_KEY, graph_code_digest
+    from leukograph.deploy.paths import graph_code_digest
 
     for stage in contract.SERVED_STAGES:
-        values = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1]) for name in ("x", "y")]
-        model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-                                                              values[:1], values[1:]))
-        onnx.helper.set_model_props(model, {GRAPH_CODE_KEY: graph_code_digest()})
-        onnx.save(model, str(source / stage.name / "1" / "model.onnx"))
+        tiny_graph(source / stage.name / "1" / "model.onnx", graph_code_digest())
     newest = max(path.stat().st_mtime for path in (REPO_ROOT / "training" / "weights").glob("*.pt"))
     for stage in contract.SERVED_STAGES:  # newer than the weights, as an export after them is
         os.utime(source / stage.name / "1" / "model.onnx", (newest + 60, newest + 60))
     assert reason(source).stdout.strip() == ""
-    onnx.helper.set_model_props(model, {GRAPH_CODE_KEY: "0123456789abcdef"})
-    onnx.save(model, str(source / "cell_graph" / "1" / "model.onnx"))
+    tiny_graph(source / "cell_graph" / "1" / "model.onnx", "0123456789abcdef")
     assert "exported by other code" in reason(source).stdout

@@ -10,11 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from leukograph.client import contract
 from leukograph.client.errors import UserError
 from leukograph.deploy.model_repository import generate
-from leukograph.deploy.paths import GRAPH_CODE_KEY, graph_code_digest
+from leukograph.deploy.paths import graph_code_digest
 from leukograph.deploy.server import TritonServer, free_port, onnx_stale
 from leukograph.training.datasets import held_out_frames, load_bccd
 
@@ -267,17 +267,7 @@ def test_serve_cli_bad_repository_is_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and "does not exist" in lines[0], done.stderr
 
 
-def _tiny_graph(path: Path, graph_code: str | None) -> None:
-    """A one-node ONNX file, stamped as exported by `graph_code` (None: no stamp, as before the stamp existed)."""
-    value = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1]) for name in ("x", "y")]
-    model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-                                                          value[:1], value[1:]))
-    if graph_code is not None:
-        onnx.helper.set_model_props(model, {GRAPH_CODE_KEY: graph_code})
-    onnx.save(model, str(path))
-
-
-def test_onnx_staleness_follows_the_weights_and_the_code(tmp_path: Path) -> None:
+def test_onnx_staleness_follows_the_weights_and_the_code(tmp_path: Path, tiny_graph: Callable) -> None:
     """`leukograph serve` re-exports when model.onnx is missing, older than any checkpoint, or was exported by other
     code than the installed one (an upgrade that changed a stage's graph but not the weights)."""
     repository, weights = tmp_path / "repo", tmp_path / "weights"
@@ -286,15 +276,15 @@ def test_onnx_staleness_follows_the_weights_and_the_code(tmp_path: Path) -> None
     assert "missing" in onnx_stale(repository, weights)
     files = [repository / stage.name / "1" / "model.onnx" for stage in contract.SERVED_STAGES]
     for path in files:
-        _tiny_graph(path, graph_code_digest())
+        tiny_graph(path, graph_code_digest())
     assert onnx_stale(repository, weights) is None  # no checkpoints: keep what is there
-    _tiny_graph(files[0], None)
+    tiny_graph(files[0], None)
     assert "exported by other code (graph code not recorded" in onnx_stale(repository, weights)
-    _tiny_graph(files[0], "0123456789abcdef")
+    tiny_graph(files[0], "0123456789abcdef")
     assert "exported by other code (graph code 0123456789abcdef" in onnx_stale(repository, weights)
     files[0].write_bytes(b"onnx")
     assert "not a readable ONNX file" in onnx_stale(repository, weights)
-    _tiny_graph(files[0], graph_code_digest())
+    tiny_graph(files[0], graph_code_digest())
     checkpoint = weights / "cnn.pt"
     checkpoint.write_bytes(b"pt")
     later = time.time() + 60

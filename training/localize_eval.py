@@ -134,13 +134,12 @@ class OnnxDetector:
 
 def ensure_detector_exported(repository: Path = MODEL_REPOSITORY) -> Path:
     """Export the committed detector weights when the repository's ONNX file is missing, older than them or exported
-    by other code (`graph_code_stale`)."""
-    from leukograph.deploy.paths import DETECTOR_WEIGHTS, WEIGHTS_DIR, graph_code_stale
+    by other code (`leukograph serve`'s rule, `paths.export_stale`)."""
+    from leukograph.deploy.paths import DETECTOR_WEIGHTS, WEIGHTS_DIR, export_stale
 
     path = stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
     weights = WEIGHTS_DIR / DETECTOR_WEIGHTS
-    if weights.exists() and (not path.exists() or path.stat().st_mtime < weights.stat().st_mtime
-                             or graph_code_stale(path) is not None):
+    if weights.exists() and export_stale(path, [weights]) is not None:
         from leukograph.training.detector import export_detector, load_detector  # torch only when exporting
 
         export_detector(load_detector(WEIGHTS_DIR), path)
