@@ -217,11 +217,12 @@ def test_unlabelled_loss_follows_confident_weak_views_only() -> None:
 
 
 def test_domain_generalisation_options_train(tmp_path: Path) -> None:
-    """--mixstyle, --unlabelled-weight, --amplitude-mix and --grey-share train a CNN whose checkpoint loads like any
-    other."""
+    """--mixstyle, --unlabelled-weight, --amplitude-mix, --grey-share and --random-conv train a CNN whose checkpoint
+    loads like any other."""
     run, release = tmp_path / "run", tmp_path / "release"
     result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--mixstyle", "0.5",
                              "--unlabelled-weight", "1", "--amplitude-mix", "0.5", "--grey-share", "0.5",
+                             "--random-conv", "0.5",
                              "--output-dir", str(run), "--release-dir", str(release)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -251,11 +252,37 @@ def test_grey_share_turns_crops_grey_and_draws_nothing_when_off() -> None:
     assert 0 < int(is_grey.sum()) < len(crops)
 
 
-def test_bad_grey_share_is_one_line(tmp_path: Path) -> None:
-    result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--grey-share", "1.5", "--output-dir", str(tmp_path)],
+def test_random_conv_mixes_in_a_random_convolution_and_draws_nothing_when_off() -> None:
+    """On real BCCD crops: --random-conv 0 draws no random number (every CNN trained without it is unchanged); 1
+    changes every crop at strength 0, keeps it in 0..1 and keeps each channel's mean (the convolved crop is given
+    the crop's own mean and spread before the mix; only the clamp moves it); 0.5 changes some of them."""
+    from leukograph.training.augment import augment_batch, random_convolution, stored_to_served
+    from leukograph.training.cells import build_cells
+    from leukograph.training.models import STORE_ZOOM
+
+    crops = np.concatenate([f.crops for f in build_cells(load_bccd()[:2], "random-conv-test", cache=False,
+                                                         progress=False)])
+    off, default = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(crops, off, STORE_ZOOM, 1.5, 0.0, 0.0), augment_batch(crops, default, STORE_ZOOM,
+                                                                                          1.5))
+    assert torch.equal(off.get_state(), default.get_state())
+    served = stored_to_served(crops, STORE_ZOOM)
+    for seed in range(3):  # each call draws one kernel side
+        mixed = random_convolution(served, torch.Generator().manual_seed(seed), 1.0)
+        assert mixed.shape == served.shape and float(mixed.min()) >= 0 and float(mixed.max()) <= 1
+        assert (mixed != served).flatten(1).any(1).all()
+        assert torch.allclose(mixed.mean(dim=(2, 3)), served.mean(dim=(2, 3)), atol=0.03)
+    some = augment_batch(crops, torch.Generator().manual_seed(0), STORE_ZOOM, 0.0, 0.0, 0.5)
+    unchanged = (some == augment_batch(crops, torch.Generator().manual_seed(0), STORE_ZOOM, 0.0)).flatten(1).all(1)
+    assert 0 < int(unchanged.sum()) < len(crops)
+
+
+@pytest.mark.parametrize("flag", ["--grey-share", "--random-conv"])
+def test_bad_share_is_one_line(tmp_path: Path, flag: str) -> None:
+    result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", flag, "1.5", "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "leukograph train: error: --grey-share must be in [0, 1], got 1.5"
+    assert result.stderr.strip() == f"leukograph train: error: {flag} must be in [0, 1], got 1.5"
 
 
 def test_amplitude_mix_keeps_the_phase_and_mixes_the_amplitude() -> None:

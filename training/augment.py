@@ -13,7 +13,9 @@ What varies between labs, and what stands in for it here:
   brightness, contrast, gamma, grayscale;
 * optics: Gaussian blur (focus), sensor noise, JPEG compression, vignetting;
 * another lab's look as a whole (`amplitude_mix`, off by default): a crop's Fourier amplitude mixed with another
-  crop's, often one from a lab whose cells carry no labels.
+  crop's, often one from a lab whose cells carry no labels;
+* another lab's texture and colour at once (`random_convolution`, off by default): a crop mixed with itself seen
+  through a random convolution.
 """
 
 from __future__ import annotations
@@ -180,16 +182,50 @@ def amplitude_mix(x: Tensor, donors: Tensor, generator: torch.Generator, p: floa
     return torch.fft.ifft2(torch.polar(amplitude, spectrum.angle())).real.clamp(0, 1).contiguous()
 
 
+RANDOM_KERNEL_SIDES = (1, 3, 5)
+
+
+def random_convolution(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
+    """RandConv (Xu et al., "Robust and generalizable visual representation learning via random convolutions", ICLR
+    2021) of float RGB [B,3,H,W] in 0..1: with probability `p` per crop, the crop becomes a random convex mix (its own
+    weight ~ U(0, 1)) of itself and itself through a 3->3 convolution with random weights (Kaiming-normal, a side of
+    `RANDOM_KERNEL_SIDES` drawn per call; reflection padding). A 1x1 kernel remaps colour, a larger one texture and
+    local contrast too, while the cell's shape stays. The convolved crop is given the crop's own per-channel mean and
+    spread before the mix, so the result stays in the crop's range."""
+    if p <= 0:  # off: draws nothing, so the other augmentations' random streams stay as they were
+        return x
+    n = x.shape[0]
+    chosen = torch.nonzero(_chance(generator, n, p)).flatten()
+    side = RANDOM_KERNEL_SIDES[int(torch.randint(len(RANDOM_KERNEL_SIDES), (1,), generator=generator))]
+    weights = torch.randn(len(chosen) * 3, 3, side, side, generator=generator) / math.sqrt(3 * side * side)
+    own = _uniform(generator, len(chosen), 0.0, 1.0).view(-1, 1, 1, 1)
+    if len(chosen) == 0:
+        return x
+    picked = x[chosen]
+    padded = F.pad(picked.reshape(1, -1, *x.shape[-2:]), [side // 2] * 4, mode="reflect") if side > 1 else (
+        picked.reshape(1, -1, *x.shape[-2:]))
+    convolved = F.conv2d(padded, weights, groups=len(chosen)).view_as(picked)
+    mean, spread = picked.mean(dim=(2, 3), keepdim=True), picked.std(dim=(2, 3), keepdim=True)
+    centred = convolved - convolved.mean(dim=(2, 3), keepdim=True)
+    convolved = centred / (centred.std(dim=(2, 3), keepdim=True) + 1e-6) * spread + mean
+    out = x.clone()
+    out[chosen] = (own * picked + (1 - own) * convolved).clamp(0, 1)
+    return out
+
+
 def augment_batch(crops: np.ndarray, generator: torch.Generator, zoom: float, strength: float = 1.0,
-                  grey: float = 0.0) -> Tensor:
+                  grey: float = 0.0, random_conv: float = 0.0) -> Tensor:
     """uint8 stored crops [B,S,S,3] -> augmented float [B,3,C,C] in 0..1 (C = S / zoom). `grey`: the chance that a
-    crop is also turned grey after the stain jitter, whatever the strength (0: no draw, the stream unchanged)."""
+    crop is also turned grey after the stain jitter, whatever the strength; `random_conv`: the chance that it is
+    also mixed with a random convolution of itself (`random_convolution`). Each at 0 draws nothing: the random
+    stream is then as without it."""
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     x = geometry(x, generator, zoom, strength)
     x = resolution(x, generator)
     x = stain(x, generator, strength)
     if grey > 0:
         x = greyed(x, _chance(generator, x.shape[0], grey))
+    x = random_convolution(x, generator, random_conv)
     return optics(x, generator, strength).contiguous()
 
 

@@ -241,12 +241,13 @@ def unlabelled_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, thre
 def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                     batch_size: int, seed: int, label_smoothing: float = 0.1, strength: float = 1.0,
                     unlabelled: Unlabelled | None = None, average: AveragedModel | None = None,
-                    amplitude: float = 0.0, grey: float = 0.0) -> float:
+                    amplitude: float = 0.0, grey: float = 0.0, random_conv: float = 0.0) -> float:
     """One epoch; crops are augmented on the CPU (seeded) and the model runs where its parameters are. `average`:
     a moving average of the weights, updated after every step (`--cnn-ema`). `amplitude`: share of labelled crops
     given another crop's Fourier amplitude in part (`--amplitude-mix`), drawn from the batch and its lightly
     augmented unlabelled cells. `grey`: share of crops of every view turned grey after the stain jitter
-    (`--grey-share`)."""
+    (`--grey-share`). `random_conv`: share of labelled crops and of the unlabelled cells' strong view mixed with a
+    random convolution of themselves (`--random-conv`; never the weak view, whose pseudo-label is read)."""
     model.train()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed + epoch)
@@ -256,11 +257,11 @@ def train_one_epoch(model: nn.Module, sampler: CropSampler, optimizer: torch.opt
     total, count = 0.0, 0
     for start in tqdm(range(0, len(items), batch_size), desc=f"cnn epoch {epoch}", leave=False):
         crops, labels = sampler.batch(items[start:start + batch_size])
-        views = [augment_batch(crops, generator, STORE_ZOOM, strength, grey)]
+        views = [augment_batch(crops, generator, STORE_ZOOM, strength, grey, random_conv)]
         if use_unlabelled:  # unlabelled white cells, lightly (weak) and fully (strong) augmented
             extra = sampler.unlabelled_batch(rng, max(1, round(len(labels) * unlabelled.share)))
             views += [augment_batch(extra, generator, STORE_ZOOM, 0.0, grey),
-                      augment_batch(extra, generator, STORE_ZOOM, strength, grey)]
+                      augment_batch(extra, generator, STORE_ZOOM, strength, grey, random_conv)]
         if amplitude > 0:  # donors: the batch and its lightly augmented unlabelled cells
             views[0] = amplitude_mix(views[0], torch.cat(views[:2]), generator, amplitude)
         _, logits_all = model(torch.cat(views).to(device))  # one pass: BatchNorm sees every view together
@@ -359,7 +360,8 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     def run_epoch(model, optimizer, scheduler, epoch):
         return train_one_epoch(model, sampler, optimizer, scheduler, epoch, args.batch_size, args.seed,
                                strength=args.aug_strength, unlabelled=unlabelled, average=average,
-                               amplitude=args.amplitude_mix, grey=args.grey_share)
+                               amplitude=args.amplitude_mix, grey=args.grey_share,
+                               random_conv=args.random_conv)
 
     def validate(model):
         return cell_metrics(cells.val, [probs for _, probs in embed_frames(model, cells.val)])
@@ -604,6 +606,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="turn a share P of the CNN's crops grey after the stain jitter, in every view (the "
                         "consistency term's light view too; 0 = off, the default; README \"Other labs' white cells "
                         "without labels\")")
+    parser.add_argument("--random-conv", type=float, default=0.0, metavar="P",
+                        help="mix a share P of the labelled crops and of the unlabelled cells' strong view with a "
+                        "random convolution of themselves (RandConv; 0 = off, the default)")
     parser.add_argument("--unlabelled-weight", type=float, default=1.0,
                         help="weight of the consistency term on unlabelled white cells (0 = off; default %(default)s)")
     parser.add_argument("--pseudo-threshold", type=float, default=0.95,
@@ -685,8 +690,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}")
     if not 0.0 <= args.cnn_blend < 1.0:
         raise UserError(f"--cnn-blend must be in [0, 1), got {args.cnn_blend}")
-    if not 0.0 <= args.grey_share <= 1.0:
-        raise UserError(f"--grey-share must be in [0, 1], got {args.grey_share}")
+    for flag, share in (("--grey-share", args.grey_share), ("--random-conv", args.random_conv)):
+        if not 0.0 <= share <= 1.0:
+            raise UserError(f"{flag} must be in [0, 1], got {share}")
     if args.gnn_widen < 1.0:
         raise UserError(f"--gnn-widen must be >= 1 (1 = off), got {args.gnn_widen}")
     if args.crop_size is not None:
