@@ -202,9 +202,10 @@ def random_convolution(x: Tensor, generator: torch.Generator, p: float) -> Tenso
     if len(chosen) == 0:
         return x
     picked = x[chosen]
-    padded = F.pad(picked.reshape(1, -1, *x.shape[-2:]), [side // 2] * 4, mode="reflect") if side > 1 else (
-        picked.reshape(1, -1, *x.shape[-2:]))
-    convolved = F.conv2d(padded, weights, groups=len(chosen)).view_as(picked)
+    stacked = picked.reshape(1, -1, *x.shape[-2:])  # one grouped convolution: each crop its own kernel
+    if side > 1:
+        stacked = F.pad(stacked, [side // 2] * 4, mode="reflect")
+    convolved = F.conv2d(stacked, weights, groups=len(chosen)).view_as(picked)
     mean, spread = picked.mean(dim=(2, 3), keepdim=True), picked.std(dim=(2, 3), keepdim=True)
     centred = convolved - convolved.mean(dim=(2, 3), keepdim=True)
     convolved = centred / (centred.std(dim=(2, 3), keepdim=True) + 1e-6) * spread + mean
