@@ -232,19 +232,36 @@ def test_domain_generalisation_options_train(tmp_path: Path) -> None:
     assert load_cnn(release / "cnn.pt").crop_size == 64
 
 
-def test_grey_share_turns_crops_grey_and_draws_nothing_when_off() -> None:
+@pytest.fixture(scope="module")
+def bccd_stored_crops() -> np.ndarray:
+    """Every stored crop of two real BCCD frames (uint8 [N,S,S,3]), for the augmentation options' tests."""
+    from leukograph.training.cells import build_cells
+
+    return np.concatenate([f.crops for f in build_cells(load_bccd()[:2], "augmentation-test", cache=False,
+                                                        progress=False)])
+
+
+def _off_draws_nothing(crops: np.ndarray, **off: float) -> None:
+    """`augment_batch` with an option at 0 (`off`) gives the same crops and leaves the generator in the same state as
+    without the option: every CNN trained without it is unchanged."""
+    from leukograph.training.augment import augment_batch
+    from leukograph.training.models import STORE_ZOOM
+
+    with_off, default = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(crops, with_off, STORE_ZOOM, 1.5, **off),
+                       augment_batch(crops, default, STORE_ZOOM, 1.5))
+    assert torch.equal(with_off.get_state(), default.get_state())
+
+
+def test_grey_share_turns_crops_grey_and_draws_nothing_when_off(bccd_stored_crops: np.ndarray) -> None:
     """On real BCCD crops: --grey-share 0 draws no random number (the augmentation stream, and so every CNN trained
     without it, is unchanged); 1 turns every crop grey (at strength 0, where nothing after it touches the colour);
     0.5 some of them."""
     from leukograph.training.augment import augment_batch
-    from leukograph.training.cells import build_cells
     from leukograph.training.models import STORE_ZOOM
 
-    crops = np.concatenate([f.crops for f in build_cells(load_bccd()[:2], "grey-share-test", cache=False,
-                                                         progress=False)])
-    off, default = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert torch.equal(augment_batch(crops, off, STORE_ZOOM, 1.5, 0.0), augment_batch(crops, default, STORE_ZOOM, 1.5))
-    assert torch.equal(off.get_state(), default.get_state())
+    crops = bccd_stored_crops
+    _off_draws_nothing(crops, grey=0.0)
     grey = augment_batch(crops, torch.Generator().manual_seed(0), STORE_ZOOM, 0.0, 1.0)
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
     some = augment_batch(crops, torch.Generator().manual_seed(0), STORE_ZOOM, 0.0, 0.5)
@@ -252,20 +269,15 @@ def test_grey_share_turns_crops_grey_and_draws_nothing_when_off() -> None:
     assert 0 < int(is_grey.sum()) < len(crops)
 
 
-def test_random_conv_mixes_in_a_random_convolution_and_draws_nothing_when_off() -> None:
+def test_random_conv_mixes_in_a_random_convolution_and_draws_nothing_when_off(bccd_stored_crops: np.ndarray) -> None:
     """On real BCCD crops: --random-conv 0 draws no random number (every CNN trained without it is unchanged); 1
     changes every crop at strength 0, keeps it in 0..1 and keeps each channel's mean (the convolved crop is given
     the crop's own mean and spread before the mix; only the clamp moves it); 0.5 changes some of them."""
     from leukograph.training.augment import augment_batch, random_convolution, stored_to_served
-    from leukograph.training.cells import build_cells
     from leukograph.training.models import STORE_ZOOM
 
-    crops = np.concatenate([f.crops for f in build_cells(load_bccd()[:2], "random-conv-test", cache=False,
-                                                         progress=False)])
-    off, default = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert torch.equal(augment_batch(crops, off, STORE_ZOOM, 1.5, 0.0, 0.0), augment_batch(crops, default, STORE_ZOOM,
-                                                                                          1.5))
-    assert torch.equal(off.get_state(), default.get_state())
+    crops = bccd_stored_crops
+    _off_draws_nothing(crops, random_conv=0.0)
     served = stored_to_served(crops, STORE_ZOOM)
     for seed in range(3):  # each call draws one kernel side
         mixed = random_convolution(served, torch.Generator().manual_seed(seed), 1.0)
