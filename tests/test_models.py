@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -226,6 +227,36 @@ def test_a_cnn_of_another_crop_side_is_served_its_own_crops(held_out_images, tmp
             embed_frames(embedder, [frame(crops_for(image, boxes))])
     finally:
         use_crop_size(CROP_SIZE)
+
+
+def test_an_ibn_cnn_exports_and_serves_what_it_computes(held_out_images, tmp_path) -> None:
+    """`--ibn`: the checkpoint's config rebuilds the same network, and its exported crop_embedder (InstanceNormalization
+    beside BatchNorm on split channels) gives in ONNX Runtime what PyTorch computes, with ops TensorRT's parser
+    takes. In eval mode the per-crop half depends on the crop alone, not on the batch."""
+    from leukograph.build_engines.onnx_ops import check_trt_compat
+    from leukograph.client.contract import CROP_EMBEDDER, boxes_feed
+    from leukograph.deploy.runners import OrtRunner
+    from leukograph.training.export import export_stage
+    from leukograph.training.models import CropEmbedder, InstanceBatchNorm, crop_cells
+
+    torch.manual_seed(0)
+    embedder = CropEmbedder(ibn=True).eval()
+    assert [type(embedder.features[i][1]) for i in (0, 2, 4)] == [InstanceBatchNorm, InstanceBatchNorm,
+                                                                  torch.nn.BatchNorm2d]
+    assert sorted(CropEmbedder(**{"width": 32, "crop_size": CROP_SIZE, "ibn": True}).state_dict()) == sorted(
+        embedder.state_dict())
+    image = held_out_images[1]
+    boxes = localize(image).boxes
+    crops = crop_cells(torch.from_numpy(image), torch.from_numpy(boxes))
+    with torch.no_grad():
+        expected = embedder(crops)[0].numpy()
+        alone = embedder(crops[:1])[0].numpy()
+    assert np.abs(alone - expected[:1]).max() < 1e-4
+    path = export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER, tmp_path / "crop_embedder.onnx")
+    assert "InstanceNormalization" in {node.op_type for node in onnx.load(path).graph.node}
+    assert check_trt_compat(path) == []
+    served = OrtRunner(path, CROP_EMBEDDER, threads=1).infer(boxes_feed(image, boxes))["EMBEDDINGS"]
+    assert np.abs(served - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
 
 
 def test_cells_geometry_ignores_the_frame_and_the_released_gnn_reads_the_frame(models, held_out_images) -> None:

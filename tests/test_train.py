@@ -217,19 +217,20 @@ def test_unlabelled_loss_follows_confident_weak_views_only() -> None:
 
 
 def test_domain_generalisation_options_train(tmp_path: Path) -> None:
-    """--mixstyle, --unlabelled-weight, --amplitude-mix, --grey-share and --random-conv train a CNN whose checkpoint
-    loads like any other."""
+    """--mixstyle, --unlabelled-weight, --amplitude-mix, --grey-share, --random-conv and --ibn train a CNN whose
+    checkpoint loads like any other (with --ibn's blocks)."""
     run, release = tmp_path / "run", tmp_path / "release"
     result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--mixstyle", "0.5",
                              "--unlabelled-weight", "1", "--amplitude-mix", "0.5", "--grey-share", "0.5",
-                             "--random-conv", "0.5",
+                             "--random-conv", "0.5", "--ibn",
                              "--output-dir", str(run), "--release-dir", str(release)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unlabelled white cells for the consistency term: " in result.stdout
     from leukograph.training.checkpoints import load_cnn
 
-    assert load_cnn(release / "cnn.pt").crop_size == 64
+    cnn = load_cnn(release / "cnn.pt")
+    assert cnn.crop_size == 64 and cnn.ibn
 
 
 @pytest.fixture(scope="module")

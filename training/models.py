@@ -103,11 +103,27 @@ def standardise_colour(crops: Tensor, eps: float = STANDARDISE_EPS) -> Tensor:
     return centred / std
 
 
-def _conv(cin: int, cout: int) -> nn.Sequential:
+class InstanceBatchNorm(nn.Module):
+    """IBN-a (Pan et al. 2018): the first half of the channels normalised per crop (InstanceNorm, learnt affine), the
+    rest per batch, so a block's contrast and texture statistics of one crop do not carry its lab's look onward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.half = channels // 2
+        self.instance = nn.InstanceNorm2d(self.half, affine=True)
+        self.batch = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x: Tensor) -> Tensor:
+        per_crop, per_batch = torch.split(x, [self.half, x.shape[1] - self.half], 1)
+        return torch.cat([self.instance(per_crop.contiguous()), self.batch(per_batch.contiguous())], 1)
+
+
+def _conv(cin: int, cout: int, ibn: bool = False) -> nn.Sequential:
     # BatchNorm, not GroupNorm: GroupNorm(8) did not start learning within the CPU budget (40 batches of 128, same
     # data and augmentation: loss 2.16, at chance, vs 1.72 with BatchNorm). The input's per-crop colour
     # standardisation keeps BatchNorm's statistics away from any lab's colour.
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    norm = InstanceBatchNorm(cout) if ibn else nn.BatchNorm2d(cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm, nn.ReLU(inplace=True))
 
 
 class CropEmbedder(nn.Module):
@@ -117,13 +133,14 @@ class CropEmbedder(nn.Module):
     learnt in training see every lab's crops on the same colour footing."""
 
     def __init__(self, embed_dim: int = EMBED_DIM, num_classes: int = NUM_CLASSES, width: int = 32,
-                 crop_size: int = CROP_SIZE) -> None:
+                 crop_size: int = CROP_SIZE, ibn: bool = False) -> None:
         super().__init__()
         self.crop_size = check_crop_size(crop_size)  # side of the square crop the served graph cuts for this CNN
+        self.ibn = ibn  # InstanceBatchNorm in the first two blocks (`leukograph train --ibn`)
         w = width
         self.features = nn.Sequential(
-            _conv(3, w), nn.MaxPool2d(2),  # 32
-            _conv(w, w), nn.MaxPool2d(2),  # 16
+            _conv(3, w, ibn), nn.MaxPool2d(2),  # 32
+            _conv(w, w, ibn), nn.MaxPool2d(2),  # 16
             _conv(w, 2 * w), _conv(2 * w, 2 * w), nn.MaxPool2d(2),  # 8
             _conv(2 * w, 4 * w), _conv(4 * w, 4 * w),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),

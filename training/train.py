@@ -343,7 +343,7 @@ def train_cnn(cells: CellSets, args: argparse.Namespace, run_dir: Path) -> CropE
     crop_size = crop_sides.pop()
     if args.crop_size and args.crop_size != crop_size:
         raise UserError(f"--crop-size {args.crop_size}, but the training crops are for {crop_size} px (the CNN pack's)")
-    config = {"width": args.cnn_width, "crop_size": crop_size}
+    config = {"width": args.cnn_width, "crop_size": crop_size, "ibn": args.ibn}
     model = CropEmbedder(**config).to(args.device)
     attach_mixstyle(model, args.mixstyle)
     sampler = CropSampler(cells.train)
@@ -609,6 +609,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--random-conv", type=float, default=0.0, metavar="P",
                         help="mix a share P of the labelled crops and of the unlabelled cells' strong view with a "
                         "random convolution of themselves (RandConv; 0 = off, the default)")
+    parser.add_argument("--ibn", action="store_true",
+                        help="normalise half of the channels of the CNN's first two blocks per crop (IBN-a; off by "
+                        "default; README \"Other labs' white cells without labels\")")
     parser.add_argument("--unlabelled-weight", type=float, default=1.0,
                         help="weight of the consistency term on unlabelled white cells (0 = off; default %(default)s)")
     parser.add_argument("--pseudo-threshold", type=float, default=0.95,
