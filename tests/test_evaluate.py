@@ -23,3 +23,25 @@ def test_accuracy_over_scores_only_the_images_of_the_named_classes() -> None:
 
 def test_classes_taught_without_pbc_are_white_cell_classes_without_basophils() -> None:
     assert set(TAUGHT_WITHOUT_PBC) < set(WBC_CLASSES) and "basophil" not in TAUGHT_WITHOUT_PBC
+
+
+def test_validation_scores_count_classifys_class_beside_the_nucleated_label() -> None:
+    """A neutrophil whose largest probability is IG: wrong as a nucleated label (`five_wbc`), right as the white-cell
+    class `classify` answers (`five_wbc_answer`, the largest of the five white-cell probabilities)."""
+    import numpy as np
+
+    from leukograph.client.contract import CLASSES
+    from leukograph.client.localize import Cells
+    from leukograph.training.classify import white_cell_json
+    from leukograph.training.tradeoff import _validation_scores
+
+    probs = np.zeros((3, len(CLASSES)), np.float32)
+    probs[0, [CLASSES.index("ig"), CLASSES.index("neutrophil")]] = 0.6, 0.4  # answered neutrophil, labelled IG
+    probs[1, CLASSES.index("monocyte")] = 1.0
+    probs[2, CLASSES.index("ig")] = 1.0  # a true IG: no five-class answer is counted for it
+    truth = np.array([CLASSES.index("neutrophil"), CLASSES.index("lymphocyte"), CLASSES.index("ig")])
+    scores = _validation_scores("x", 64, truth, probs, ["pbc"] * 3)["sources"]["pbc"]
+    assert scores == {"cells": 3, "nucleated": pytest.approx(1 / 3), "five_wbc_cells": 2, "five_wbc": 0.0,
+                      "five_wbc_answer": 0.5}
+    cells = Cells(np.zeros((1, 4), np.float32), np.zeros(1, np.int64), np.ones(1, np.float32))
+    assert white_cell_json(cells, probs[:1], np.array([0]), "detector", 24)["class"] == "neutrophil"

@@ -199,15 +199,20 @@ def validation_row(path: Path, data_root: str | None, cells_by_side: dict[int, l
 
 
 def _validation_scores(name: str, crop: int, truth: np.ndarray, probs: np.ndarray, sources: list[str]) -> dict:
-    """Accuracy per source over the nucleated classes (and over the five white-cell classes) of labelled cells."""
+    """Accuracy per source of labelled cells: over the nucleated classes; on the five white-cell classes' cells with
+    the nucleated label (`five_wbc`: an IG or NRBC answer is wrong) and with `classify`'s white-cell class, the
+    largest of the five white-cell probabilities (`five_wbc_answer`)."""
     predicted, sources = probs[:, :NUM_NUCLEATED].argmax(1), np.asarray(sources)
+    answered = probs[:, :NUM_WBC].argmax(1)
     row: dict = {"checkpoint": name, "crop": crop, "sources": {}}
     for source in sorted(set(sources), key=_source_order):
-        y, p = truth[sources == source], predicted[sources == source]
+        here = sources == source
+        y, p, a = truth[here], predicted[here], answered[here]
         five = y < NUM_WBC
         row["sources"][source] = {"cells": int(len(y)), "nucleated": float(np.mean(y == p)),
                                   "five_wbc_cells": int(five.sum()),
-                                  "five_wbc": float(np.mean(y[five] == p[five])) if five.any() else None}
+                                  "five_wbc": float(np.mean(y[five] == p[five])) if five.any() else None,
+                                  "five_wbc_answer": float(np.mean(y[five] == a[five])) if five.any() else None}
     return row
 
 
@@ -235,14 +240,15 @@ def validation_rows_of_weights(folder: Path, data_root: str | None,
 
 def validation_body(result: dict) -> str:
     sources = sorted({s for row in result["rows"] for s in row["sources"]}, key=_source_order)
-    header = " | ".join(f"{s} 5 WBC | {s} 7 nucleated" for s in sources)
-    lines = [f"| checkpoint | {header} |", "|---|" + "---:|" * (2 * len(sources))]
+    header = " | ".join(f"{s} 5 WBC | {s} 5 WBC, classify's class | {s} 7 nucleated" for s in sources)
+    lines = [f"| checkpoint | {header} |", "|---|" + "---:|" * (3 * len(sources))]
     for row in result["rows"]:
         cells = []
         for source in sources:
-            got = row["sources"].get(source)
-            five = "n/a" if not got or got["five_wbc"] is None else f"{got['five_wbc']:.1%} ({got['five_wbc_cells']})"
-            cells += [five, "n/a" if not got else f"{got['nucleated']:.1%} ({got['cells']})"]
+            got = row["sources"].get(source) or {}
+            cells += [f"{got[key]:.1%} ({got['five_wbc_cells']})" if got.get(key) is not None else "n/a"
+                      for key in ("five_wbc", "five_wbc_answer")]
+            cells.append(f"{got['nucleated']:.1%} ({got['cells']})" if got else "n/a")
         lines.append(f"| {row['checkpoint']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
