@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from leukograph.client.contract import NUCLEATED_CLASSES, WBC_CLASSES
@@ -28,8 +29,6 @@ def test_classes_taught_without_pbc_are_white_cell_classes_without_basophils() -
 def test_validation_scores_count_classifys_class_beside_the_nucleated_label() -> None:
     """A neutrophil whose largest probability is IG: wrong as a nucleated label (`five_wbc`), right as the white-cell
     class `classify` answers (`five_wbc_answer`, the largest of the five white-cell probabilities)."""
-    import numpy as np
-
     from leukograph.client.contract import CLASSES
     from leukograph.client.localize import Cells
     from leukograph.training.classify import white_cell_json

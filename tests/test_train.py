@@ -134,7 +134,7 @@ def test_crop_size_travels_with_the_cnn(tmp_path: Path) -> None:
     cnn = subprocess.run([*CLI, *common, "--stages", "cnn", "--cnn-epochs", "1", "--crop-size", "96"],
                          capture_output=True, text=True, timeout=900)
     assert cnn.returncode == 0, cnn.stderr[-2000:]
-    assert torch.load(release / "cnn.pt", weights_only=True)["config"] == {"width": 32, "crop_size": 96}
+    assert torch.load(release / "cnn.pt", weights_only=True)["config"] == {"width": 32, "crop_size": 96, "ibn": False}
     gnn = subprocess.run([*CLI, *common, "--stages", "gnn"], capture_output=True, text=True, timeout=900)
     assert gnn.returncode == 0, gnn.stderr[-2000:]
     assert (release / "gnn.pt").exists()
