@@ -230,14 +230,15 @@ def test_a_cnn_of_another_crop_side_is_served_its_own_crops(held_out_images, tmp
 
 
 def test_an_ibn_cnn_exports_and_serves_what_it_computes(held_out_images, tmp_path) -> None:
-    """`--ibn`: the checkpoint's config rebuilds the same network, and its exported crop_embedder (InstanceNormalization
-    beside BatchNorm on split channels) gives in ONNX Runtime what PyTorch computes, with ops TensorRT's parser
-    takes. In eval mode the per-crop half depends on the crop alone, not on the batch."""
+    """`--ibn`: the checkpoint's config rebuilds the same network, and its exported crop_embedder (the served form:
+    the batch-normalised half folded into its own convolution, beside InstanceNormalization) gives in ONNX Runtime
+    what the trained network computes in PyTorch, with ops TensorRT's parser takes. In eval mode the per-crop half
+    depends on the crop alone, not on the batch."""
     from leukograph.build_engines.onnx_ops import check_trt_compat
     from leukograph.client.contract import CROP_EMBEDDER, boxes_feed
     from leukograph.deploy.runners import OrtRunner
     from leukograph.training.export import export_stage
-    from leukograph.training.models import CropEmbedder, InstanceBatchNorm, crop_cells
+    from leukograph.training.models import CropEmbedder, InstanceBatchNorm, ServedInstanceBatchBlock, crop_cells
 
     torch.manual_seed(0)
     embedder = CropEmbedder(ibn=True).eval()
@@ -245,15 +246,28 @@ def test_an_ibn_cnn_exports_and_serves_what_it_computes(held_out_images, tmp_pat
                                                                   torch.nn.BatchNorm2d]
     assert sorted(CropEmbedder(**{"width": 32, "crop_size": CROP_SIZE, "ibn": True}).state_dict()) == sorted(
         embedder.state_dict())
+    with torch.no_grad():  # statistics and affine parameters as training leaves them, not the identity
+        for norm in embedder.modules():
+            if isinstance(norm, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+                if norm.running_mean is not None:
+                    norm.running_mean.uniform_(-0.5, 0.5)
+                    norm.running_var.uniform_(0.5, 2.0)
     image = held_out_images[1]
     boxes = localize(image).boxes
     crops = crop_cells(torch.from_numpy(image), torch.from_numpy(boxes))
+    stage = CropEmbedderStage(embedder)
+    assert [type(layer) for layer in stage.embedder.features[:2]] == [ServedInstanceBatchBlock] * 2
+    assert isinstance(embedder.features[0][1], InstanceBatchNorm)  # the trained network is left as it was
     with torch.no_grad():
         expected = embedder(crops)[0].numpy()
         alone = embedder(crops[:1])[0].numpy()
+        assert np.abs(stage.embedder(crops)[0].numpy() - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
     assert np.abs(alone - expected[:1]).max() < 1e-4
-    path = export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER, tmp_path / "crop_embedder.onnx")
-    assert "InstanceNormalization" in {node.op_type for node in onnx.load(path).graph.node}
+    path = export_stage(stage, CROP_EMBEDDER, tmp_path / "crop_embedder.onnx")
+    op_types = {node.op_type for node in onnx.load(path).graph.node}
+    assert "InstanceNormalization" in op_types and "BatchNormalization" not in op_types
     assert check_trt_compat(path) == []
     served = OrtRunner(path, CROP_EMBEDDER, threads=1).infer(boxes_feed(image, boxes))["EMBEDDINGS"]
     assert np.abs(served - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
