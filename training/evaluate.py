@@ -534,6 +534,7 @@ def model_card(report: dict, train_summary: dict | None) -> str:
     seconds = f"{train_summary['seconds']:.0f} s" if train_summary else "unknown"
     cnn_args = (train_summary or {}).get("cnn_args") or (train_summary or {}).get("args") or {}
     strength = cnn_args.get("aug_strength", "1.0")
+    ibn = str(cnn_args.get("ibn")) == "True"
     widen = float((train_summary or {}).get("args", {}).get("gnn_widen") or 1.0)
     widened = (f"Trained on graphs read as part of a field up to {widen:g} times wider and taller (`--gnn-widen`): the "
                "frame-relative features see more framings than the training labs' own. " if widen > 1 else "")
@@ -550,8 +551,12 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- `cnn.pt`: `CropEmbedder`, a 6-conv VGG-style CNN on 64x64 RGB crops (box + 15% margin, square, cut in-graph "
         "by `crop_cells`). Each crop's colour is standardised per channel inside the served graph (mean 0, "
         "standard deviation 1 for R, G and B), so a lab's white balance, lamp or stain cast cancels before the "
-        "first convolution. BatchNorm after every conv (GroupNorm was tried and did not start learning within the "
-        "CPU budget). 64-d embedding, 9-class logits.",
+        "first convolution. " + (
+            "In the first two conv blocks half of the channels are normalised per crop (InstanceNorm, learnt affine) "
+            "and half per batch (IBN-a, `leukograph train --ibn`: a crop's own contrast and texture statistics, "
+            "which carry its lab's look, do not pass onward; README \"Other labs' white cells without labels\"); "
+            "BatchNorm after the other convs" if ibn else "BatchNorm after every conv") +
+        " (GroupNorm was tried and did not start learning within the CPU budget). 64-d embedding, 9-class logits.",
         "- `gnn.pt`: `CellGraphNet`, GraphSAGE (mean, 2 layers) over each frame's 5-nearest-neighbour cell graph; node "
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
         "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). "
