@@ -11,6 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch_geometric.nn import SAGEConv
 
 from leukograph.client.contract import (
@@ -135,10 +136,10 @@ class ServedInstanceBatchBlock(nn.Module):
         self.conv_instance.weight.data = weight[:norm.half].clone()
         self.instance = copy.deepcopy(norm.instance)
         batch = norm.batch
-        scale = batch.weight.detach() / torch.sqrt(batch.running_var + batch.eps)
         self.conv_batch = nn.Conv2d(conv.in_channels, conv.out_channels - norm.half, 3, padding=1, bias=True)
-        self.conv_batch.weight.data = weight[norm.half:] * scale[:, None, None, None]
-        self.conv_batch.bias.data = batch.bias.detach() - batch.running_mean * scale
+        self.conv_batch.weight, self.conv_batch.bias = fuse_conv_bn_weights(
+            weight[norm.half:], None, batch.running_mean, batch.running_var, batch.eps, batch.weight.detach(),
+            batch.bias.detach())
         self.pool = pool
 
     def forward(self, x: Tensor) -> Tensor:
