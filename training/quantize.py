@@ -71,6 +71,9 @@ RUNTIME_OPTIONS = {
 # (one thread, the first convolution and its max-pool alone).
 FIRST_CONV_CHANNEL_MULTIPLE = {"onnxruntime": 4, "tensorrt": 1}
 QUANTISED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "MaxPool", "GlobalAveragePool", "Flatten")
+# Left in float between INT8 layers (fed by a DequantizeLinear, followed by a QuantizeLinear): an --ibn CNN's
+# per-crop normalised half and the join of its two halves (neither runtime has an int8 kernel for the first).
+FLOAT_BETWEEN_OPS = ("InstanceNormalization", "Concat")
 LEARNED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MOSAIC_COLUMNS = 8  # tiles per mosaic row: 64 cells per calibration frame, a 512x512 frame
 DEFAULT_PER_SOURCE = 128  # calibration crops per source
@@ -180,29 +183,35 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def pad_first_conv_channels(model: onnx.ModelProto, multiple: int) -> onnx.ModelProto:
-    """The first learned convolution's input padded with all-zero channels to a multiple of `multiple` (a Pad node
-    before it) and its weights with zero input slices: the same outputs, a channel count the int8 kernels suit."""
+    """The first learned convolution's input padded with all-zero channels to a multiple of `multiple` (one Pad node
+    before it) and its weights with zero input slices: the same outputs, a channel count the int8 kernels suit. Every
+    convolution reading that same input is padded with it (an `--ibn` CNN's first block is served as two)."""
     initializers = {i.name: i for i in model.graph.initializer}
-    for index, node in enumerate(model.graph.node):
-        if node.op_type != "Conv" or node.input[1] not in initializers:
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        extra = -weight.shape[1] % multiple
-        if extra == 0 or int(next((a.i for a in node.attribute if a.name == "group"), 1)) != 1:
-            return model
-        model = copy.deepcopy(model)
-        padded_weight = np.concatenate([weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], 1)
-        conv = model.graph.node[index]
-        next(i for i in model.graph.initializer if i.name == conv.input[1]).CopyFrom(
-            numpy_helper.from_array(padded_weight, conv.input[1]))
-        pads_name, padded_name = f"{conv.name}_channel_pads", f"{conv.input[0]}_channel_padded"
-        # ONNX Pad: begins of every axis, then ends; NCHW, so `extra` zero channels at the end of axis 1
-        model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64),
-                                                               pads_name))
-        model.graph.node.insert(index, helper.make_node("Pad", [conv.input[0], pads_name], [padded_name],
-                                                        name=f"{conv.name}_channel_pad", mode="constant"))
-        conv.input[0] = padded_name
+    first = next((node for node in model.graph.node if node.op_type == "Conv" and node.input[1] in initializers), None)
+    if first is None:
         return model
+    siblings = [node.name for node in model.graph.node
+                if node.op_type == "Conv" and node.input[0] == first.input[0] and node.input[1] in initializers]
+    extra = -numpy_helper.to_array(initializers[first.input[1]]).shape[1] % multiple
+    grouped = any(int(next((a.i for a in node.attribute if a.name == "group"), 1)) != 1
+                  for node in model.graph.node if node.name in siblings)
+    if extra == 0 or grouped:
+        return model
+    model = copy.deepcopy(model)
+    source = first.input[0]
+    pads_name, padded_name = f"{first.name}_channel_pads", f"{source}_channel_padded"
+    for conv in (node for node in model.graph.node if node.name in siblings):
+        weight = next(i for i in model.graph.initializer if i.name == conv.input[1])
+        array = numpy_helper.to_array(weight)
+        zeros = np.zeros((array.shape[0], extra, *array.shape[2:]), array.dtype)
+        weight.CopyFrom(numpy_helper.from_array(np.concatenate([array, zeros], 1), conv.input[1]))
+        conv.input[0] = padded_name
+    # ONNX Pad: begins of every axis, then ends; NCHW, so `extra` zero channels at the end of axis 1
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64),
+                                                           pads_name))
+    index = next(i for i, node in enumerate(model.graph.node) if node.name in siblings)
+    model.graph.node.insert(index, helper.make_node("Pad", [source, pads_name], [padded_name],
+                                                    name=f"{first.name}_channel_pad", mode="constant"))
     return model
 
 
