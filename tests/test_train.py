@@ -134,7 +134,7 @@ def test_crop_size_travels_with_the_cnn(tmp_path: Path) -> None:
     cnn = subprocess.run([*CLI, *common, "--stages", "cnn", "--cnn-epochs", "1", "--crop-size", "96"],
                          capture_output=True, text=True, timeout=900)
     assert cnn.returncode == 0, cnn.stderr[-2000:]
-    assert torch.load(release / "cnn.pt", weights_only=True)["config"] == {"width": 32, "crop_size": 96, "ibn": False}
+    assert torch.load(release / "cnn.pt", weights_only=True)["config"] == {"width": 32, "crop_size": 96, "ibn": True}
     gnn = subprocess.run([*CLI, *common, "--stages", "gnn"], capture_output=True, text=True, timeout=900)
     assert gnn.returncode == 0, gnn.stderr[-2000:]
     assert (release / "gnn.pt").exists()
@@ -217,12 +217,12 @@ def test_unlabelled_loss_follows_confident_weak_views_only() -> None:
 
 
 def test_domain_generalisation_options_train(tmp_path: Path) -> None:
-    """--mixstyle, --unlabelled-weight, --amplitude-mix, --grey-share, --random-conv and --ibn train a CNN whose
-    checkpoint loads like any other (with --ibn's blocks)."""
+    """--mixstyle, --unlabelled-weight, --amplitude-mix, --grey-share, --random-conv and --no-ibn train a CNN whose
+    checkpoint loads like any other (with BatchNorm in every block: the CNN before `--ibn` became the default)."""
     run, release = tmp_path / "run", tmp_path / "release"
     result = subprocess.run([*CLI, *SMOKE, "--stages", "cnn", "--cnn-epochs", "1", "--mixstyle", "0.5",
                              "--unlabelled-weight", "1", "--amplitude-mix", "0.5", "--grey-share", "0.5",
-                             "--random-conv", "0.5", "--ibn",
+                             "--random-conv", "0.5", "--no-ibn",
                              "--output-dir", str(run), "--release-dir", str(release)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -230,7 +230,7 @@ def test_domain_generalisation_options_train(tmp_path: Path) -> None:
     from leukograph.training.checkpoints import load_cnn
 
     cnn = load_cnn(release / "cnn.pt")
-    assert cnn.crop_size == 64 and cnn.ibn
+    assert cnn.crop_size == 64 and not cnn.ibn
 
 
 @pytest.fixture(scope="module")

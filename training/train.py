@@ -609,9 +609,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--random-conv", type=float, default=0.0, metavar="P",
                         help="mix a share P of the labelled crops and of the unlabelled cells' strong view with a "
                         "random convolution of themselves (RandConv; 0 = off, the default)")
-    parser.add_argument("--ibn", action="store_true",
-                        help="normalise half of the channels of the CNN's first two blocks per crop (IBN-a; off by "
-                        "default; README \"Other labs' white cells without labels\")")
+    parser.add_argument("--ibn", action=argparse.BooleanOptionalAction, default=True,
+                        help="normalise half of the channels of the CNN's first two blocks per crop (IBN-a; on by "
+                        "default, as in the release; --no-ibn: BatchNorm after every conv, the CNN before it; README "
+                        "\"Other labs' white cells without labels\")")
     parser.add_argument("--unlabelled-weight", type=float, default=1.0,
                         help="weight of the consistency term on unlabelled white cells (0 = off; default %(default)s)")
     parser.add_argument("--pseudo-threshold", type=float, default=0.95,
