@@ -570,8 +570,11 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- `calibration.json`: temperatures, validation ECE and the validation auto-accept curve behind the "
         "\"unidentified\" threshold in `client/contract.py`.",
         "- `detector.pt`: the learned cell detector, the served ensemble's first step (`leukograph train-detector`, "
-        "README \"Detector\"). The CNN and GNN were trained on the classical localiser's cells; a GNN retrained on "
-        "the detector's graphs was no better (README \"Detector\", docs/results/detector).",
+        "README \"Detector\"). Each frame is standardised over its smear: black pixels (a rotated image's fill, a "
+        "field stop's corners) are left out of the statistics, which the released weights were trained without; on "
+        "frames without such pixels its outputs are unchanged. The CNN and GNN were trained on the classical "
+        "localiser's cells; a GNN retrained on the detector's graphs was no better (README \"Detector\", "
+        "docs/results/detector).",
         f"- The results below are on {cells_by}'s cells (`leukograph evaluate --localizer`); the other localiser's "
         f"are in {other_results}.",
         f"- \"{VIEWS_MODEL}\": the white-cell candidates' embeddings averaged over the crop's {DIHEDRAL} flips and "
