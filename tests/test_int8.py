@@ -91,16 +91,18 @@ def test_tensorrt_graph_passes_the_op_and_qdq_checks(int8_repository: Path) -> N
     path = quantize.int8_path(int8_repository, "tensorrt")
     assert check_trt_compat(path) == []
     model = onnx.load(str(path))
-    float_graph = onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx")))
-    convolutions = sum(node.op_type == "Conv" for node in float_graph.graph.node)  # 8 for an --ibn CNN, else 6
-    assert quantize.quantised_nodes(model).get("Conv") == convolutions  # every convolution computes on INT8 inputs
+    float_graph = quantize._named(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+    front = set(quantize.front_nodes(float_graph))
+    convolutions = sum(node.op_type == "Conv" and node.name not in front for node in float_graph.graph.node)
+    assert convolutions >= 6  # the --ibn release: 8 convolutions, the first block's two (16 channels) stay FP32
+    assert quantize.quantised_nodes(model).get("Conv") == convolutions  # every other one computes on INT8 inputs
     assert int8.network_path(int8_repository, CROP_EMBEDDER, {}) == (path, True)
     assert int8.network_path(int8_repository, CELL_GRAPH, {})[1] is False  # the cell_graph stays FP32
 
 
 def test_onnxruntime_graph_is_not_tensorrt_s_and_the_check_says_why(int8_repository: Path) -> None:
     problems = check_qdq(onnx.load(str(quantize.int8_path(int8_repository, "onnxruntime"))))
-    assert any("zero point" in p and "symmetric" in p for p in problems)  # ReLU folded into asymmetric scales
+    assert any("zero point is uint8" in p for p in problems)  # ORT's unsigned activations (ACTIVATION_TYPES)
     assert any("int32" in p for p in problems)  # ORT's int32 biases
 
 
@@ -114,16 +116,21 @@ def test_front_of_the_graph_stays_fp32(int8_repository: Path, runtime: str) -> N
     first_q = next(node for node in model.graph.node if node.op_type == "QuantizeLinear")
     producer = {out: node for node in model.graph.node for out in node.output}
     before_q = producer[first_q.input[0]]
-    if quantize.FIRST_CONV_CHANNEL_MULTIPLE[runtime] > 1:  # the zero channel is padded on in FP32
-        assert before_q.op_type == "Pad"
+    if before_q.op_type == "Pad":  # the zero channel, padded on in FP32 (onnxruntime only)
+        assert quantize.FIRST_CONV_CHANNEL_MULTIPLE[runtime] > 1
         before_q = producer[before_q.input[0]]
-    assert before_q.op_type == "Div"  # the colour standardisation, in FP32
+    float_graph = quantize._named(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+    front = quantize.front_nodes(float_graph)
+    assert before_q.name == front[-1]  # the last FP32 node: colour standardisation, or the narrow first block
+    assert any(node.op_type == "Div" for node in float_graph.graph.node if node.name in front)
 
 
-def _first_conv_input_channels(model: onnx.ModelProto) -> int:
+def _first_conv_input_channels(model: onnx.ModelProto, quantised: bool = False) -> int:
+    """Input channels of the first convolution (with `quantised`, of the first one fed by a DequantizeLinear)."""
     initializers = {i.name: i for i in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
-    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    conv = next(node for node in model.graph.node if node.op_type == "Conv" and (
+        not quantised or getattr(producer.get(node.input[0]), "op_type", "") == "DequantizeLinear"))
     weight = conv.input[1]
     if weight not in initializers:  # QDQ: the weight comes through its DequantizeLinear
         weight = producer[weight].input[0]
@@ -131,8 +138,34 @@ def _first_conv_input_channels(model: onnx.ModelProto) -> int:
 
 
 def test_first_convolution_gets_a_zero_channel_for_onnxruntime_only(int8_repository: Path) -> None:
-    assert _first_conv_input_channels(onnx.load(str(quantize.int8_path(int8_repository, "onnxruntime")))) == 4
-    assert _first_conv_input_channels(onnx.load(str(quantize.int8_path(int8_repository, "tensorrt")))) == 3
+    """The first INT8 convolution's input channels: a multiple of 4 for ONNX Runtime (3 colour channels padded to 4;
+    the --ibn release's first INT8 block reads 32), as exported for TensorRT."""
+    float_graph = quantize._named(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+    front = set(quantize.front_nodes(float_graph))
+    first = next(node for node in float_graph.graph.node if node.op_type == "Conv" and node.name not in front)
+    initializers = {i.name: i for i in float_graph.graph.initializer}
+    exported = initializers[first.input[1]].dims[1]
+    ort_channels = _first_conv_input_channels(onnx.load(str(quantize.int8_path(int8_repository, "onnxruntime"))), True)
+    assert ort_channels % 4 == 0 and ort_channels - exported in (0, -exported % 4)
+    assert _first_conv_input_channels(onnx.load(str(quantize.int8_path(int8_repository, "tensorrt"))), True) == exported
+
+
+def test_front_keeps_a_narrow_first_block_fp32_and_pads_a_wide_first_convolution(tmp_path: Path) -> None:
+    """`front_nodes` and `pad_first_conv_channels` on both CNN forms: an --ibn CNN's first block (two 16-channel
+    convolutions on the crop) stays FP32 whole; a CNN without --ibn quantises its 32-channel first convolution,
+    padded."""
+    from leukograph.training.export import export_stage
+    from leukograph.training.models import CropEmbedder, CropEmbedderStage
+
+    torch.manual_seed(0)
+    for ibn in (True, False):
+        path = export_stage(CropEmbedderStage(CropEmbedder(ibn=ibn)).eval(), CROP_EMBEDDER, tmp_path / f"{ibn}.onnx")
+        model = quantize._named(onnx.load(str(path)))
+        front = quantize.front_nodes(model)
+        front_convs = [node for node in model.graph.node if node.op_type == "Conv" and node.name in front]
+        assert len(front_convs) == (2 if ibn else 0)
+        padded = quantize.pad_first_conv_channels(model, 4, fp32=front)
+        assert _first_conv_input_channels(padded) == (3 if ibn else 4)  # the FP32 first block is left as it is
 
 
 def test_zero_channel_leaves_the_fp32_graph_s_outputs_unchanged(int8_repository: Path,

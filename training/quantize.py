@@ -37,7 +37,7 @@ import copy
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +66,19 @@ RUNTIME_OPTIONS = {
     "onnxruntime": {"ActivationSymmetric": False, "CalibTensorRangeSymmetric": False, "QuantizeBias": True},
     "tensorrt": {"ActivationSymmetric": True, "CalibTensorRangeSymmetric": True, "QuantizeBias": False},
 }
-# Input channels of the first convolution are padded with zeros to a multiple of this (1: left as they are). ORT's
-# int8 convolution with 3 input channels took 13.7 ms for 128 crops of 64x64 (FP32: 9.1 ms), with 4 channels 8.9 ms
-# (one thread, the first convolution and its max-pool alone).
+# Activation type: TensorRT takes signed INT8 only. ONNX Runtime's x86 int8 convolution computes on uint8 activations
+# and converts a signed pair into an unsigned one only where a QuantizeLinear feeds one DequantizeLinear: where one
+# quantised tensor feeds two convolutions (an --ibn CNN's split blocks), signed activations left those convolutions
+# in float (4 of 8 in the --ibn release's graph, slower than FP32), unsigned ones fuse all of them.
+ACTIVATION_TYPES = {"onnxruntime": "QUInt8", "tensorrt": "QInt8"}
+# Convolutions reading the crop itself with fewer output channels than this stay FP32 with their block: an --ibn
+# CNN's first block is two 16-channel convolutions on the 3 (padded: 4) colour channels, which took 20.0 and 22.8 ms
+# in INT8 for 128 crops against about 10-16 ms in FP32 (one thread); the 32-channel first convolution of a CNN
+# without --ibn pays in INT8 (above).
+MIN_INT8_CONV_CHANNELS = 32
+# Input channels of the first quantised convolution are padded with zeros to a multiple of this (1: left as they
+# are). ORT's int8 convolution with 3 input channels took 13.7 ms for 128 crops of 64x64 (FP32: 9.1 ms), with 4
+# channels 8.9 ms (one thread, the first convolution and its max-pool alone).
 FIRST_CONV_CHANNEL_MULTIPLE = {"onnxruntime": 4, "tensorrt": 1}
 QUANTISED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "MaxPool", "GlobalAveragePool", "Flatten")
 # Left in float between INT8 layers (fed by a DequantizeLinear, followed by a QuantizeLinear): an --ibn CNN's
@@ -165,12 +175,18 @@ class MosaicReader:
 
 # ---- quantisation ---------------------------------------------------------------------------------------------
 def front_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes before the first learned layer (crop, colour standardisation): kept FP32 by name."""
-    initializers = {i.name for i in model.graph.initializer}
-    front = []
+    """Nodes before the first learned layer that is worth quantising: the crop, the colour standardisation and, where
+    the convolutions reading the crop are narrow (`MIN_INT8_CONV_CHANNELS`), their block. Kept FP32 by name."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    front, crop = [], None
     for node in model.graph.node:
-        if node.op_type in LEARNED_OPS and any(name in initializers for name in node.input):
-            break
+        weight = next((initializers[name] for name in node.input[1:2] if name in initializers), None)
+        if node.op_type in LEARNED_OPS and weight is not None:
+            crop = crop or node.input[0]
+            reads_crop_narrowly = (node.op_type == "Conv" and node.input[0] == crop
+                                   and weight.dims[0] < MIN_INT8_CONV_CHANNELS)
+            if not reads_crop_narrowly:
+                break
         front.append(node.name)
     return front
 
@@ -182,12 +198,13 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def pad_first_conv_channels(model: onnx.ModelProto, multiple: int) -> onnx.ModelProto:
-    """The first learned convolution's input padded with all-zero channels to a multiple of `multiple` (one Pad node
-    before it) and its weights with zero input slices: the same outputs, a channel count the int8 kernels suit. Every
-    convolution reading that same input is padded with it (an `--ibn` CNN's first block is served as two)."""
+def pad_first_conv_channels(model: onnx.ModelProto, multiple: int, fp32: Collection[str] = ()) -> onnx.ModelProto:
+    """The first learned convolution not named in `fp32` (those stay FP32) with its input padded with all-zero
+    channels to a multiple of `multiple` (one Pad node before it) and its weights with zero input slices: the same
+    outputs, a channel count the int8 kernels suit. Every convolution reading that same input is padded with it."""
     initializers = {i.name: i for i in model.graph.initializer}
-    first = next((node for node in model.graph.node if node.op_type == "Conv" and node.input[1] in initializers), None)
+    first = next((node for node in model.graph.node
+                  if node.op_type == "Conv" and node.input[1] in initializers and node.name not in fp32), None)
     if first is None:
         return model
     siblings = [node.name for node in model.graph.node
@@ -248,7 +265,8 @@ def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: Calibra
 
     if calibration is None and (ranges is None or not ranges.is_file()):
         raise UserError(f"no calibration crops and no saved INT8 activation ranges at {ranges}")
-    model = pad_first_conv_channels(_named(onnx.load(str(fp32_path))), FIRST_CONV_CHANNEL_MULTIPLE[runtime])
+    model = _named(onnx.load(str(fp32_path)))
+    model = pad_first_conv_channels(model, FIRST_CONV_CHANNEL_MULTIPLE[runtime], fp32=front_nodes(model))
     excluded = front_nodes(model) + list(keep_fp32)
     if calibration is None:
         try:
@@ -269,7 +287,7 @@ def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: Calibra
         quantize_static(
             str(named_path), str(out_path), MosaicReader(calibration) if calibration is not None else None,
             quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType[ACTIVATION_TYPES[runtime]], weight_type=QuantType.QInt8,
             op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=excluded,
             calibrate_method=calibrate_method(method), calibration_cache_path=str(cache),
             extra_options={**RUNTIME_OPTIONS[runtime], "WeightSymmetric": True, "CalibMovingAverage": False},
