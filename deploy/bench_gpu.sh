@@ -15,9 +15,9 @@
 #   generated code needs grpcio >= 1.81.1 and protobuf >= 6.30 on the GPU machine - `run` checks), python-rapidjson,
 #   protobuf 6. Not tritonclient.http's gevent stack (too large to carry): the HTTP rows are reported as not run.
 # With EXTRA_WHEELS="onnxruntime-gpu==1.31.1" (built for CUDA 13, whose runtime, cuBLAS and cuDNN come with PyTorch's
-# nvidia-* wheels; a 256 MB wheel, more than a machine that accepts 64 MiB per call can take) `run` also times ONNX Runtime's CUDA provider on the fp32 graphs and on the FP16 graphs
-# TensorRT's fp16 engines are built from, each checked against fp32 on the CPU first; without it those rows are
-# listed as not run.
+# nvidia-* wheels; a 256 MB wheel, more than a machine that accepts 64 MiB per call can take) `run` also times ONNX
+# Runtime's CUDA provider on the fp32 graphs and on the FP16 graphs TensorRT's fp16 engines are built from, each
+# checked against fp32 on the CPU first; without it those rows are listed as not run.
 # `run` writes docs/bench/gpu/bench.json (+ PNGs, results.md) and copies them to $RESULTS_COPY_DIR when that is set.
 # Environment: PYTHON (default python3), WHEELS (.whl), SITE (/tmp/leukograph-site), BENCH_OUT (docs/bench/gpu),
 # BENCH_ARGS (extra `leukograph bench` arguments), EXTRA_WHEELS (pack), LEUKOGRAPH_WEIGHTS (pack: which checkpoints to carry),

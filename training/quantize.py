@@ -9,7 +9,9 @@ One calibration, two QDQ files of the same layers and weight scales, differing o
   into one int8 convolution (VNNI on AVX-512 machines), but it has no int8 ReLU: with a symmetric (zero point 0)
   ReLU output the quantiser must keep each ReLU as DQ -> Relu -> Q in float between the int8 convolutions. With an
   asymmetric activation scale the ReLU folds into the convolution's output quantisation (zero point at the type's
-  minimum), and the graph is int8 convolutions back to back. ORT's int8 convolution also multiplies 4 bytes at a
+  minimum), and the graph is int8 convolutions back to back. Its activations are unsigned (`ACTIVATION_TYPES`): ORT
+  computes on uint8 activations, and signed ones left convolutions that share an input in float. ORT's int8
+  convolution also multiplies 4 bytes at a
   time (VNNI dot products), and with the crop's 3 colour channels the first convolution runs slower in INT8 than in
   FP32; its input gets a fourth, all-zero channel and its weights a zero slice (`pad_first_conv_channels`), which
   leaves every sum unchanged. `leukograph bench --int8` times both in ORT (README "INT8").
@@ -17,9 +19,11 @@ One calibration, two QDQ files of the same layers and weight scales, differing o
 Common to both:
 * signed INT8 weights, symmetric, per output channel (axis 0 of Conv and of Gemm with transB=1); activations per
   tensor;
-* only the learned layers and what sits between them are quantised (`QUANTISED_OPS`); the front of the graph stays
-  FP32: the uint8 FRAME feeds only its Cast, box coordinates, GridSample's sampling grid and the per-crop colour
-  standardisation compute in FP32 up to the first Conv, whose input is the first Q/DQ pair.
+* only the learned layers and what sits between them are quantised (`QUANTISED_OPS`; an `--ibn` CNN's
+  InstanceNormalization and Concat compute in float between them, `FLOAT_BETWEEN_OPS`); the front of the graph
+  stays FP32 (`front_nodes`): the uint8 FRAME feeds only its Cast, box coordinates, GridSample's sampling grid and
+  the per-crop colour standardisation compute in FP32 up to the first quantised Conv, whose input is the first Q/DQ
+  pair; where the convolutions reading the crop are narrow (an `--ibn` CNN's first block), that block is front too.
 
 Calibration: crops of the training part of every source (`train.load_cell_sets(...).train`, cached by
 `training/cells.py`), never validation or test cells. The served graph takes frames and boxes, so the calibration
