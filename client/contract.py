@@ -29,6 +29,13 @@ UNIDENTIFIED = "unidentified"
 UNIDENTIFIED_THRESHOLD = 0.95
 CELL_KINDS: tuple[str, ...] = ("wbc", "rbc", "platelet")  # what the localiser says a box is
 
+
+def white_cell_class(probs: np.ndarray) -> np.ndarray:
+    """`classify`'s white-cell answer for each row of class probabilities (index into WBC_CLASSES): the likeliest of
+    the five white-cell classes, so an IG or NRBC cell is answered by its likeliest white-cell class."""
+    return np.asarray(probs)[..., :len(WBC_CLASSES)].argmax(-1)
+
+
 # ---- limits --------------------------------------------------------------------------------------
 MAX_CELLS = 256  # cells per frame the engines and configs accept
 MIN_FRAME_SIDE = 16

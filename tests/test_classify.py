@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukograph.client.contract import CLASSES
+from leukograph.client.contract import CLASSES, WBC_CLASSES, white_cell_class
 from leukograph.client.images import read_image
 from leukograph.training.datasets import load_bccd, load_four_class, split_frames
 
@@ -309,3 +309,12 @@ def test_model_card_states_the_framing_figures(tmp_path: Path) -> None:
     for name, row in report["weights"]["training/weights"].items():
         assert name in FRAMINGS and f"{name}: {100 * row['accuracy']:.1f}%" in line
     assert framing_limits(tmp_path / "absent.json") == []
+
+
+def test_white_cell_class_is_the_likeliest_of_the_five_white_cell_classes() -> None:
+    """An IG-looking cell is answered by its likeliest white-cell class; rows are answered one by one."""
+    probs = np.zeros((2, len(CLASSES)))
+    probs[0, [CLASSES.index("ig"), CLASSES.index("monocyte"), CLASSES.index("neutrophil")]] = (0.6, 0.3, 0.1)
+    probs[1, [CLASSES.index("rbc"), CLASSES.index("basophil")]] = (0.9, 0.1)
+    assert [WBC_CLASSES[i] for i in white_cell_class(probs)] == ["monocyte", "basophil"]
+    assert WBC_CLASSES[int(white_cell_class(probs[0]))] == "monocyte"

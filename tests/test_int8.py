@@ -91,7 +91,7 @@ def test_tensorrt_graph_passes_the_op_and_qdq_checks(int8_repository: Path) -> N
     path = quantize.int8_path(int8_repository, "tensorrt")
     assert check_trt_compat(path) == []
     model = onnx.load(str(path))
-    float_graph = quantize._named(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+    float_graph = quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
     front = set(quantize.front_nodes(float_graph))
     convolutions = sum(node.op_type == "Conv" and node.name not in front for node in float_graph.graph.node)
     assert convolutions >= 6  # the --ibn release: 8 convolutions, the first block's two (16 channels) stay FP32
@@ -119,7 +119,7 @@ def test_front_of_the_graph_stays_fp32(int8_repository: Path, runtime: str) -> N
     if before_q.op_type == "Pad":  # the zero channel, padded on in FP32 (onnxruntime only)
         assert quantize.FIRST_CONV_CHANNEL_MULTIPLE[runtime] > 1
         before_q = producer[before_q.input[0]]
-    float_graph = quantize._named(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+    float_graph = quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
     front = quantize.front_nodes(float_graph)
     assert before_q.name == front[-1]  # the last FP32 node: colour standardisation, or the narrow first block
     assert any(node.op_type == "Div" for node in float_graph.graph.node if node.name in front)
@@ -140,7 +140,7 @@ def _first_conv_input_channels(model: onnx.ModelProto, quantised: bool = False) 
 def test_first_convolution_gets_a_zero_channel_for_onnxruntime_only(int8_repository: Path) -> None:
     """The first INT8 convolution's input channels: a multiple of 4 for ONNX Runtime (3 colour channels padded to 4;
     the --ibn release's first INT8 block reads 32), as exported for TensorRT."""
-    float_graph = quantize._named(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+    float_graph = quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
     front = set(quantize.front_nodes(float_graph))
     first = next(node for node in float_graph.graph.node if node.op_type == "Conv" and node.name not in front)
     initializers = {i.name: i for i in float_graph.graph.initializer}
@@ -160,7 +160,7 @@ def test_front_keeps_a_narrow_first_block_fp32_and_pads_a_wide_first_convolution
     torch.manual_seed(0)
     for ibn in (True, False):
         path = export_stage(CropEmbedderStage(CropEmbedder(ibn=ibn)).eval(), CROP_EMBEDDER, tmp_path / f"{ibn}.onnx")
-        model = quantize._named(onnx.load(str(path)))
+        model = quantize.named_nodes(onnx.load(str(path)))
         front = quantize.front_nodes(model)
         front_convs = [node for node in model.graph.node if node.op_type == "Conv" and node.name in front]
         assert len(front_convs) == (2 if ibn else 0)

@@ -57,6 +57,7 @@ from leukograph.client.contract import (
     PROBS,
     WBC_CLASSES,
     boxes_feed,
+    white_cell_class,
 )
 from leukograph.client.differential import DEFAULT_TARGET, DEFAULT_THRESHOLD, TARGETS, label_cells
 from leukograph.client.errors import UserError
@@ -256,7 +257,7 @@ def white_cell_json(cells: Cells, probs: np.ndarray, candidates: np.ndarray, fou
     nucleated = probs[candidates, :len(NUCLEATED_CLASSES)].sum(1)
     index = int(candidates[int(np.argmax(nucleated))])
     p = probs[index]
-    wbc = int(np.argmax(p[:len(WBC_CLASSES)]))
+    wbc = int(white_cell_class(p))
     label = int(np.argmax(p[:len(NUCLEATED_CLASSES)]))
     return {"class": WBC_CLASSES[wbc], "probability": round(float(p[wbc]), 5), "label": NUCLEATED_CLASSES[label],
             "label_probability": round(float(p[label]), 5), "cell_index": index,

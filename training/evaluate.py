@@ -40,6 +40,7 @@ from leukograph.client.contract import (
     NUCLEATED_CLASSES,
     UNIDENTIFIED_THRESHOLD,
     WBC_CLASSES,
+    white_cell_class,
 )
 from leukograph.client.errors import UserError  # noqa: E402
 from leukograph.client.images import read_image  # noqa: E402
@@ -228,7 +229,7 @@ def evaluate_bccd(models: Models, data_root: str | None, threshold: float) -> di
             truth[group].append(CLASSES.index(label))
             for name in models.cell_models:
                 row = probs[name][index][det]
-                preds[name][group].append(int(np.argmax(row[:NUM_WBC])) if group == "wbc" else int(np.argmax(row)))
+                preds[name][group].append(int(white_cell_class(row)) if group == "wbc" else int(np.argmax(row)))
     report: dict = {"frames": len(frames)}
     for name in models.cell_models:
         context_truth, context_pred = truth["context"], preds[name]["context"]

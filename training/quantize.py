@@ -195,7 +195,8 @@ def front_nodes(model: onnx.ModelProto) -> list[str]:
     return front
 
 
-def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+def named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose unnamed nodes are named `<op type>_<index>`, the names `front_nodes` and the quantiser use."""
     model = copy.deepcopy(model)
     for index, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{index}"
@@ -269,7 +270,7 @@ def quantize_crop_embedder(fp32_path: Path, out_path: Path, calibration: Calibra
 
     if calibration is None and (ranges is None or not ranges.is_file()):
         raise UserError(f"no calibration crops and no saved INT8 activation ranges at {ranges}")
-    model = _named(onnx.load(str(fp32_path)))
+    model = named_nodes(onnx.load(str(fp32_path)))
     model = pad_first_conv_channels(model, FIRST_CONV_CHANNEL_MULTIPLE[runtime], fp32=front_nodes(model))
     excluded = front_nodes(model) + list(keep_fp32)
     if calibration is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukograph.client.contract import CROP_EMBEDDER, WBC_CLASSES, boxes_feed
+from leukograph.client.contract import CROP_EMBEDDER, WBC_CLASSES, boxes_feed, white_cell_class
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
 from leukograph.client.localize import WBC
@@ -203,7 +203,7 @@ def _validation_scores(name: str, crop: int, truth: np.ndarray, probs: np.ndarra
     the nucleated label (`five_wbc`: an IG or NRBC answer is wrong) and with `classify`'s white-cell class, the
     largest of the five white-cell probabilities (`five_wbc_answer`)."""
     predicted, sources = probs[:, :NUM_NUCLEATED].argmax(1), np.asarray(sources)
-    answered = probs[:, :NUM_WBC].argmax(1)
+    answered = white_cell_class(probs)
     row: dict = {"checkpoint": name, "crop": crop, "sources": {}}
     for source in sorted(set(sources), key=_source_order):
         here = sources == source
