@@ -53,7 +53,7 @@ from leukograph.training.train import CONTEXT_LOSS_WEIGHT
 MIN_VERIFIED = 50  # training cells below which adapt refuses
 FULL_CNN_MIN = 400  # training cells from which the whole CNN is fine-tuned
 HOLDOUT_FRACTION = 0.2
-NUM_WBC = len(NUCLEATED_CLASSES)  # the nucleated classes a reviewer verifies (5 WBC, IG, NRBC)
+NUM_VERIFIED = len(NUCLEATED_CLASSES)  # the nucleated classes a reviewer verifies (5 WBC, IG, NRBC)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class VerifiedFrame:
 
     @property
     def n_verified(self) -> int:
-        return int(((self.labels >= 0) & (self.labels < NUM_WBC)).sum())
+        return int(((self.labels >= 0) & (self.labels < NUM_VERIFIED)).sum())
 
 
 def load_verified_frames(db: Path, samples: list[str] | None = None) -> list[VerifiedFrame]:
@@ -153,7 +153,7 @@ class Adapter(nn.Module):
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     known = labels != IGNORE
-    weights = torch.where(labels[known] < NUM_WBC, 1.0, CONTEXT_LOSS_WEIGHT)
+    weights = torch.where(labels[known] < NUM_VERIFIED, 1.0, CONTEXT_LOSS_WEIGHT)
     losses = nn.functional.cross_entropy(logits[known], labels[known], reduction="none", label_smoothing=0.05)
     return (losses * weights).sum() / weights.sum().clamp(min=1e-6)
 
@@ -164,12 +164,12 @@ def verified_accuracy(model: Adapter, frames: list[VerifiedFrame]) -> dict[str, 
     model.eval()
     truth, pred = [], []
     for frame in frames:
-        wbc = (frame.labels >= 0) & (frame.labels < NUM_WBC)
+        wbc = (frame.labels >= 0) & (frame.labels < NUM_VERIFIED)
         if not wbc.any():
             continue
         probs = torch.softmax(model.logits(frame), 1).numpy()
         truth += frame.labels[wbc].tolist()
-        pred += probs[wbc][:, :NUM_WBC].argmax(1).tolist()
+        pred += probs[wbc][:, :NUM_VERIFIED].argmax(1).tolist()
     correct = sum(int(t == p) for t, p in zip(truth, pred))
     return {"cells": len(truth), "accuracy": correct / len(truth) if truth else 0.0}
 
