@@ -26,7 +26,7 @@ NUM_CLASSES = len(CLASSES)
 UNIDENTIFIED = "unidentified"
 # Calibrated top probability below which a WBC-kind cell goes to review (UNIDENTIFIED). Chosen by
 # `leukograph evaluate` from the auto-accept curve on validation cells (docs/results/evaluation.json).
-UNIDENTIFIED_THRESHOLD = 0.95
+UNIDENTIFIED_THRESHOLD = 0.96
 CELL_KINDS: tuple[str, ...] = ("wbc", "rbc", "platelet")  # what the localiser says a box is
 
 
