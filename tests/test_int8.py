@@ -57,6 +57,12 @@ def int8_repository(calibration: quantize.CalibrationSet, tmp_path_factory: pyte
 
 
 @pytest.fixture(scope="module")
+def float_graph(int8_repository: Path) -> onnx.ModelProto:
+    """The exported FP32 crop_embedder, every node named (as the quantiser names them)."""
+    return quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
+
+
+@pytest.fixture(scope="module")
 def samples() -> list[verify.Sample]:
     found = verify.held_out_samples("auto")
     assert len(found) >= 50, f"only {len(found)} held-out frames with cells"
@@ -87,11 +93,10 @@ def test_mosaic_frame_gives_back_each_crop_through_the_in_graph_crop() -> None:
     np.testing.assert_array_equal(again, crops)
 
 
-def test_tensorrt_graph_passes_the_op_and_qdq_checks(int8_repository: Path) -> None:
+def test_tensorrt_graph_passes_the_op_and_qdq_checks(int8_repository: Path, float_graph: onnx.ModelProto) -> None:
     path = quantize.int8_path(int8_repository, "tensorrt")
     assert check_trt_compat(path) == []
     model = onnx.load(str(path))
-    float_graph = quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
     front = set(quantize.front_nodes(float_graph))
     convolutions = sum(node.op_type == "Conv" and node.name not in front for node in float_graph.graph.node)
     assert convolutions >= 6  # the --ibn release: 8 convolutions, the first block's two (16 channels) stay FP32
@@ -107,7 +112,7 @@ def test_onnxruntime_graph_is_not_tensorrt_s_and_the_check_says_why(int8_reposit
 
 
 @pytest.mark.parametrize("runtime", list(quantize.INT8_FILES))
-def test_front_of_the_graph_stays_fp32(int8_repository: Path, runtime: str) -> None:
+def test_front_of_the_graph_stays_fp32(int8_repository: Path, float_graph: onnx.ModelProto, runtime: str) -> None:
     model = onnx.load(str(quantize.int8_path(int8_repository, runtime)))
     fed_by_dq = set(quantize.quantised_nodes(model))
     assert fed_by_dq <= {*quantize.QUANTISED_OPS, *quantize.FLOAT_BETWEEN_OPS}
@@ -119,7 +124,6 @@ def test_front_of_the_graph_stays_fp32(int8_repository: Path, runtime: str) -> N
     if before_q.op_type == "Pad":  # the zero channel, padded on in FP32 (onnxruntime only)
         assert quantize.FIRST_CONV_CHANNEL_MULTIPLE[runtime] > 1
         before_q = producer[before_q.input[0]]
-    float_graph = quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
     front = quantize.front_nodes(float_graph)
     assert before_q.name == front[-1]  # the last FP32 node: colour standardisation, or the narrow first block
     assert any(node.op_type == "Div" for node in float_graph.graph.node if node.name in front)
@@ -137,10 +141,10 @@ def _first_conv_input_channels(model: onnx.ModelProto, quantised: bool = False) 
     return numpy_helper.to_array(initializers[weight]).shape[1]
 
 
-def test_first_convolution_gets_a_zero_channel_for_onnxruntime_only(int8_repository: Path) -> None:
+def test_first_convolution_gets_a_zero_channel_for_onnxruntime_only(int8_repository: Path,
+                                                                   float_graph: onnx.ModelProto) -> None:
     """The first INT8 convolution's input channels: a multiple of 4 for ONNX Runtime (3 colour channels padded to 4;
     the --ibn release's first INT8 block reads 32), as exported for TensorRT."""
-    float_graph = quantize.named_nodes(onnx.load(str(stage_path(int8_repository, CROP_EMBEDDER, "model.onnx"))))
     front = set(quantize.front_nodes(float_graph))
     first = next(node for node in float_graph.graph.node if node.op_type == "Conv" and node.name not in front)
     initializers = {i.name: i for i in float_graph.graph.initializer}
