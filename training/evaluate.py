@@ -251,11 +251,13 @@ def _accuracy_of(truth: list[int], pred: list[int], cls: int) -> float:
 
 def _single_cell_report(frames: list[FrameCells], probs: dict[str, list[np.ndarray]], threshold: float) -> dict:
     """Single-cell images (PBC, TXL-PBC of PBC origin): nucleated images by the image-level decision over the
-    nucleated classes; platelet images by the centre cell's argmax over all classes."""
+    nucleated classes (`wbc_images`: the five white-cell classes' images so scored, an IG or NRBC answer counting
+    wrong); the five white-cell classes' images also by `classify`'s white-cell answer, the likeliest of the five
+    (`wbc_answer`); platelet images by the centre cell's argmax over all classes."""
     platelet = CLASSES.index("platelet")
-    report: dict = {"images": {}, "wbc_images": {}, "platelet_images": {}}
+    report: dict = {"images": {}, "wbc_images": {}, "wbc_answer": {}, "platelet_images": {}}
     for name in probs:
-        truth, pred, plt_hits = [], [], []
+        truth, pred, answer, plt_hits = [], [], [], []
         for frame, p in zip(frames, probs[name]):
             if frame.frame_label == platelet:
                 centre = centre_box_index(frame.boxes, *frame.frame_size)
@@ -263,11 +265,13 @@ def _single_cell_report(frames: list[FrameCells], probs: dict[str, list[np.ndarr
                 continue
             truth.append(frame.frame_label)
             pred.append(frame_prediction(frame, p, NUM_NUCLEATED))
+            answer.append(frame_prediction(frame, p, NUM_WBC))
         metrics = classification_metrics(truth, pred, NUCLEATED_CLASSES)
         report["images"][name] = metrics
         five = [i for i, t in enumerate(truth) if t < NUM_WBC]
-        report["wbc_images"][name] = {"n": len(five), "accuracy": float(np.mean([pred[i] == truth[i] for i in five]))
-                                      if five else 0.0}
+        for key, decided in (("wbc_images", pred), ("wbc_answer", answer)):
+            report[key][name] = {"n": len(five), "accuracy": float(np.mean([decided[i] == truth[i] for i in five]))
+                                 if five else 0.0}
         report["platelet_images"][name] = {"n": len(plt_hits),
                                            "accuracy": float(np.mean(plt_hits)) if plt_hits else 0.0}
     report["calibration"] = {name: calibration_of(frames, probs[name], threshold) for name in probs}
@@ -405,9 +409,9 @@ def markdown(report: dict) -> str:
     scored = list(pbc["images"])  # the cell models this report scored (its views row included), in order
     lines = [
         "| model | 4-class TEST images (2,487) | macro-F1 | per source frame (frames) | macro-F1 | TEST_SIMPLE (71) "
-        "| BCCD held-out WBC nodes | PBC test, 5 WBC classes | PBC test, all 7 nucleated | IG recall | NRBC recall "
-        "| PBC platelet images |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| BCCD held-out WBC nodes | PBC test, 5 WBC classes | PBC 5 WBC, `classify`'s answer "
+        "| PBC test, all 7 nucleated | IG recall | NRBC recall | PBC platelet images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("seed baseline", *scored):
         img, frm, sim = four["images"][name], four["frames"][name], simple["images"][name]
@@ -415,21 +419,32 @@ def markdown(report: dict) -> str:
         wbc_text = f"{wbc['accuracy']:.1%} ({wbc['n']})" if wbc else "n/a (whole-image model)"
         if name in scored:
             p_all, p_five = pbc["images"][name], pbc["wbc_images"][name]
-            pbc_text = (f"{p_five['accuracy']:.1%} ({p_five['n']}) | {p_all['accuracy']:.1%} ({p_all['n']}) | "
+            answered = pbc.get("wbc_answer", {}).get(name)
+            pbc_text = (f"{p_five['accuracy']:.1%} ({p_five['n']}) | {_pct(answered and answered['accuracy'])} | "
+                        f"{p_all['accuracy']:.1%} ({p_all['n']}) | "
                         f"{p_all['per_class']['ig']['recall']:.1%} | {p_all['per_class']['nrbc']['recall']:.1%} | "
                         f"{pbc['platelet_images'][name]['accuracy']:.1%} ({pbc['platelet_images'][name]['n']})")
         else:
-            pbc_text = "n/a (4 classes) | n/a | n/a | n/a | n/a"
+            pbc_text = "n/a (4 classes) | n/a | n/a | n/a | n/a | n/a"
         lines.append(f"| {name} | {img['accuracy']:.1%} | {img['macro_f1']:.3f} | {frm['accuracy']:.1%} ({frm['n']}) "
                      f"| {frm['macro_f1']:.3f} | {sim['accuracy']:.1%} | {wbc_text} | {pbc_text} |")
     if txl and txl["n_images"]:
         lines += ["", "TXL-PBC test images of PBC origin that are not PBC files (white-cell class known): "
                   + ", ".join(f"{name} {txl['images'][name]['accuracy']:.1%}" for name in scored)
-                  + f" of {txl['images']['CNN+GNN']['n']} images."]
+                  + f" of {txl['images']['CNN+GNN']['n']} images"
+                  + ("; by `classify`'s white-cell answer " + ", ".join(
+                      f"{name} {txl['wbc_answer'][name]['accuracy']:.1%}" for name in scored)
+                     + f" of {txl['wbc_answer']['CNN+GNN']['n']} white-cell images" if "wbc_answer" in txl else "")
+                  + "."]
     threshold = report["threshold"]
+    shift = report.get("flagged_bias") or {}
+    shift_text = (", then the flagged classes' log-probabilities shifted by " + ", ".join(
+        f"{name.upper()} {value:+.2f}" for name, value in shift.items()) + " (class-balanced, fitted on validation)"
+        if any(shift.values()) else "")
     lines += ["", f"Calibration (CNN+GNN, temperature {report['temperatures'].get('gnn', 1.0):.2f} fitted on "
-              f"validation) and auto-accept at the \"unidentified\" threshold {threshold:.2f} (chosen on the "
-              "validation auto-accept curve for 98% accuracy among accepted cells); target: >= 90% accepted at >= 98%:",
+              f"validation{shift_text}) and auto-accept at the \"unidentified\" threshold {threshold:.2f} (chosen on "
+              "the validation auto-accept curve for 98% accuracy among accepted cells); target: >= 90% accepted at "
+              ">= 98%:",
               "", "| test source | model | labelled nucleated cells | accuracy | ECE | auto-accepted "
               "| accuracy of accepted |", "|---|---|---|---|---|---|---|"]
     for key, title in (("4class_test", "4-class TEST"), ("4class_test_simple", "TEST_SIMPLE"),
@@ -499,7 +514,9 @@ def markdown(report: dict) -> str:
         lines += ["", "Leave one source out (trained without the source, tested on it; target >= 75%):", "",
                   "| trained without | weights | tested on | " + " | ".join(scored) + " |",
                   "|---|---|---|" + "---|" * len(scored)]
-        lines += [f"| {row['without']} | `{row['weights']}` | {row['tested_on']} | "
+        lines += [f"| {row['without']} | `{row['weights']}`"
+                  + (f" (rows of `{row['measured_in']}`)" if row.get("measured_in") else "")
+                  + f" | {row['tested_on']} | "
                   + " | ".join(_pct(row.get(name)) for name in scored) + " |" for row in loso]
     return "\n".join(lines) + "\n"
 
@@ -540,6 +557,7 @@ def model_card(report: dict, train_summary: dict | None) -> str:
     widened = (f"Trained on graphs read as part of a field up to {widen:g} times wider and taller (`--gnn-widen`): the "
                "frame-relative features see more framings than the training labs' own. " if widen > 1 else "")
     blend = report.get("cnn_blend", 0.0)
+    shift = report.get("flagged_bias") or {}
     detector_cells = report.get("cells_found_by") == "server"
     cells_by = "the learned detector" if detector_cells else "the classical localiser"
     other_results = "docs/results/evaluation.md" if detector_cells else "docs/results/detector/evaluation.md"
@@ -561,15 +579,21 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "- `gnn.pt`: `CellGraphNet`, GraphSAGE (mean, 2 layers) over each frame's 5-nearest-neighbour cell graph; node "
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
         "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). "
-        f"{widened}Its `temperature` buffer calibrates the served probabilities (fitted on validation)."
+        f"{widened}Its `temperature` buffer calibrates the served probabilities (fitted on validation)"
+        + (", and its `class_bias` buffer then raises the flagged classes' log-probabilities ("
+           + ", ".join(f"{name.upper()} {value:+.2f}" for name, value in shift.items())
+           + "), fitted on validation with every class weighing the same: fewer IG and NRBC cells are missed, at "
+           "the cost of more cells flagged that are not (README \"Flagged classes\"); `classify`'s white-cell answer "
+           "(the likeliest of the five white-cell classes) does not depend on it."
+           if any(shift.values()) else ".")
         + (f" Its logits add the CNN's own (`cnn_weight` x the CNN's classifier, copied in as `cnn_head_weight` and "
            "`cnn_head_bias`): the "
            f"calibrated GNN and CNN pooled log-linearly at {1 - blend:g} : {blend:g} (`leukograph train --cnn-blend`, "
            "chosen on validation; README \"The CNN's own vote\")." if blend else ""),
         "- `baseline.pt`: the seed paper's model (whole image at 64x64, 4 classes), reproduced for comparison; "
         "trained earlier on 4-class TRAIN and kept unchanged.",
-        "- `calibration.json`: temperatures, validation ECE and the validation auto-accept curve behind the "
-        "\"unidentified\" threshold in `client/contract.py`.",
+        "- `calibration.json`: temperatures, the flagged classes' shift, validation ECE and the validation "
+        "auto-accept curve behind the \"unidentified\" threshold in `client/contract.py`.",
         "- `detector.pt`: the learned cell detector, the served ensemble's first step (`leukograph train-detector`, "
         "README \"Detector\"). Each frame is standardised over its smear: black pixels (a rotated image's fill, a "
         "field stop's corners) are left out of the statistics, which the released weights were trained without; on "
@@ -646,6 +670,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "CNN-only vs CNN+GNN table across seeds")
     parser.add_argument("--loso", action="append", default=[], metavar="SOURCE=WEIGHTS_DIR",
                         help="leave-one-source-out weights trained without SOURCE (bccd or pbc); repeatable")
+    parser.add_argument("--loso-report", action="append", default=[], metavar="EVALUATION_JSON",
+                        help="an earlier evaluation.json whose leave-one-source-out rows to carry, for weights not "
+                             "at hand (each row names the file it comes from); repeatable")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                         help="int8: FP32 vs INT8 crop_embedder rows on every source (training/quantize.py)")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
@@ -692,6 +719,17 @@ def leave_one_source_out(specs: list[str], data_root: str | None, threshold: flo
     return rows
 
 
+def carried_loso_rows(path: str) -> list[dict]:
+    """The leave-one-source-out rows of an earlier evaluation.json, each marked with the file (`measured_in`)."""
+    try:
+        rows = json.loads(Path(path).read_text()).get("leave_one_source_out") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"--loso-report {path}: cannot read its leave-one-source-out rows: {exc}") from None
+    if not rows:
+        raise UserError(f"--loso-report {path}: it has no leave-one-source-out rows")
+    return [{**row, "measured_in": row.get("measured_in", path)} for row in rows]
+
+
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.precision == "int8":
@@ -699,6 +737,7 @@ def main(args: argparse.Namespace) -> int:
 
         return evaluate_int8(args)
     started = time.time()
+    carried = [row for path in args.loso_report for row in carried_loso_rows(path)]  # read first: fail early
     use_localizer(args.localizer)
     models = Models(args.weights, args.views)
     calibration = models.meta["calibration"]
@@ -709,6 +748,7 @@ def main(args: argparse.Namespace) -> int:
         "temperatures": {"cnn": calibration.get("cnn_temperature", 1.0), "gnn": calibration.get("gnn_temperature",
                                                                                               1.0)},
         "cnn_blend": calibration.get("cnn_blend", 0.0),
+        "flagged_bias": calibration.get("flagged_bias", {}),
         "4class_test": evaluate_four_class(models, "TEST", args.data_root, threshold),
         "4class_test_simple": evaluate_four_class(models, "TEST_SIMPLE", args.data_root, threshold),
         "bccd_heldout": evaluate_bccd(models, args.data_root, threshold),
@@ -724,6 +764,8 @@ def main(args: argparse.Namespace) -> int:
     }
     if args.loso:
         report["leave_one_source_out"] = leave_one_source_out(args.loso, args.data_root, threshold, args.views)
+    if carried:
+        report.setdefault("leave_one_source_out", []).extend(carried)
     if args.seed_report:
         report["seeds"] = {"committed": {k: report[k] for k in ("4class_test", "4class_test_simple", "bccd_heldout",
                                                                 "pbc_test", "stain_shift")}}
