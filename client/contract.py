@@ -25,8 +25,8 @@ CLASSES: tuple[str, ...] = NUCLEATED_CLASSES + CONTEXT_CLASSES
 NUM_CLASSES = len(CLASSES)
 UNIDENTIFIED = "unidentified"
 # Calibrated top probability below which a WBC-kind cell goes to review (UNIDENTIFIED). Chosen by
-# `leukograph evaluate` from the auto-accept curve on validation cells (docs/results/evaluation.json).
-UNIDENTIFIED_THRESHOLD = 0.96
+# `leukograph train`'s calibration from the auto-accept curve on validation cells (training/weights/calibration.json).
+UNIDENTIFIED_THRESHOLD = 0.95
 CELL_KINDS: tuple[str, ...] = ("wbc", "rbc", "platelet")  # what the localiser says a box is
 
 

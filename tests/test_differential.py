@@ -176,3 +176,19 @@ def test_unidentified_threshold_is_the_validation_choice() -> None:
     assert DEFAULT_THRESHOLD == UNIDENTIFIED_THRESHOLD
     point = next(p for p in calibration["auto_accept_curve"] if p["threshold"] == calibration["threshold"]["threshold"])
     assert point["accepted"] == calibration["threshold"]["accepted"]
+
+
+def test_released_flagged_shift_is_the_calibration_s() -> None:
+    """gnn.pt's shift of the flagged classes is the one `leukograph train` fitted on validation (calibration.json)."""
+    import json
+
+    import torch
+
+    from leukograph.client.contract import CLASSES, FLAGGED_CLASSES
+    from leukograph.deploy.paths import WEIGHTS_DIR
+
+    calibration = json.loads((WEIGHTS_DIR / "calibration.json").read_text())
+    released = torch.load(WEIGHTS_DIR / "gnn.pt", weights_only=True)["model"]["class_bias"]
+    for name in FLAGGED_CLASSES:
+        assert float(released[CLASSES.index(name)]) == pytest.approx(calibration["flagged_bias"][name], rel=1e-6)
+    assert float(released.abs().sum()) == pytest.approx(sum(abs(v) for v in calibration["flagged_bias"].values()))

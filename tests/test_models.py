@@ -65,10 +65,11 @@ def test_dense_gnn_equals_pyg(models, held_out_images, n_cells) -> None:
             dense = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)), 1)
             served, labels = CellGraphStage(gnn)(embeddings, b, frame_size, count)
         assert torch.allclose(pyg, dense, atol=1e-6), (pyg - dense).abs().max()
-        # the served stage is calibrated: softmax(logits / temperature), same argmax
-        calibrated = torch.softmax(gnn.forward_dense(x, dense_mean_adjacency(b, frame_size)) / gnn.temperature, 1)
+        # the served stage is calibrated: softmax(logits / temperature + the flagged classes' shift)
+        logits = gnn.forward_dense(x, dense_mean_adjacency(b, frame_size))
+        calibrated = torch.softmax(logits / gnn.temperature + gnn.class_bias, 1)
         assert gnn.temperature != 1.0 and torch.allclose(served, calibrated, atol=1e-6)
-        assert torch.equal(labels, dense.argmax(1).to(torch.int32))
+        assert torch.equal(labels, calibrated.argmax(1).to(torch.int32))
 
 
 def test_cnn_blend_is_a_log_linear_pool_of_the_two_calibrated_models(models, held_out_images) -> None:
@@ -88,8 +89,8 @@ def test_cnn_blend_is_a_log_linear_pool_of_the_two_calibrated_models(models, hel
         alone = gnn.forward_dense(x, dense_mean_adjacency(b, frame_size))
         weight = gnn.pool_with_cnn(embedder.classifier, a, t_gnn, t_cnn)
         served, _ = CellGraphStage(gnn)(embeddings, b, frame_size, count)
-        pyg = torch.softmax(gnn(x, knn_edge_index(b, frame_size)) / gnn.temperature, 1)
-    pooled = torch.softmax((1 - a) * alone / t_gnn + a * embedder.classifier(embeddings) / t_cnn, 1)
+        pyg = gnn.calibrated_probs(gnn(x, knn_edge_index(b, frame_size)))
+    pooled = torch.softmax((1 - a) * alone / t_gnn + a * embedder.classifier(embeddings) / t_cnn + gnn.class_bias, 1)
     assert torch.allclose(served, pooled, atol=1e-5) and torch.allclose(pyg, pooled, atol=1e-5)
     assert weight == pytest.approx(a * t_gnn / ((1 - a) * t_cnn)) and float(gnn.cnn_weight) == pytest.approx(weight)
     assert torch.equal(gnn.cnn_head_weight, embedder.classifier.weight)
@@ -106,6 +107,45 @@ def test_a_gnn_saved_before_the_cnn_blend_loads_as_the_gnn_alone(models, tmp_pat
     torch.save(old, tmp_path / GNN_FILE)
     _, gnn, _ = load_models(tmp_path)
     assert float(gnn.cnn_weight) == 0.0
+
+
+def test_a_gnn_saved_before_the_flagged_shift_loads_without_one(models, tmp_path) -> None:
+    from leukograph.training.checkpoints import CNN_FILE, GNN_FILE
+
+    for name in (CNN_FILE, GNN_FILE):
+        (tmp_path / name).write_bytes((WEIGHTS_DIR / name).read_bytes())
+    old = torch.load(tmp_path / GNN_FILE, weights_only=True)
+    del old["model"]["class_bias"]
+    torch.save(old, tmp_path / GNN_FILE)
+    _, gnn, _ = load_models(tmp_path)
+    assert not gnn.class_bias.any() and float(models[1].class_bias.abs().sum()) > 0
+
+
+def test_the_flagged_shift_leaves_the_white_cell_answer_and_moves_only_the_flagged_classes(models,
+                                                                                         held_out_images) -> None:
+    """The released shift raises IG and NRBC against every other class; `classify`'s white-cell answer (the likeliest
+    of the five white-cell classes) and the order among the other classes are those of the unshifted model."""
+    from leukograph.client.contract import CLASSES, FLAGGED_CLASSES, white_cell_class
+
+    embedder, trained = models
+    unshifted = copy.deepcopy(trained)
+    unshifted.class_bias.zero_()
+    flagged = [CLASSES.index(name) for name in FLAGGED_CLASSES]
+    assert (trained.class_bias[flagged] > 0).all()
+    assert not trained.class_bias[[i for i in range(len(CLASSES)) if i not in flagged]].any()
+    stage = CropEmbedderStage(embedder).eval()
+    for image in held_out_images[:4]:
+        b = torch.from_numpy(localize(image).boxes)
+        count = torch.tensor([len(b)], dtype=torch.int32)
+        with torch.no_grad():
+            embeddings, frame_size = stage(torch.from_numpy(image), b, count)
+            shifted, _ = CellGraphStage(trained)(embeddings, b, frame_size, count)
+            plain, _ = CellGraphStage(unshifted)(embeddings, b, frame_size, count)
+        assert np.array_equal(white_cell_class(shifted.numpy()), white_cell_class(plain.numpy()))
+        assert (shifted[:, flagged] >= plain[:, flagged] - 1e-7).all()
+        others = [i for i in range(len(CLASSES)) if i not in flagged]
+        ratio = shifted[:, others] / plain[:, others]  # the others keep their proportions
+        assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
 
 
 def test_knn_graph_shape_and_degree(held_out_images) -> None:

@@ -78,6 +78,8 @@ def test_cnn_blend_pools_the_calibrated_cnn_into_the_same_gnn(tmp_path: Path) ->
     expected = 0.4 * calibration["gnn_alone_temperature"] / (0.6 * calibration["cnn_temperature"])
     assert calibration["cnn_blend"] == 0.4 and float(blended["cnn_weight"]) == pytest.approx(expected, rel=1e-5)
     assert float(blended["temperature"]) == pytest.approx(calibration["gnn_temperature"], rel=1e-5)
+    # 16 images per source leave fewer validation IG and NRBC cells than the shift needs (MIN_FLAGGED_CELLS)
+    assert calibration["flagged_bias"] == {"ig": 0.0, "nrbc": 0.0} and not blended["class_bias"].any()
 
 
 def test_bad_cnn_blend_is_one_line(tmp_path: Path) -> None:

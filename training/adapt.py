@@ -160,14 +160,15 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def verified_accuracy(model: Adapter, frames: list[VerifiedFrame]) -> dict[str, float | int]:
-    """Accuracy (argmax over the WBC classes, as the differential counts) on the verified cells, served path."""
+    """Accuracy (argmax over the verified classes of the served, calibrated probabilities, as the differential
+    counts) on the verified cells, served path."""
     model.eval()
     truth, pred = [], []
     for frame in frames:
         wbc = (frame.labels >= 0) & (frame.labels < NUM_VERIFIED)
         if not wbc.any():
             continue
-        probs = torch.softmax(model.logits(frame), 1).numpy()
+        probs = model.gnn.calibrated_probs(model.logits(frame)).numpy()
         truth += frame.labels[wbc].tolist()
         pred += probs[wbc][:, :NUM_VERIFIED].argmax(1).tolist()
     correct = sum(int(t == p) for t, p in zip(truth, pred))

@@ -81,8 +81,11 @@ def load_cnn(path: Path) -> CropEmbedder:
 def _gnn_from(ckpt: dict) -> CellGraphNet:
     gnn = CellGraphNet(**ckpt["config"])
     state = ckpt["model"]
+    defaults = gnn.state_dict()
     if "cnn_weight" not in state:  # made before the CNN blend: the GNN's logits alone
-        state = {**state, **{k: v for k, v in gnn.state_dict().items() if k.startswith("cnn_")}}
+        state = {**state, **{k: v for k, v in defaults.items() if k.startswith("cnn_")}}
+    if "class_bias" not in state:  # made before the flagged classes' shift: none
+        state = {**state, "class_bias": defaults["class_bias"]}
     gnn.load_state_dict(state)
     return gnn.eval()
 

@@ -2,8 +2,9 @@
 
 * The image-level decision (`image_prediction`): the most white-cell-like cell and its class.
 * Classification metrics (scikit-learn), cell-level validation metrics per source.
-* Calibration: temperature scaling fitted on validation logits, expected calibration error (ECE), and the
-  auto-accept curve (share of white cells at or above a confidence threshold, accuracy among them).
+* Calibration: temperature scaling fitted on validation logits, a class-balanced shift of the flagged classes'
+  log-probabilities (`fit_flagged_bias`), expected calibration error (ECE), and the auto-accept curve (share of
+  white cells at or above a confidence threshold, accuracy among them).
 """
 
 from __future__ import annotations
@@ -132,6 +133,38 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
     optimizer.step(closure)
     return float(torch.exp(log_t).clamp(0.05, 20.0))
+
+
+# Fewest validation cells of each flagged class for `fit_flagged_bias` to fit a shift (weights trained without PBC
+# have none: their shift stays 0).
+MIN_FLAGGED_CELLS = 20
+
+
+def fit_flagged_bias(log_probs: np.ndarray, labels: np.ndarray, flagged: list[int]) -> np.ndarray:
+    """A shift of the `flagged` classes' calibrated log-probabilities (the others stay 0) minimising the
+    class-balanced negative log-likelihood: every class weighs as much as any other, as it would if the flagged
+    classes were as common as the rest. Zeros where a flagged class has fewer than MIN_FLAGGED_CELLS labels."""
+    bias = np.zeros(log_probs.shape[1])
+    counts = np.bincount(labels, minlength=log_probs.shape[1])
+    if len(labels) == 0 or any(counts[i] < MIN_FLAGGED_CELLS for i in flagged):
+        return bias
+    x = torch.as_tensor(log_probs, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    weight = torch.as_tensor(np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0), dtype=torch.float64)
+    free = torch.zeros(len(flagged), dtype=torch.float64, requires_grad=True)
+    where = torch.as_tensor(flagged)
+    optimizer = torch.optim.LBFGS([free], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        shift = torch.zeros(x.shape[1], dtype=torch.float64).index_put((where,), free)
+        loss = torch.nn.functional.cross_entropy(x + shift, y, weight=weight)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    bias[flagged] = free.detach().numpy()
+    return bias
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -292,6 +292,9 @@ class CellGraphNet(nn.Module):
         self.head = nn.Linear(2 * hidden, num_classes)
         # Calibration (temperature scaling, fitted on validation after training); the served PROBS divide by it.
         self.register_buffer("temperature", torch.ones(()))
+        # Then a shift of the flagged classes' (IG, NRBC) log-probabilities, fitted on validation with every class
+        # weighing the same (`metrics.fit_flagged_bias`): flags are read for sensitivity, as an analyser's are.
+        self.register_buffer("class_bias", torch.zeros(num_classes))
         self.embed_dim = embed_dim
         self.register_buffer("cnn_weight", torch.zeros(()))
         self.register_buffer("cnn_head_weight", torch.zeros(num_classes, embed_dim))
@@ -313,6 +316,10 @@ class CellGraphNet(nn.Module):
         self.set_cnn_blend(classifier, weight)
         self.temperature.fill_(gnn_temperature / (1.0 - blend))
         return weight
+
+    def calibrated_probs(self, logits: Tensor) -> Tensor:
+        """The served PROBS: softmax(logits / temperature + class_bias)."""
+        return torch.softmax(logits / self.temperature + self.class_bias, dim=1)
 
     def _with_cnn(self, logits: Tensor, x: Tensor) -> Tensor:
         return logits + self.cnn_weight * F.linear(x[:, :self.embed_dim], self.cnn_head_weight, self.cnn_head_bias)
@@ -369,8 +376,8 @@ class CellGraphStage(nn.Module):
     """Served stage `cell_graph`: EMBEDDINGS [N,D], BOXES [R,4], FRAME_SIZE, CELL_COUNT -> PROBS [N,C], LABELS int32
     [N]; the graph joins only the first N = CELL_COUNT boxes.
 
-    PROBS are calibrated: softmax(logits / gnn.temperature), the temperature fitted on validation cells; the logits
-    include the CNN's own, weighted by gnn.cnn_weight."""
+    PROBS are calibrated: softmax(logits / gnn.temperature + gnn.class_bias), both fitted on validation cells; the
+    logits include the CNN's own, weighted by gnn.cnn_weight."""
 
     def __init__(self, gnn: CellGraphNet) -> None:
         super().__init__()
@@ -381,7 +388,7 @@ class CellGraphStage(nn.Module):
         cells = real_rows(boxes, cell_count)
         logits = self.gnn.forward_dense(self.gnn.node_inputs(embeddings, cells, frame_size),
                                         dense_mean_adjacency(cells, frame_size))
-        probs = torch.softmax(logits / self.gnn.temperature, dim=1)
+        probs = self.gnn.calibrated_probs(logits)
         return probs, torch.argmax(probs, dim=1).to(torch.int32)
 
 

@@ -9,7 +9,8 @@ that have no subtype label (TXL-PBC's Raabin-WBC and BCDD images, BCCD frames of
 consistency term (`--unlabelled-weight`, `Unlabelled`): other labs' cells shape its features without labels.
 Model selection uses the validation parts (mean per-source macro-F1 over nucleated cells). Test parts (4-class TEST
 frames, PBC test, TXL-PBC test) are never read here. After training, temperatures are fitted on validation
-(calibration.json) and the "unidentified" threshold is chosen from the validation auto-accept curve.
+(calibration.json), the flagged classes (IG, NRBC) get a class-balanced shift, and the "unidentified" threshold is
+chosen from the validation auto-accept curve.
 
 Crops stay uint8 (STORE_SIZE views) and are augmented per batch (augment.py): peak memory stays small.
 """
@@ -35,7 +36,7 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader as GraphLoader
 from tqdm import tqdm
 
-from leukograph.client.contract import CLASSES, CROP_SIZE, LOCALIZERS, NUCLEATED_CLASSES
+from leukograph.client.contract import CLASSES, CROP_SIZE, FLAGGED_CLASSES, LOCALIZERS, NUCLEATED_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.deploy.paths import WEIGHTS_DIR
 from leukograph.training.augment import amplitude_mix, augment_batch
@@ -73,6 +74,7 @@ from leukograph.training.metrics import (
     cell_metrics,
     choose_threshold,
     expected_calibration_error,
+    fit_flagged_bias,
     fit_temperature,
     labelled_nucleated,
     macro_f1,
@@ -464,8 +466,9 @@ def train_gnn(cells: CellSets, embedder: CropEmbedder, args: argparse.Namespace,
 @torch.no_grad()
 def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_dir: Path, release_dir: Path,
               cnn_blend: float = 0.0) -> dict:
-    """Temperatures for the CNN-only and CNN+GNN logits fitted on validation cells, ECE before/after, and the
-    "unidentified" threshold chosen from the validation auto-accept curve of the calibrated CNN+GNN.
+    """Temperatures for the CNN-only and CNN+GNN logits fitted on validation cells, the flagged classes' shift of
+    the CNN+GNN's (`fit_flagged_bias`), ECE before/after, and the "unidentified" threshold chosen from the validation
+    auto-accept curve of the calibrated CNN+GNN.
 
     `cnn_blend` = a pools the two calibrated models log-linearly, (1 - a) x GNN + a x CNN: the served logits become
     GNN + cnn_weight x CNN, cnn_weight = a T_gnn / ((1 - a) T_cnn), and the served temperature is fitted on those."""
@@ -487,11 +490,22 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
                                               cnn_temperature)
         gnn_logits = [gnn(g.x, g.edge_index).numpy() for g in graphs]
     _, gnn_stacked, _ = labelled_nucleated(val_frames, gnn_logits)  # the served logits (pooled when blended)
-    for name, stacked, temperature in (("cnn", cnn_stacked, cnn_temperature),
-                                       ("gnn", gnn_stacked, fit_temperature(gnn_stacked, truth))):
+    gnn_temperature = fit_temperature(gnn_stacked, truth)
+    scaled = torch.log_softmax(torch.from_numpy(gnn_stacked) / gnn_temperature, 1).numpy()
+    flagged_bias = fit_flagged_bias(scaled, truth, [CLASSES.index(name) for name in FLAGGED_CLASSES])
+    out["flagged_bias"] = {name: float(flagged_bias[CLASSES.index(name)]) for name in FLAGGED_CLASSES}
+    for tag, shift in (("unshifted", 0.0 * flagged_bias), ("shifted", flagged_bias)):  # the served CNN+GNN
+        out.setdefault("validation_recall", {})[tag] = {
+            name: float(((scaled + shift).argmax(1) == truth)[truth == index].mean())
+            for index, name in enumerate(NUCLEATED_CLASSES) if (truth == index).any()}
+        probs = [torch.softmax(torch.from_numpy(logits) / gnn_temperature + torch.from_numpy(shift), 1).numpy()
+                 for logits in gnn_logits]
+        out.setdefault("validation_score", {})[tag] = cell_metrics(val_frames, probs)["score"]  # the selection rule
+    for name, stacked, temperature, bias in (("cnn", cnn_stacked, cnn_temperature, 0.0 * flagged_bias),
+                                             ("gnn", gnn_stacked, gnn_temperature, flagged_bias)):
         out[f"{name}_temperature"] = temperature
-        for tag, t in (("raw", 1.0), ("calibrated", temperature)):
-            probs = torch.softmax(torch.from_numpy(stacked) / t, 1).numpy()
+        for tag, t, shift in (("raw", 1.0, 0.0 * bias), ("calibrated", temperature, bias)):
+            probs = torch.softmax(torch.from_numpy(stacked) / t + torch.from_numpy(shift), 1).numpy()
             confidence, correct = probs.max(1), probs.argmax(1) == truth
             out[f"{name}_ece_{tag}"] = expected_calibration_error(confidence, correct)
             if name == "gnn" and tag == "calibrated":
@@ -499,7 +513,8 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
                 out["auto_accept_curve"] = curve
                 out["threshold"] = choose_threshold(curve)
     out["validation_cells"] = int(len(truth))
-    gnn.temperature.fill_(out["gnn_temperature"])  # served PROBS are calibrated: the buffer travels in gnn.pt
+    gnn.temperature.fill_(out["gnn_temperature"])  # served PROBS are calibrated: the buffers travel in gnn.pt
+    gnn.class_bias.copy_(torch.from_numpy(flagged_bias))
     best = load_checkpoint(run_dir / "gnn_best.pt")
     best["model"] = gnn.state_dict()
     torch.save(best, run_dir / "gnn_best.pt")
@@ -507,7 +522,8 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
     (release_dir / CALIBRATION_FILE).write_text(json.dumps(out, indent=2) + "\n")
     chosen = out["threshold"]
     accuracy = "n/a" if chosen["accuracy"] is None else f"{chosen['accuracy']:.1%}"
-    print(f"calibration: T_cnn {out['cnn_temperature']:.2f}, T_gnn {out['gnn_temperature']:.2f}, threshold "
+    shifts = ", ".join(f"{name} {value:+.2f}" for name, value in out["flagged_bias"].items())
+    print(f"calibration: T_cnn {out['cnn_temperature']:.2f}, T_gnn {out['gnn_temperature']:.2f}, {shifts}, threshold "
           f"{chosen['threshold']:.2f} accepts {chosen['accepted']:.1%} of validation cells at {accuracy}")
     return out
 
