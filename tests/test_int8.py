@@ -303,6 +303,23 @@ def test_roofline_peak_and_multiply_adds() -> None:
     assert weights * 64 < macs < weights * CROP_SIZE * CROP_SIZE + embedder.embed[1].weight.numel()
 
 
+def test_bench_report_keeps_the_detector_rows_apart_from_the_given_boxes() -> None:
+    """The committed `bench --int8` result (docs/bench/int8.json): the rows where the ensemble's detector found the
+    cells get their own table, with the cells it found per frame; the boxes-given table keeps its 16 cells."""
+    from leukograph.deploy.bench.int8 import DETECTOR_BOXES, markdown
+    from leukograph.deploy.paths import REPO_ROOT
+
+    result = json.loads((REPO_ROOT / "docs" / "bench" / "int8.json").read_text())
+    detected = [row for row in result["triton"] if row["boxes"] == DETECTOR_BOXES]
+    assert {row["precision"] for row in detected} == {"fp32", "int8"} and all(row["fps"] > 0 for row in detected)
+    text = markdown(result)
+    given_table, _, detector_table = text.partition("| Triton, bare frames, the detector in the ensemble |")
+    assert detector_table.count("| grpc-shm |") == len(detected)
+    assert f"| {detected[0]['cells']['mean']:.1f} |" in detector_table
+    given = [row for row in result["triton"] if row["boxes"] != DETECTOR_BOXES]
+    assert given_table.count("| grpc-shm |") == sum(row["transport"] == "grpc-shm" for row in given)
+
+
 def test_op_profile_names_where_the_time_goes(served_repository: Path) -> None:
     """`bench --int8`'s op-type profile, from ONNX Runtime's own profiler, on the served FP32 crop_embedder."""
     from leukograph.client.contract import boxes_feed

@@ -78,8 +78,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--readme-section", default=README_SECTION,
                         help=f"README section to rewrite (default {README_SECTION}; the GPU figures: bench-gpu)")
     parser.add_argument("--int8", action="store_true",
-                        help="FP32 vs INT8 only (deploy/bench/int8.py): in-process and Triton rows, per-cell cost at "
-                             "128 cells, roofline; int8.json in --out-dir and, unless --quick, the README table")
+                        help="FP32 vs INT8 only (deploy/bench/int8.py): in-process and Triton rows (boxes given, and "
+                             "the detector in the ensemble), per-cell cost at 128 cells, roofline; int8.json in "
+                             "--out-dir and, unless --quick, the README table")
     return parser
 
 

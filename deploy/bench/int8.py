@@ -9,7 +9,8 @@ Rows (BCCD held-out frames, boxes from the localiser, tiled to a fixed cell coun
 * Triton end to end (`leukocyte_pipeline_boxes` through the product's client, over gRPC and over gRPC with system
   shared memory; localisation excluded: boxes given) at 16 cells, concurrency 1 and 2, for a repository serving
   each precision (`model_repository.set_precision`), after checking the ensemble's outputs against the same
-  precision in-process;
+  precision in-process; then bare frames to `leukocyte_pipeline`, whose detector finds the cells (the path
+  `leukograph stream` runs), over gRPC with shared memory at concurrency 1 and 2;
 * roofline: the CNN's multiply-adds per crop (counted with forward hooks on the Conv2d/Linear layers) divided by the
   measured crop_embedder time per cell at 128 cells, against one core's peak (`core_peak`).
 
@@ -42,6 +43,8 @@ README_SECTION = "int8-bench"
 FMA_PIPES = 2  # 512-bit FMA pipes per core (AMD Zen 4/5, Intel server cores with two AVX-512 FMA units)
 CELLS = (16, 128)
 TRITON_TRANSPORTS = ("grpc", "grpc-shm")
+# The rows where the served ensemble's detector finds the cells in bare frames (as `leukograph stream` runs).
+DETECTOR_TRANSPORT, DETECTOR_BOXES = "grpc-shm", "detector"
 ONNX_FILES = {"fp32": MODEL_FILES["onnxruntime"], "int8": "model.int8.onnx"}  # what each precision serves
 # In-process only: the TensorRT QDQ graph run by ONNX Runtime (symmetric activations: ReLU stays in float between
 # int8 convolutions), the measurement behind serving model.int8.onnx on the CPU.
@@ -176,6 +179,14 @@ def triton_rows(repository: Path, precision: str, frames, boxes: list[np.ndarray
                             concurrency=concurrency, transport=transport, boxes=f"{len(boxes[0])} given")
             row.pop("latencies_ms", None)
             rows.append(row)
+        for concurrency in (1, 2):  # the default path: bare frames, the ensemble's detector finds the cells
+            run = run_closed_loop(lambda k: triton_runners(server.grpc_url, DETECTOR_TRANSPORT, "server"), capture,
+                                  lambda image, i: None, count, concurrency, 2, lambda: stats_snapshot(server.grpc_url))
+            row = summarize(f"triton {DETECTOR_TRANSPORT} {precision}, detector in the ensemble", "triton", run,
+                            precision=precision, concurrency=concurrency, transport=DETECTOR_TRANSPORT,
+                            boxes=DETECTOR_BOXES)
+            row.pop("latencies_ms", None)
+            rows.append(row)
     finally:
         server.stop()
     return rows, check
@@ -302,11 +313,19 @@ def markdown(result: dict) -> str:
                          f"{row['cell_graph_ms']:.2f} | {row['pipeline_ms']:.1f} |")
     lines += ["", "| Triton, 16 cells, boxes given | transport | concurrency | p50 ms | p99 ms | frames/s | "
                   "vs seed style |", "|---|---|---|---|---|---|---|"]
-    for row in result["triton"]:
+    given = [row for row in result["triton"] if row.get("boxes") != DETECTOR_BOXES]
+    for row in given:
         speedup = result["seed_style_ms_16_cells"] / row["latency_ms"]["p50"]
         lines.append(f"| {row['precision']} | {row.get('transport', 'grpc')} | {row['concurrency']} | "
                      f"{row['latency_ms']['p50']:.1f} | "
                      f"{row['latency_ms']['p99']:.1f} | {row['fps']:.1f} | {speedup:.1f}x |")
+    detected = [row for row in result["triton"] if row.get("boxes") == DETECTOR_BOXES]
+    if detected:
+        lines += ["", "| Triton, bare frames, the detector in the ensemble | transport | concurrency | cells per frame "
+                      "| p50 ms | p99 ms | frames/s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['precision']} | {row['transport']} | {row['concurrency']} | {row['cells']['mean']:.1f} | "
+                  f"{row['latency_ms']['p50']:.1f} | {row['latency_ms']['p99']:.1f} | {row['fps']:.1f} |"
+                  for row in detected]
     lines += ["", f"Seed style (PyTorch eager, one crop per call, 1 thread), 16 cells: "
                   f"{result['seed_style_ms_16_cells']:.1f} ms per frame. Triton's outputs matched in-process ORT of "
                   "the same precision: " + ", ".join(f"{p} max prob diff {c['max_prob_diff_vs_in_process']:.2g}"
