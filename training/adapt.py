@@ -165,12 +165,12 @@ def verified_accuracy(model: Adapter, frames: list[VerifiedFrame]) -> dict[str, 
     model.eval()
     truth, pred = [], []
     for frame in frames:
-        wbc = (frame.labels >= 0) & (frame.labels < NUM_VERIFIED)
-        if not wbc.any():
+        verified = (frame.labels >= 0) & (frame.labels < NUM_VERIFIED)
+        if not verified.any():
             continue
         probs = model.gnn.calibrated_probs(model.logits(frame)).numpy()
-        truth += frame.labels[wbc].tolist()
-        pred += probs[wbc][:, :NUM_VERIFIED].argmax(1).tolist()
+        truth += frame.labels[verified].tolist()
+        pred += probs[verified][:, :NUM_VERIFIED].argmax(1).tolist()
     correct = sum(int(t == p) for t, p in zip(truth, pred))
     return {"cells": len(truth), "accuracy": correct / len(truth) if truth else 0.0}
 
