@@ -171,20 +171,22 @@ def triton_rows(repository: Path, precision: str, frames, boxes: list[np.ndarray
         check = {"cells": comparison.nodes, "max_prob_diff_vs_in_process": comparison.max_prob_diff,
                  "labels_equal": comparison.agreeing_nodes == comparison.nodes}
         capture = MemoryCapture(frames.images)
-        for transport, concurrency in itertools.product(TRITON_TRANSPORTS, (1, 2)):
-            run = run_closed_loop(lambda k, t=transport: triton_runners(server.grpc_url, t), capture,
-                                  lambda image, i: boxes[i % len(boxes)], count, concurrency, 2,
-                                  lambda: stats_snapshot(server.grpc_url))
-            row = summarize(f"triton {transport} {precision}", "triton", run, precision=precision,
-                            concurrency=concurrency, transport=transport, boxes=f"{len(boxes[0])} given")
-            row.pop("latencies_ms", None)
-            rows.append(row)
-        for concurrency in (1, 2):  # the default path: bare frames, the ensemble's detector finds the cells
-            run = run_closed_loop(lambda k: triton_runners(server.grpc_url, DETECTOR_TRANSPORT, "server"), capture,
-                                  lambda image, i: None, count, concurrency, 2, lambda: stats_snapshot(server.grpc_url))
-            row = summarize(f"triton {DETECTOR_TRANSPORT} {precision}, detector in the ensemble", "triton", run,
-                            precision=precision, concurrency=concurrency, transport=DETECTOR_TRANSPORT,
-                            boxes=DETECTOR_BOXES)
+
+        def given(image: np.ndarray, index: int) -> np.ndarray:
+            return boxes[index % len(boxes)]
+
+        def bare(image: np.ndarray, index: int) -> None:
+            return None
+
+        # (transport, localizer, the loop's boxes, their label, name suffix): the boxes given, then the default path,
+        # bare frames whose cells the ensemble's detector finds
+        paths = [(transport, "client", given, f"{len(boxes[0])} given", "") for transport in TRITON_TRANSPORTS]
+        paths.append((DETECTOR_TRANSPORT, "server", bare, DETECTOR_BOXES, ", detector in the ensemble"))
+        for (transport, localizer, boxes_for, boxes_label, suffix), concurrency in itertools.product(paths, (1, 2)):
+            run = run_closed_loop(lambda k, t=transport, where=localizer: triton_runners(server.grpc_url, t, where),
+                                  capture, boxes_for, count, concurrency, 2, lambda: stats_snapshot(server.grpc_url))
+            row = summarize(f"triton {transport} {precision}{suffix}", "triton", run, precision=precision,
+                            concurrency=concurrency, transport=transport, boxes=boxes_label)
             row.pop("latencies_ms", None)
             rows.append(row)
     finally:
