@@ -493,18 +493,20 @@ def calibrate(cells: CellSets, embedder: CropEmbedder, gnn: CellGraphNet, run_di
     gnn_temperature = fit_temperature(gnn_stacked, truth)
     scaled = torch.log_softmax(torch.from_numpy(gnn_stacked) / gnn_temperature, 1).numpy()
     flagged_bias = fit_flagged_bias(scaled, truth, [CLASSES.index(name) for name in FLAGGED_CLASSES])
+    no_shift = np.zeros_like(flagged_bias)
     out["flagged_bias"] = {name: float(flagged_bias[CLASSES.index(name)]) for name in FLAGGED_CLASSES}
-    for tag, shift in (("unshifted", 0.0 * flagged_bias), ("shifted", flagged_bias)):  # the served CNN+GNN
-        out.setdefault("validation_recall", {})[tag] = {
-            name: float(((scaled + shift).argmax(1) == truth)[truth == index].mean())
-            for index, name in enumerate(NUCLEATED_CLASSES) if (truth == index).any()}
+    for tag, shift in (("unshifted", no_shift), ("shifted", flagged_bias)):  # the served CNN+GNN, without and with
         probs = [torch.softmax(torch.from_numpy(logits) / gnn_temperature + torch.from_numpy(shift), 1).numpy()
                  for logits in gnn_logits]
         out.setdefault("validation_score", {})[tag] = cell_metrics(val_frames, probs)["score"]  # the selection rule
-    for name, stacked, temperature, bias in (("cnn", cnn_stacked, cnn_temperature, 0.0 * flagged_bias),
+        predicted = labelled_nucleated(val_frames, probs)[1].argmax(1)
+        out.setdefault("validation_recall", {})[tag] = {
+            name: float((predicted == truth)[truth == index].mean())
+            for index, name in enumerate(NUCLEATED_CLASSES) if (truth == index).any()}
+    for name, stacked, temperature, bias in (("cnn", cnn_stacked, cnn_temperature, no_shift),
                                              ("gnn", gnn_stacked, gnn_temperature, flagged_bias)):
         out[f"{name}_temperature"] = temperature
-        for tag, t, shift in (("raw", 1.0, 0.0 * bias), ("calibrated", temperature, bias)):
+        for tag, t, shift in (("raw", 1.0, no_shift), ("calibrated", temperature, bias)):
             probs = torch.softmax(torch.from_numpy(stacked) / t + torch.from_numpy(shift), 1).numpy()
             confidence, correct = probs.max(1), probs.argmax(1) == truth
             out[f"{name}_ece_{tag}"] = expected_calibration_error(confidence, correct)
