@@ -398,6 +398,12 @@ def plot_stain_shift(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _shifts(report: dict) -> str:
+    """The flagged classes' shift of the report's weights, e.g. "IG +1.33, NRBC +2.00"; "" without one."""
+    shift = report.get("flagged_bias") or {}
+    return ", ".join(f"{name.upper()} {value:+.2f}" for name, value in shift.items()) if any(shift.values()) else ""
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -419,8 +425,8 @@ def markdown(report: dict) -> str:
         wbc_text = f"{wbc['accuracy']:.1%} ({wbc['n']})" if wbc else "n/a (whole-image model)"
         if name in scored:
             p_all, p_five = pbc["images"][name], pbc["wbc_images"][name]
-            answered = pbc.get("wbc_answer", {}).get(name)
-            pbc_text = (f"{p_five['accuracy']:.1%} ({p_five['n']}) | {_pct(answered and answered['accuracy'])} | "
+            answered = pbc.get("wbc_answer", {}).get(name, {}).get("accuracy")
+            pbc_text = (f"{p_five['accuracy']:.1%} ({p_five['n']}) | {_pct(answered)} | "
                         f"{p_all['accuracy']:.1%} ({p_all['n']}) | "
                         f"{p_all['per_class']['ig']['recall']:.1%} | {p_all['per_class']['nrbc']['recall']:.1%} | "
                         f"{pbc['platelet_images'][name]['accuracy']:.1%} ({pbc['platelet_images'][name]['n']})")
@@ -437,10 +443,9 @@ def markdown(report: dict) -> str:
                      + f" of {txl['wbc_answer']['CNN+GNN']['n']} white-cell images" if "wbc_answer" in txl else "")
                   + "."]
     threshold = report["threshold"]
-    shift = report.get("flagged_bias") or {}
-    shift_text = (", then the flagged classes' log-probabilities shifted by " + ", ".join(
-        f"{name.upper()} {value:+.2f}" for name, value in shift.items()) + " (class-balanced, fitted on validation)"
-        if any(shift.values()) else "")
+    shifts = _shifts(report)
+    shift_text = (f", then the flagged classes' log-probabilities shifted by {shifts} (class-balanced, fitted on "
+                  "validation)" if shifts else "")
     lines += ["", f"Calibration (CNN+GNN, temperature {report['temperatures'].get('gnn', 1.0):.2f} fitted on "
               f"validation{shift_text}) and auto-accept at the \"unidentified\" threshold {threshold:.2f} (chosen on "
               "the validation auto-accept curve for 98% accuracy among accepted cells); target: >= 90% accepted at "
@@ -557,7 +562,7 @@ def model_card(report: dict, train_summary: dict | None) -> str:
     widened = (f"Trained on graphs read as part of a field up to {widen:g} times wider and taller (`--gnn-widen`): the "
                "frame-relative features see more framings than the training labs' own. " if widen > 1 else "")
     blend = report.get("cnn_blend", 0.0)
-    shift = report.get("flagged_bias") or {}
+    shifts = _shifts(report)
     detector_cells = report.get("cells_found_by") == "server"
     cells_by = "the learned detector" if detector_cells else "the classical localiser"
     other_results = "docs/results/evaluation.md" if detector_cells else "docs/results/detector/evaluation.md"
@@ -580,12 +585,10 @@ def model_card(report: dict, train_summary: dict | None) -> str:
         "input = CNN embedding + geometry (size relative to the frame's median cell, mostly red cells; aspect; "
         "position in the frame; median cell against the frame: `geometry` \"frame\", README \"Node geometry\"). "
         f"{widened}Its `temperature` buffer calibrates the served probabilities (fitted on validation)"
-        + (", and its `class_bias` buffer then raises the flagged classes' log-probabilities ("
-           + ", ".join(f"{name.upper()} {value:+.2f}" for name, value in shift.items())
-           + "), fitted on validation with every class weighing the same: fewer IG and NRBC cells are missed, at "
-           "the cost of more cells flagged that are not (README \"Flagged classes\"); `classify`'s white-cell answer "
-           "(the likeliest of the five white-cell classes) does not depend on it."
-           if any(shift.values()) else ".")
+        + (f", and its `class_bias` buffer then raises the flagged classes' log-probabilities ({shifts}), fitted "
+           "on validation with every class weighing the same: fewer IG and NRBC cells are missed, at the cost of "
+           "more cells flagged that are not (README \"Flagged classes\"); `classify`'s white-cell answer (the "
+           "likeliest of the five white-cell classes) does not depend on it." if shifts else ".")
         + (f" Its logits add the CNN's own (`cnn_weight` x the CNN's classifier, copied in as `cnn_head_weight` and "
            "`cnn_head_bias`): the "
            f"calibrated GNN and CNN pooled log-linearly at {1 - blend:g} : {blend:g} (`leukograph train --cnn-blend`, "
