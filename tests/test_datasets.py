@@ -190,18 +190,24 @@ def test_every_content_hash_is_in_one_split_across_sources() -> None:
 
 
 def test_cell_cache_round_trip_maps_the_crops(tmp_path: Path) -> None:
-    """A cached cell set comes back identical; its crops are stored as tensors and mapped from the file on load (no
-    second in-memory copy while writing or reading a set)."""
+    """A cached cell set comes back identical to an uncached build; its crops are stored as tensors and mapped from
+    the file, both when a set is read and when it has just been cut and written (no in-memory copy is kept)."""
     script = (
         "import sys\nfrom pathlib import Path\nimport numpy as np\nimport torch\n"
         "from leukograph.training.cells import build_cells\n"
         "from leukograph.training.datasets import load_pbc\n"
         "items = [i for i in load_pbc(None) if i.split == 'test'][:12]\n"
+        "fresh = build_cells(items, 't', cache=False, progress=False)\n"
         "built, again = build_cells(items, 't', progress=False), build_cells(items, 't', progress=False)\n"
-        "assert all(np.array_equal(a.crops, b.crops) and np.array_equal(a.boxes, b.boxes) and a.image_id == b.image_id"
-        " and b.crops.dtype == np.uint8 for a, b in zip(built, again))\n"
+        "assert all(np.array_equal(f.crops, a.crops) and np.array_equal(a.crops, b.crops)"
+        " and np.array_equal(a.boxes, b.boxes) and f.image_id == a.image_id == b.image_id"
+        " and b.crops.dtype == np.uint8 for f, a, b in zip(fresh, built, again))\n"
         "(path,) = Path(sys.argv[1]).glob('t-*.pt')\n"
         "assert all(isinstance(r['crops'], torch.Tensor) for r in torch.load(path, weights_only=False))\n"
+        "maps = [line.split()[0] for line in open('/proc/self/maps') if line.rstrip().endswith(str(path))]\n"
+        "spans = [tuple(int(end, 16) for end in span.split('-')) for span in maps]\n"
+        "assert all(any(low <= cells.crops.ctypes.data < high for low, high in spans)"
+        " for cells in built + again if cells.crops.size)\n"
     )
     env = {**os.environ, "LEUKOGRAPH_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,13 +237,25 @@ def build_cells(items: Iterable[BccdFrame | FourClassImage | PbcImage | TxlImage
     ids = [getattr(item, "frame_id", None) or str(getattr(item, "path", "")) for item in items]
     path = CACHE_DIR / f"{_cache_key(name, ids)}.pt"
     if cache and path.exists():
-        return [FrameCells(**{**record, "crops": _as_array(record["crops"])})
-                for record in torch.load(path, weights_only=False, mmap=True)]
+        return _load_cells(path)
     out = [cells_of(item) for item in tqdm(items, desc=f"cells {name}", disable=not progress, leave=False)]
-    if cache:
-        records = [{**vars(record), "crops": torch.from_numpy(record.crops)} for record in out]
-        write_atomically(path, lambda tmp: torch.save(records, tmp))
-    return out
+    if not cache:
+        return out
+    _write_cells(path, out)
+    # Freshly cut crops sit in the heap between the freed image buffers, from where little returns to the system;
+    # mapped from the file just written they cost what they cost when a later run reads the cache.
+    del out
+    return _load_cells(path)
+
+
+def _write_cells(path: Path, cells: list[FrameCells]) -> None:
+    records = [{**vars(record), "crops": torch.from_numpy(record.crops)} for record in cells]
+    write_atomically(path, lambda tmp: torch.save(records, tmp))
+
+
+def _load_cells(path: Path) -> list[FrameCells]:
+    return [FrameCells(**{**record, "crops": _as_array(record["crops"])})
+            for record in torch.load(path, weights_only=False, mmap=True)]
 
 
 def _as_array(crops: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -556,7 +556,7 @@ def train_baseline(args: argparse.Namespace, run_dir: Path) -> SeedBaseline:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         return total / max(len(order), 1)
 
     @torch.no_grad()
