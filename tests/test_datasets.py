@@ -189,25 +189,42 @@ def test_every_content_hash_is_in_one_split_across_sources() -> None:
     assert sum(img.split != img.upstream_split for img in shared) > 0  # the content rule overrode upstream splits
 
 
-def test_cell_cache_round_trip_maps_the_crops(tmp_path: Path) -> None:
-    """A cached cell set comes back identical to an uncached build; its crops are stored as tensors and mapped from
-    the file, both when a set is read and when it has just been cut and written (no in-memory copy is kept)."""
+def test_cell_cache_round_trip_reads_the_crops_from_its_file(tmp_path: Path) -> None:
+    """A cached cell set comes back identical to an uncached build, both when it has just been cut and written and
+    when it is read again; its crops stay in the cache's crops file, read when indexed: never mapped, never held
+    whole. A truncated crops file or a cache from before the crops file is cut again, not read."""
     script = (
         "import sys\nfrom pathlib import Path\nimport numpy as np\nimport torch\n"
-        "from leukograph.training.cells import build_cells\n"
+        "from leukograph.training.cells import StoredCrops, build_cells\n"
         "from leukograph.training.datasets import load_pbc\n"
         "items = [i for i in load_pbc(None) if i.split == 'test'][:12]\n"
         "fresh = build_cells(items, 't', cache=False, progress=False)\n"
         "built, again = build_cells(items, 't', progress=False), build_cells(items, 't', progress=False)\n"
+        "assert all(isinstance(c.crops, StoredCrops) for c in built + again)\n"
         "assert all(np.array_equal(f.crops, a.crops) and np.array_equal(a.crops, b.crops)"
         " and np.array_equal(a.boxes, b.boxes) and f.image_id == a.image_id == b.image_id"
-        " and b.crops.dtype == np.uint8 for f, a, b in zip(fresh, built, again))\n"
+        " and np.asarray(b.crops).dtype == np.uint8 for f, a, b in zip(fresh, built, again))\n"
+        "# the indexing the training code uses reads what numpy indexing of the uncached crops gives\n"
+        "f, a = next((f, a) for f, a in zip(fresh, built) if len(f.crops) >= 3)\n"
+        "n = len(f.crops)\n"
+        "for key in (0, -1, slice(1, 3), slice(None, None, -2), np.array([2, 0]), np.arange(n) % 2 == 0,"
+        " (slice(None), slice(8, 40), slice(8, 40)), (1, 5)):\n"
+        "    assert np.array_equal(f.crops[key], a.crops[key]), key\n"
+        "assert np.array_equal(f.served_crops, a.served_crops) and a.crops.shape == f.crops.shape\n"
         "(path,) = Path(sys.argv[1]).glob('t-*.pt')\n"
-        "assert all(isinstance(r['crops'], torch.Tensor) for r in torch.load(path, weights_only=False))\n"
-        "maps = [line.split()[0] for line in open('/proc/self/maps') if line.rstrip().endswith(str(path))]\n"
-        "spans = [tuple(int(end, 16) for end in span.split('-')) for span in maps]\n"
-        "assert all(any(low <= cells.crops.ctypes.data < high for low, high in spans)"
-        " for cells in built + again if cells.crops.size)\n"
+        "crops_file = path.with_suffix('.crops')\n"
+        "assert crops_file.stat().st_size == sum(f.crops.nbytes for f in fresh)\n"
+        "assert not any(line.rstrip().endswith(crops_file.name) for line in open('/proc/self/maps'))\n"
+        "# a truncated crops file: the set is cut again and its cache rewritten whole\n"
+        "crops_file.write_bytes(crops_file.read_bytes()[:-1])\n"
+        "redone = build_cells(items, 't', progress=False)\n"
+        "assert crops_file.stat().st_size == sum(f.crops.nbytes for f in fresh)\n"
+        "assert all(np.array_equal(f.crops, r.crops) for f, r in zip(fresh, redone))\n"
+        "# a cache from before the crops file (records holding the crops): cut again\n"
+        "crops_file.unlink()\n"
+        "torch.save([{**vars(r), 'crops': torch.from_numpy(r.crops)} for r in fresh], path)\n"
+        "assert all(np.array_equal(f.crops, r.crops) for f, r in zip(fresh, build_cells(items, 't', progress=False)))\n"
+        "assert crops_file.exists()\n"
     )
     env = {**os.environ, "LEUKOGRAPH_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,

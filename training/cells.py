@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ class FrameCells:
     boxes: np.ndarray  # float32 [N,4]
     kinds: np.ndarray  # int64 [N] localiser kind
     labels: np.ndarray  # int64 [N] class index or -1
-    crops: np.ndarray  # uint8 [N,S,S,3], S = store_size(crop side); the centre crop-side square is the served crop
+    crops: np.ndarray | StoredCrops  # uint8 [N,S,S,3], S = store_size(crop side); its centre crop-side square is
+    # the served crop; a cached set reads its crops from the cache file
     source: str = "bccd"  # bccd | 4class | pbc | txl-raabin-wbc | txl-pbc | txl-bcdd
 
     @property
@@ -230,34 +232,106 @@ def build_cells(items: Iterable[BccdFrame | FourClassImage | PbcImage | TxlImage
                 progress: bool = True) -> list[FrameCells]:
     """Localise, label and crop every item; cached under .cache/ keyed by the localiser source and the items.
 
-    The crops (most of the bytes) are stored as tensors, which torch.save writes from their own memory and torch.load
-    maps from the file: neither makes a second copy of a set's crops (as pickled numpy arrays did: a from-scratch
-    `leukograph train` peaked at 6.3 GB while its caches were written)."""
+    The cache is two files: `KEY.pt`, each image's boxes, kinds and labels, and `KEY.crops`, every image's crops
+    back to back as raw uint8. A set read from the cache (or just cut and written to it) reads its crops from that
+    file when they are indexed (`StoredCrops`): they are never held whole in memory, in the heap or mapped (a
+    from-scratch `leukograph train` held 1.4 GB of mapped cache pages at its peak when they were mapped; the
+    kernel's page cache keeps the file's bytes at hand instead)."""
     items = list(items)
     ids = [getattr(item, "frame_id", None) or str(getattr(item, "path", "")) for item in items]
     path = CACHE_DIR / f"{_cache_key(name, ids)}.pt"
-    if cache and path.exists():
-        return _load_cells(path)
+    if cache:
+        cached = _load_cells(path)
+        if cached is not None:
+            return cached
     out = [cells_of(item) for item in tqdm(items, desc=f"cells {name}", disable=not progress, leave=False)]
     if not cache:
         return out
     _write_cells(path, out)
     # Freshly cut crops sit in the heap between the freed image buffers, from where little returns to the system;
-    # mapped from the file just written they cost what they cost when a later run reads the cache.
+    # read from the file just written they cost what they cost when a later run reads the cache.
     del out
     return _load_cells(path)
 
 
+class StoredCrops:
+    """One image's cached crops, uint8 [N,S,S,3], read from the cache's crops file when indexed (`os.preadv` into a
+    new array), never mapped. Indexing takes what the training code uses on numpy crops: an int, a slice, an index
+    array or a boolean mask first, then any further numpy index; `np.asarray` reads them all."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, file, offset: int, shape: tuple[int, ...]) -> None:
+        self._file, self._offset, self.shape = file, offset, tuple(shape)
+        self._crop_bytes = int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(stop - start, 0), *self.shape[1:]), dtype=np.uint8)
+        if out.size:
+            done = os.preadv(self._file.fileno(), [out], self._offset + start * self._crop_bytes)
+            if done != out.nbytes:
+                raise OSError(f"{self._file.name}: {done} of {out.nbytes} bytes read; the cell cache is truncated")
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, (int, np.integer)):
+            index = range(len(self))[int(first)]
+            return self._read(index, index + 1)[(0, *rest)]
+        if isinstance(first, slice):
+            start, stop, step = first.indices(len(self))
+            chosen = self._read(start, stop)[::step] if step > 0 else self[np.arange(start, stop, step)]
+        else:
+            indices = np.arange(len(self))[np.asarray(first)]
+            chosen = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
+            for row, index in enumerate(indices):
+                chosen[row] = self._read(int(index), int(index) + 1)[0]
+        return chosen[(slice(None), *rest)] if rest else chosen
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        crops = self._read(0, len(self))
+        return crops if dtype is None else crops.astype(dtype)
+
+
+def _crops_path(path: Path) -> Path:
+    return path.with_suffix(".crops")
+
+
 def _write_cells(path: Path, cells: list[FrameCells]) -> None:
-    records = [{**vars(record), "crops": torch.from_numpy(record.crops)} for record in cells]
-    write_atomically(path, lambda tmp: torch.save(records, tmp))
+    """The crops file first, then the records that point into it: a reader never finds records without their crops."""
+    def write_crops(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for record in cells:
+                out.write(np.ascontiguousarray(record.crops, dtype=np.uint8).data)
+
+    write_atomically(_crops_path(path), write_crops)
+    records, offset = [], 0
+    for record in cells:
+        crops = np.asarray(record.crops)
+        records.append({**vars(record), "crops": {"offset": offset, "shape": crops.shape}})
+        offset += crops.nbytes
+    write_atomically(path, lambda tmp: torch.save({"crops_bytes": offset, "records": records}, tmp))
 
 
-def _load_cells(path: Path) -> list[FrameCells]:
-    return [FrameCells(**{**record, "crops": _as_array(record["crops"])})
-            for record in torch.load(path, weights_only=False, mmap=True)]
-
-
-def _as_array(crops: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A cached set's crops as uint8 numpy (a view of the mapped tensor; caches written before held numpy)."""
-    return crops.numpy() if isinstance(crops, torch.Tensor) else crops
+def _load_cells(path: Path) -> list[FrameCells] | None:
+    """A cached set, or None where there is none that this code wrote (a missing or shorter crops file, or a cache
+    from before the crops file: such a set is cut again and replaces it)."""
+    crops_path = _crops_path(path)
+    if not path.exists() or not crops_path.exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    if not isinstance(saved, dict) or crops_path.stat().st_size != saved["crops_bytes"]:
+        return None
+    file = open(crops_path, "rb")  # noqa: SIM115 - shared by the set's StoredCrops, closed when the last one goes
+    return [FrameCells(**{**record, "crops": StoredCrops(file, **record["crops"])}) for record in saved["records"]]

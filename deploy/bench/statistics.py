@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+import time
+
 from leukograph.client.contract import PIPELINES, SERVED_STAGES
 from leukograph.deploy.bench.constants import STAT_FIELDS, STAT_MODELS
 
+Snapshot = dict[str, dict[str, tuple[int, int]]]
 
-def stats_snapshot(grpc_url: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """{model: {field: (count, ns)}} for the steps and both ensembles (cumulative, from the statistics API)."""
+
+def stats_snapshot(grpc_url: str, interval_s: float = 0.05, timeout_s: float = 2.0) -> Snapshot:
+    """{model: {field: (count, ns)}} for the steps and both ensembles (cumulative, from the statistics API), read once
+    the counters hold still: two equal readings `interval_s` apart (the last reading after `timeout_s`).
+
+    Triton counts a step's request when it releases it, which can come after the ensemble's response has reached the
+    client. Read right after a client's last response, the counters may still lack that request's last step, and the
+    next run's difference would count it (5 cell_graph requests for a run of 4 frames)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)
-    try:
+
+    def read() -> Snapshot:
         out = {}
         for model in STAT_MODELS:
             stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
             out[model] = {f: (int(stats.get(f, {}).get("count", 0)), int(stats.get(f, {}).get("ns", 0)))
                           for f in STAT_FIELDS}
         return out
+
+    try:
+        deadline = time.monotonic() + timeout_s
+        last = read()
+        while time.monotonic() < deadline:
+            time.sleep(interval_s)
+            now = read()
+            if now == last:
+                break
+            last = now
+        return last
     finally:
         client.close()
 
