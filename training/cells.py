@@ -310,18 +310,22 @@ def _crops_path(path: Path) -> Path:
 
 def _write_cells(path: Path, cells: list[FrameCells]) -> None:
     """The crops file first, then the records that point into it: a reader never finds records without their crops."""
+    records: list[dict] = []
+    crops_bytes = 0
+
     def write_crops(tmp: Path) -> None:
+        nonlocal crops_bytes
+        offset = 0
         with open(tmp, "wb") as out:
             for record in cells:
-                out.write(np.ascontiguousarray(record.crops, dtype=np.uint8).data)
+                crops = np.ascontiguousarray(record.crops, dtype=np.uint8)
+                out.write(crops.data)
+                records.append({**vars(record), "crops": {"offset": offset, "shape": crops.shape}})
+                offset += crops.nbytes
+        crops_bytes = offset
 
     write_atomically(_crops_path(path), write_crops)
-    records, offset = [], 0
-    for record in cells:
-        crops = np.asarray(record.crops)
-        records.append({**vars(record), "crops": {"offset": offset, "shape": crops.shape}})
-        offset += crops.nbytes
-    write_atomically(path, lambda tmp: torch.save({"crops_bytes": offset, "records": records}, tmp))
+    write_atomically(path, lambda tmp: torch.save({"crops_bytes": crops_bytes, "records": records}, tmp))
 
 
 def _load_cells(path: Path) -> list[FrameCells] | None:

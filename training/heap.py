@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -23,9 +24,15 @@ TOP_PAD_BYTES = 256 << 20  # grow the heap in steps of at least this much
 NEVER_TRIM_BYTES = 2**31 - 1  # the largest value mallopt takes (an int)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    libc_name = ctypes.util.find_library("c")  # may start a subprocess: looked up once
+    return None if libc_name is None else ctypes.CDLL(libc_name)
+
+
 def _libc_function(name: str):
-    libc_name = ctypes.util.find_library("c")
-    return None if libc_name is None else getattr(ctypes.CDLL(libc_name), name, None)
+    libc = _libc()
+    return None if libc is None else getattr(libc, name, None)
 
 
 def keep_freed_memory() -> bool:
@@ -36,7 +43,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM_BYTES), (M_TOP_PAD, TOP_PAD_BYTES))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    applied = [mallopt(param, value) == 1 for param, value in settings]  # every setting tried, whichever fails
+    return all(applied)
 
 
 def release_freed_memory() -> None:
