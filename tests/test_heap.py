@@ -1,14 +1,18 @@
-"""Training's allocator settings (`training/heap.py`): a large tensor freed and allocated again reuses the heap's pages
+"""The allocator settings (`training/heap.py`): a large tensor freed and allocated again reuses the heap's pages
 instead of faulting in fresh ones, and `release_freed_memory` hands freed pages back. Each case runs in a fresh
-interpreter, so the test process keeps glibc's defaults."""
+interpreter, so the test process keeps glibc's defaults. The commands that run the CNN over many crops set it by
+default."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 
 import pytest
+
+from leukograph.client.cli import COMMANDS
 
 # Allocate, write and free a 100 MB tensor (a CNN step's activation size) ten times to settle, then ten times more;
 # report the minor page faults of the last ten, and the resident set after freeing it, before and after
@@ -56,3 +60,12 @@ def test_freed_memory_is_reused_and_released() -> None:
     # the freed tensor stays resident until released, then goes back
     assert kept["freed_rss_kb"] - kept["released_rss_kb"] > 90 * 1024
 
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "classify", "tradeoff", "framing"])
+def test_commands_that_run_the_cnn_keep_freed_memory_unless_told_not_to(command: str) -> None:
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = module.get_args_parser()
+    assert parser.get_default("keep_freed_memory") is True
+    required = {"tradeoff": ["cnn.pt"], "classify": ["cell.png"]}.get(command, [])
+    assert parser.parse_args([*required, "--no-keep-freed-memory"]).keep_freed_memory is False

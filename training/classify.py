@@ -69,6 +69,7 @@ from leukograph.client.sources import image_file_key
 from leukograph.deploy.paths import WEIGHTS_DIR, detector_weights_dir
 from leukograph.deploy.runners import TorchRunner, run_pipeline
 from leukograph.training.checkpoints import load_models
+from leukograph.training.heap import add_keep_freed_memory_argument, apply_keep_freed_memory
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 from leukograph.training.views import DIHEDRAL, VIEW_COUNTS, VIEW_SCALES, VIEWS, check_views, frame_views, viewed_rows
 
@@ -337,6 +338,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"with --db: WBC below this top probability go to the review list (default "
                         f"{DEFAULT_THRESHOLD})")
+    add_keep_freed_memory_argument(parser)
     return parser
 
 
@@ -353,6 +355,7 @@ def _summary_line(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    apply_keep_freed_memory(args)
     if args.db is None and (args.sample is not None or args.target != DEFAULT_TARGET
                             or args.threshold != DEFAULT_THRESHOLD):
         raise UserError("--sample, --target and --threshold are for recording: add --db PATH")

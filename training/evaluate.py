@@ -57,6 +57,7 @@ from leukograph.training.cells import (  # noqa: E402
 from leukograph.training.checkpoints import load_baseline, load_models  # noqa: E402
 from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, load_txl, split_frames  # noqa: E402
 from leukograph.training.embedding import embed_frames  # noqa: E402
+from leukograph.training.heap import add_keep_freed_memory_argument, apply_keep_freed_memory  # noqa: E402
 from leukograph.training.metrics import (  # noqa: E402
     auto_accept_curve,
     baseline_images,
@@ -682,6 +683,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="with --precision int8: where `export --int8` wrote crop_embedder/1/model.int8.onnx")
     parser.add_argument("--int8-images", type=int, default=300,
                         help="with --precision int8: test images per image-level source, a seeded sample (0: all)")
+    add_keep_freed_memory_argument(parser)
     return parser
 
 
@@ -735,6 +737,7 @@ def carried_loso_rows(path: str) -> list[dict]:
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    apply_keep_freed_memory(args)
     if args.precision == "int8":
         from leukograph.training.quantize import evaluate_int8
 

@@ -27,6 +27,7 @@ from leukograph.deploy.paths import WEIGHTS_DIR, shown_path
 from leukograph.deploy.readme import replace_section
 from leukograph.training.classify import Classifier, centred_in_field
 from leukograph.training.datasets import load_pbc
+from leukograph.training.heap import add_keep_freed_memory_argument, apply_keep_freed_memory
 from leukograph.training.views import VIEW_COUNTS, VIEWS
 
 FIELD_SIDE = 1000  # px: the wide field a PBC crop is placed in
@@ -123,6 +124,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--readme", action="store_true", help="also write the README's framing section")
+    add_keep_freed_memory_argument(parser)
     return parser
 
 
@@ -130,6 +132,7 @@ def main(args: argparse.Namespace) -> int:
     for folder in args.weights:
         if not (folder / "gnn.pt").exists():
             raise UserError(f"{folder} is not a weights folder (no gnn.pt)")
+    apply_keep_freed_memory(args)
     started = time.time()
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be >= 1")

@@ -1,4 +1,5 @@
-"""glibc's allocator, set for training on the CPU.
+"""glibc's allocator, set for the commands that run the CNN over many crops on the CPU (train, evaluate, classify,
+tradeoff, framing).
 
 By default glibc maps every allocation above its mmap threshold (at most 32 MB) afresh and unmaps it on free. A CNN
 training step on the CPU allocates and frees activations of ~100 MB every step, so each step faults in and zeroes
@@ -6,11 +7,13 @@ gigabytes of new pages: a third of the training's CPU time was kernel time (`/us
 the committed weights"). `keep_freed_memory` makes glibc serve every allocation from its heap and keep what is
 freed there for the next step; `release_freed_memory`, called once an epoch, hands the heap's free pages back, so
 that what one epoch freed is not kept resident into the next. Results are bit-identical; only where the memory comes
-from changes.
+from changes. The evaluation runs batches of crops through the CNN the same way and gained as much (README
+"Training of the committed weights").
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import functools
@@ -53,3 +56,17 @@ def release_freed_memory() -> None:
     if malloc_trim is not None:
         malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
         malloc_trim(0)
+
+
+def add_keep_freed_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """`--keep-freed-memory` (the default) / `--no-keep-freed-memory`, for the commands that run the CNN over many
+    crops: train, evaluate, classify, tradeoff, framing."""
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve every allocation from the heap and keep freed memory there for the next step "
+                        "(glibc; on by default: far less kernel time, the same results; --no-keep-freed-memory: "
+                        "glibc's defaults; README \"Training of the committed weights\")")
+
+
+def apply_keep_freed_memory(args: argparse.Namespace) -> None:
+    if args.keep_freed_memory:
+        keep_freed_memory()

@@ -49,6 +49,7 @@ from leukograph.training.datasets import load_bccd, load_four_class, load_pbc, s
 from leukograph.training.embedding import embed_frames
 from leukograph.training.evaluate import Models
 from leukograph.training.export import export_stage
+from leukograph.training.heap import add_keep_freed_memory_argument, apply_keep_freed_memory
 from leukograph.training.metrics import NUM_NUCLEATED, image_prediction, labelled_nucleated
 from leukograph.training.models import STORE_ZOOM, CropEmbedder, CropEmbedderStage
 from leukograph.training.views import VIEW_COUNTS, VIEWS
@@ -291,6 +292,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="test: accuracy on the test sources and ms per cell (default); validation: accuracy on "
                         "every source's validation cells (for comparing recipes; writes JSON only)")
+    add_keep_freed_memory_argument(parser)
     return parser
 
 
@@ -300,6 +302,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"checkpoint(s) not found: {', '.join(missing)}")
     if any(not 0.0 <= blend < 1.0 for blend in args.cnn_blend):
         raise UserError(f"--cnn-blend values must be in [0, 1), got {args.cnn_blend}")
+    apply_keep_freed_memory(args)
     torch.set_num_threads(args.threads)
     if args.split == "validation":
         use_localizer(args.localizer)

@@ -68,7 +68,7 @@ from leukograph.training.datasets import (
     split_frames,
 )
 from leukograph.training.embedding import embed_frames
-from leukograph.training.heap import keep_freed_memory, release_freed_memory
+from leukograph.training.heap import add_keep_freed_memory_argument, apply_keep_freed_memory, release_freed_memory
 from leukograph.training.metrics import (
     auto_accept_curve,
     baseline_images,
@@ -661,10 +661,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--localizer", choices=LOCALIZERS, default=DEFAULT_LOCALIZER,
                         help="who finds the training graphs' cells: client, the classical localiser; server, the "
                         "learned detector the served ensemble runs first (default %(default)s)")
-    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="serve every allocation from the heap and keep freed memory there for the next step "
-                        "(glibc; on by default: a third less CPU time, a few hundred MB more peak memory; "
-                        "--no-keep-freed-memory: glibc's defaults; README \"Training of the committed weights\")")
+    add_keep_freed_memory_argument(parser)
     parser.add_argument("--graph-batch", type=int, default=32)
     parser.add_argument("--baseline-epochs", type=int, default=15)
     return parser
@@ -707,8 +704,7 @@ def main(args: argparse.Namespace) -> int:
     _seed_everything(args.seed)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    apply_keep_freed_memory(args)
     use_localizer(args.localizer)
     run_dir = args.output_dir
     run_dir.mkdir(parents=True, exist_ok=True)
