@@ -103,6 +103,31 @@ def test_carried_leave_one_source_out_rows_name_their_file(tmp_path) -> None:
         assert not (tmp_path / "out").exists()
 
 
+def test_leave_one_source_out_weights_are_checked_before_anything_is_evaluated(tmp_path) -> None:
+    """A wrong --loso fails at once with one line (it used to fail after the whole evaluation), and LOSO weights
+    need no seed baseline (a `--stages cnn,gnn` run has none)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from leukograph.deploy.paths import WEIGHTS_DIR
+    from leukograph.training.checkpoints import CNN_FILE, GNN_FILE
+    from leukograph.training.evaluate import Models, loso_models
+
+    for spec in ("pbc=" + str(tmp_path / "missing"), "cells=" + str(WEIGHTS_DIR), "pbc"):
+        result = subprocess.run([sys.executable, "-m", "leukograph.client.cli", "evaluate", "--loso", spec,
+                                 "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out").exists()
+    two_stages = tmp_path / "no-baseline"
+    two_stages.mkdir()
+    for name in (CNN_FILE, GNN_FILE):
+        shutil.copy2(WEIGHTS_DIR / name, two_stages / name)
+    [(source, folder, models)] = loso_models([f"pbc={two_stages}"], views=1)
+    assert (source, folder) == ("pbc", str(two_stages)) and isinstance(models, Models) and models.baseline is None
+
+
 def test_single_cell_report_scores_classifys_white_cell_answer_beside_the_nucleated_label() -> None:
     """A monocyte image whose cell is likeliest IG, then monocyte: wrong by the nucleated label (`wbc_images`), right
     by `classify`'s white-cell answer (`wbc_answer`); IG and NRBC images count in neither."""

@@ -94,12 +94,12 @@ class Models:
     With `views` > 1, CNN+GNN is also scored on the embeddings averaged over each crop's first `views` views (its row:
     `views_model(views)`)."""
 
-    def __init__(self, weights_dir: Path, views: int = VIEWS) -> None:
+    def __init__(self, weights_dir: Path, views: int = VIEWS, baseline: bool = True) -> None:
         embedder, gnn, self.meta = load_models(weights_dir)
         self.embedder = embedder
         self.graph = CellGraphStage(gnn).eval()  # gnn.temperature is inside (served PROBS are calibrated)
         self.cnn_temperature = float(self.meta["calibration"].get("cnn_temperature", 1.0))
-        self.baseline = load_baseline(weights_dir)
+        self.baseline = load_baseline(weights_dir) if baseline else None
         self.views = check_views(views)
 
     @property
@@ -700,14 +700,27 @@ def accuracy_over(metrics: dict, classes: tuple[str, ...]) -> float:
     return sum(c["recall"] * c["support"] for c in per_class) / support if support else 0.0
 
 
-def leave_one_source_out(specs: list[str], data_root: str | None, threshold: float,
-                         views: int = VIEWS) -> list[dict]:
+LOSO_SOURCES = ("bccd", "pbc")
+
+
+def loso_models(specs: list[str], views: int = VIEWS) -> list[tuple[str, str, Models]]:
+    """(source, folder, models) for each --loso SOURCE=WEIGHTS_DIR, loaded before anything is evaluated (so a wrong
+    folder fails at once); no seed baseline is needed."""
+    loaded = []
+    for spec in specs:
+        source, _, folder = spec.partition("=")
+        if source not in LOSO_SOURCES or not folder:
+            raise UserError(f"--loso {spec}: expected SOURCE=WEIGHTS_DIR with SOURCE one of {', '.join(LOSO_SOURCES)}")
+        loaded.append((source, folder, Models(Path(folder), views, baseline=False)))
+    return loaded
+
+
+def leave_one_source_out(loaded: list[tuple[str, str, Models]], data_root: str | None,
+                         threshold: float) -> list[dict]:
     """Weights trained without a source, scored on that source's test part (image level). Without PBC, also over
     the images of the classes the other labs label (TAUGHT_WITHOUT_PBC)."""
     rows = []
-    for spec in specs:
-        source, _, folder = spec.partition("=")
-        models = Models(Path(folder), views)
+    for source, folder, models in loaded:
         if source == "pbc":
             result = evaluate_pbc(models, data_root, threshold)
             rows.append({"without": "PBC (+ TXL-PBC's PBC images)", "tested_on": "PBC test, 7 nucleated classes",
@@ -717,7 +730,7 @@ def leave_one_source_out(specs: list[str], data_root: str | None, threshold: flo
                          "tested_on": f"PBC test, the {len(TAUGHT_WITHOUT_PBC)} classes the other labs label",
                          "weights": folder, **{m: accuracy_over(result["images"][m], TAUGHT_WITHOUT_PBC)
                                                for m in models.cell_models}})
-        elif source == "bccd":
+        else:
             result = evaluate_bccd(models, data_root, threshold)
             rows.append({"without": "BCCD + 4-class", "tested_on": "BCCD held-out WBC nodes", "weights": folder,
                          **{m: result[m]["wbc_nodes"]["accuracy"] for m in models.cell_models}})
@@ -744,6 +757,7 @@ def main(args: argparse.Namespace) -> int:
         return evaluate_int8(args)
     started = time.time()
     carried = [row for path in args.loso_report for row in carried_loso_rows(path)]  # read first: fail early
+    loso = loso_models(args.loso, args.views)
     use_localizer(args.localizer)
     models = Models(args.weights, args.views)
     calibration = models.meta["calibration"]
@@ -768,8 +782,8 @@ def main(args: argparse.Namespace) -> int:
         "views": args.views,
         "cells_found_by": args.localizer,
     }
-    if args.loso:
-        report["leave_one_source_out"] = leave_one_source_out(args.loso, args.data_root, threshold, args.views)
+    if loso:
+        report["leave_one_source_out"] = leave_one_source_out(loso, args.data_root, threshold)
     if carried:
         report.setdefault("leave_one_source_out", []).extend(carried)
     if args.seed_report:
