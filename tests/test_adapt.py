@@ -174,6 +174,41 @@ def test_adapt_fine_tunes_and_the_running_server_loads_it_under_a_stream(verifie
     shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.server
+def test_anchor_keeps_the_fine_tuned_weights_nearer_the_base(verified_db: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--anchor (L2-SP) pulls the trained parameters towards the base weights: after the same epochs on the same
+    verified cells they are closer to them than without it; a negative anchor is refused with one line. (The
+    held-out score is made to rise each epoch so that the last epoch is the one kept in both runs: the committed
+    weights may already be best on these cells.)"""
+    from leukograph.training import adapt
+    from leukograph.training.adapt import fine_tune, load_verified_frames, split_by_sample
+
+    epochs_scored = iter(range(1000))
+    monkeypatch.setattr(adapt, "verified_accuracy", lambda *_: {"cells": 1, "accuracy": next(epochs_scored) / 1000})
+    from leukograph.training.checkpoints import load_models
+
+    base_embedder, base_gnn, _ = load_models(WEIGHTS_DIR)
+    base = {**{f"cnn.{k}": v for k, v in base_embedder.state_dict().items()},
+            **{f"gnn.{k}": v for k, v in base_gnn.state_dict().items()}}
+    train, val = split_by_sample(load_verified_frames(verified_db))
+
+    def distance(anchor: float) -> float:
+        embedder, gnn, history = fine_tune(WEIGHTS_DIR, train, val, False, 2, 1e-3, 0, lambda _: None, anchor)
+        assert len(history) == 3
+        tuned = {**{f"cnn.{k}": v for k, v in embedder.state_dict().items()},
+                 **{f"gnn.{k}": v for k, v in gnn.state_dict().items()}}
+        return sum(float(((tuned[k].float() - v.float()) ** 2).sum()) for k, v in base.items())
+
+    free, anchored = distance(0.0), distance(1.0)
+    assert 0 < anchored < free
+    done = subprocess.run([*LEUKOGRAPH, "adapt", "--db", str(verified_db), "--anchor", "-1", "--out",
+                           str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["leukograph adapt: error: --anchor must be >= 0"]
+    assert not (tmp_path / "w").exists()
+
+
 def test_bccd_accuracy_of_the_committed_weights_is_a_share() -> None:
     """adapt's forgetting check (held-out BCCD WBC nodes, CNN+GNN) runs on real weights and data."""
     from leukograph.deploy.paths import WEIGHTS_DIR

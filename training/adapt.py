@@ -9,7 +9,8 @@ label at a low weight (so the context classes are not forgotten); every other ce
 Training: 20% of the verified cells are held out by sample (whole samples, so a sample's cells never sit on both
 sides); fewer than `MIN_VERIFIED` training cells is refused. The CNN's convolutional features stay frozen (their
 BatchNorm statistics too) and the embedding layer plus the GNN are fine-tuned; with at least `FULL_CNN_MIN` training
-cells (or --full-cnn) the whole CNN is fine-tuned as well. The best epoch on the held-out cells is kept.
+cells (or --full-cnn) the whole CNN is fine-tuned as well. The best epoch on the held-out cells is kept. `--anchor A`
+pulls the trained weights towards the base ones (L2-SP), for a lab that also runs the base model's microscope.
 
 Report: accuracy before and after on the held-out verified cells and on the project's held-out BCCD frames (so that
 forgetting is visible). Output: `cnn.pt`, `gnn.pt` and `adapt.json` in --out; the version id is the served one
@@ -188,13 +189,17 @@ def bccd_accuracy(embedder: CropEmbedder, gnn: CellGraphNet, data_root: str | No
 
 
 def fine_tune(base: Path, train: list[VerifiedFrame], val: list[VerifiedFrame], full: bool, epochs: int,
-              lr: float, seed: int, log=print) -> tuple[CropEmbedder, CellGraphNet, list[dict]]:  # noqa: ANN001
-    """Fine-tune a copy of the base weights; the epoch with the best held-out accuracy is kept."""
+              lr: float, seed: int, log=print,  # noqa: ANN001
+              anchor: float = 0.0) -> tuple[CropEmbedder, CellGraphNet, list[dict]]:
+    """Fine-tune a copy of the base weights; the epoch with the best held-out accuracy is kept. `anchor` > 0 pulls
+    the trained weights towards the base ones (L2-SP: `anchor` times the summed squared distance, in place of weight
+    decay), which keeps more of the base microscope's accuracy and learns less of the new one."""
     torch.manual_seed(seed)
     embedder, gnn, _ = load_models(base)
     model = Adapter(embedder, gnn, full)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if anchor else 1e-4)
     cached = None if full else [model.features(f).detach() for f in train]  # frozen features: computed once
     history = [{"epoch": 0, "val": verified_accuracy(model, val)}]
     best = (history[0]["val"]["accuracy"], {k: v.clone() for k, v in model.state_dict().items()})
@@ -205,6 +210,8 @@ def fine_tune(base: Path, train: list[VerifiedFrame], val: list[VerifiedFrame], 
         for i in rng.permutation(len(train)):
             logits = model.logits(train[i], None if cached is None else cached[i])
             loss = _loss(logits, torch.from_numpy(train[i].labels))
+            if anchor:
+                loss = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -270,6 +277,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help=f"fine-tune the whole CNN even below {FULL_CNN_MIN} training cells")
     parser.add_argument("--head-only", action="store_true",
                         help="fine-tune only the CNN embedding layer and the GNN, whatever the cell count")
+    parser.add_argument("--anchor", type=float, default=0.0,
+                        help="pull the weights towards the base ones (L2-SP strength; default 0: learn this "
+                        "microscope as well as possible). A lab that also runs the base model's microscope can keep "
+                        "more of its accuracy, at a cost on its own (README, \"Measured on PBC as a new lab\")")
     parser.add_argument("--holdout", type=float, default=HOLDOUT_FRACTION, help="fraction of cells held out")
     parser.add_argument("--min-cells", type=int, default=MIN_VERIFIED)
     parser.add_argument("--seed", type=int, default=0)
@@ -284,6 +295,8 @@ def run(args: argparse.Namespace, log=print) -> dict:  # noqa: ANN001
         raise UserError("--holdout must be in (0, 1)")
     if args.epochs < 1:
         raise UserError("--epochs must be >= 1")
+    if args.anchor < 0:
+        raise UserError("--anchor must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     db = Path(args.db)
@@ -302,7 +315,8 @@ def run(args: argparse.Namespace, log=print) -> dict:  # noqa: ANN001
     started = time.perf_counter()
     base_embedder, base_gnn, _ = load_models(args.weights)
     before = {"held_out": verified_accuracy(Adapter(base_embedder, base_gnn, False), val)}
-    embedder, gnn, history = fine_tune(args.weights, train, val, full, args.epochs, args.lr, args.seed, log)
+    embedder, gnn, history = fine_tune(args.weights, train, val, full, args.epochs, args.lr, args.seed, log,
+                                       args.anchor)
     after = {"held_out": verified_accuracy(Adapter(embedder, gnn, False), val)}
     if not args.skip_bccd:
         before["bccd_held_out"] = bccd_accuracy(base_embedder, base_gnn, args.data_root)
@@ -311,7 +325,8 @@ def run(args: argparse.Namespace, log=print) -> dict:  # noqa: ANN001
 
     info = {"base_version": weights_id(args.weights), "samples": sorted({f.sample_id for f in frames}),
             "held_out_samples": sorted({f.sample_id for f in val}), "train_cells": n_train, "held_out_cells": n_val,
-            "mode": "full" if full else "head+gnn", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+            "mode": "full" if full else "head+gnn", "epochs": args.epochs, "lr": args.lr, "anchor": args.anchor,
+            "seed": args.seed,
             "metrics": {"before": before, "after": after}, "history": history,
             "seconds": round(time.perf_counter() - started, 1)}
     out = args.out or REPO_ROOT / "runs" / "adapt" / time.strftime("%Y%m%d-%H%M%S")

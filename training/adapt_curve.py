@@ -37,6 +37,7 @@ PER_SAMPLE = 5  # images a class in one verified sample
 POOL = 200  # images a class that may be verified
 CURVE = (0, 25, 50, 100, 200)
 REVIEWER = "PBC reference labels"
+DEFAULT_OUT = Path("docs/adapt/adapt_pbc.json")
 
 
 def split_pbc(root: Path, seed: int = 0) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
@@ -105,13 +106,15 @@ def curve_markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=Path("runs/adapt_pbc/pbc.sqlite"))
-    parser.add_argument("--out", type=Path, default=Path("docs/adapt/adapt_pbc.json"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON (default %(default)s; only the "
+                        "default rewrites the README's table)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--cnn", choices=("auto", "head", "full"), default="head")
     parser.add_argument("--points", type=int, nargs="+", default=list(CURVE))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--anchor", type=float, default=0.0, help="`leukograph adapt --anchor` (L2-SP strength)")
     parser.add_argument("--readme-only", action="store_true", help="only rewrite the README table from --out")
     args = parser.parse_args()
     if args.readme_only:
@@ -198,7 +201,7 @@ def main() -> int:
                 "accuracy_all_images": score["accuracy"] * score["cells"] / len(truth_names)}
 
     results = {"dataset": "pbc", "pool_per_class": POOL, "test_images": len(truth_names),
-               "test_unidentified_by_threshold": unidentified, "base_weights": str(args.weights), "points": []}
+               "test_unidentified_by_threshold": unidentified, "base_weights": str(args.weights), "anchor": args.anchor, "points": []}
     for k in args.points:
         t0 = time.perf_counter()
         if k == 0:
@@ -207,7 +210,8 @@ def main() -> int:
             samples = [f"PBC-{s:03d}" for s in range(k // PER_SAMPLE)]
             out = args.db.parent / f"weights-{k}"
             ns = argparse.Namespace(db=str(args.db), samples=samples, weights=args.weights, out=out,
-                                    model_repository=None, epochs=args.epochs, lr=1e-3, full_cnn=args.cnn == "full",
+                                    model_repository=None, epochs=args.epochs, lr=1e-3, anchor=args.anchor,
+                                    full_cnn=args.cnn == "full",
                                     head_only=args.cnn == "head", holdout=0.2, min_cells=50, seed=args.seed,
                                     data_root=None, skip_bccd=False, threads=None)
             info = run(ns, log=lambda m: print(m, flush=True))
@@ -219,9 +223,10 @@ def main() -> int:
         print(json.dumps(point), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    from leukograph.deploy.readme import replace_section
+    if args.out == DEFAULT_OUT:  # other runs (--anchor, other points) write their JSON only
+        from leukograph.deploy.readme import replace_section
 
-    replace_section("adapt-curve", curve_markdown(results))
+        replace_section("adapt-curve", curve_markdown(results))
     return 0
 
 
