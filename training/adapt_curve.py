@@ -201,7 +201,8 @@ def main() -> int:
                 "accuracy_all_images": score["accuracy"] * score["cells"] / len(truth_names)}
 
     results = {"dataset": "pbc", "pool_per_class": POOL, "test_images": len(truth_names),
-               "test_unidentified_by_threshold": unidentified, "base_weights": str(args.weights), "anchor": args.anchor, "points": []}
+               "test_unidentified_by_threshold": unidentified, "base_weights": str(args.weights),
+               "anchor": args.anchor, "points": []}
     for k in args.points:
         t0 = time.perf_counter()
         if k == 0:
