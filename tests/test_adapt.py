@@ -183,11 +183,10 @@ def test_anchor_keeps_the_fine_tuned_weights_nearer_the_base(verified_db: Path, 
     weights may already be best on these cells.)"""
     from leukograph.training import adapt
     from leukograph.training.adapt import fine_tune, load_verified_frames, split_by_sample
+    from leukograph.training.checkpoints import load_models
 
     epochs_scored = iter(range(1000))
     monkeypatch.setattr(adapt, "verified_accuracy", lambda *_: {"cells": 1, "accuracy": next(epochs_scored) / 1000})
-    from leukograph.training.checkpoints import load_models
-
     base_embedder, base_gnn, _ = load_models(WEIGHTS_DIR)
     base = {**{f"cnn.{k}": v for k, v in base_embedder.state_dict().items()},
             **{f"gnn.{k}": v for k, v in base_gnn.state_dict().items()}}
