@@ -61,7 +61,6 @@ def test_freed_memory_is_reused_and_released() -> None:
     assert kept["freed_rss_kb"] - kept["released_rss_kb"] > 90 * 1024
 
 
-
 @pytest.mark.parametrize("command", ["train", "evaluate", "classify", "tradeoff", "framing"])
 def test_commands_that_run_the_cnn_keep_freed_memory_unless_told_not_to(command: str) -> None:
     module = importlib.import_module(COMMANDS[command][0])
