@@ -56,6 +56,10 @@ def test_gnn_stage_from_a_saved_cnn_equals_the_gnn_after_the_cnn(tmp_path: Path)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[name], got[name]) for name in want)
     assert float(got["cnn_weight"]) == 0.0  # the GNN alone unless --cnn-blend says otherwise
+    # the release holds the CNN the GNN was trained and calibrated over, so `evaluate --weights` reads a pair
+    cnn = torch.load(full / "cnn_best.pt", weights_only=True)["model"]
+    released = torch.load(tmp_path / "gnn-only-release" / "cnn.pt", weights_only=True)["model"]
+    assert all(torch.equal(cnn[name], released[name]) for name in cnn)
 
 
 def test_cnn_blend_pools_the_calibrated_cnn_into_the_same_gnn(tmp_path: Path) -> None:

@@ -686,7 +686,7 @@ def train_classifier(args: argparse.Namespace, stages: list[str], run_dir: Path,
           f"({time.time() - started:.0f} s)")
     if embedder is None:
         embedder = train_cnn(cells, args, run_dir).cpu()
-        released.append(("cnn", CNN_FILE))
+    released.append(("cnn", CNN_FILE))  # also beside a GNN trained or calibrated over an earlier CNN: the pair
     if "gnn" in stages or "calibrate" in stages:
         gnn = train_gnn(cells, embedder, args, run_dir) if "gnn" in stages else load_gnn(run_dir / "gnn_best.pt")
         released.append(("gnn", GNN_FILE))
