@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CNN variants on a GPU machine that has torch with CUDA but not the datasets: seeds, leave-one-source-out and
 # widths, trained in parallel from the CNN pack, each with `leukograph train --stages cnn --cnn-pack ... --device cuda`.
-# The GNN stage and the evaluation then run where the datasets are (`leukograph train --stages gnn --output-dir RUN`
-# with the run's cnn_best.pt in RUN; `leukograph evaluate`).
+# The GNN stage and the evaluation then run where the datasets are (OUT_DIR/cnn-<run>.pt copied to RUN/cnn_best.pt,
+# `leukograph train --stages gnn --output-dir RUN --release-dir RUN-release` with the run's own arguments, which
+# releases that CNN beside its GNN and calibration; `leukograph evaluate --weights RUN-release` or `--loso`).
 #
 #   leukograph train --stages cnn --save-cnn-pack .gpu/cnn-pack.pt   # where the datasets are (~48 MB)
 #     (--pack-quality 92: 39 MB, for machines that take ~64 MB with the repository; JPEG quality of the crops)
@@ -16,7 +17,8 @@
 # EPOCHS (40), THREADS (threads per run, 2), RUNS (default: the first six below; the aug* runs compare
 # augmentation strengths, each also without PBC and without BCCD; the s1-* runs are the capacity table's rows at
 # strength 1.0 (widths, a second seed, without PBC, without BCCD) for a pack of another crop side, written by
-# `leukograph train --stages cnn --crop-size 96 --save-cnn-pack PACK`: the crop side comes from the pack).
+# `leukograph train --stages cnn --crop-size 96 --save-cnn-pack PACK`: the crop side comes from the pack; the
+# no-pbc-s* and no-bccd-s* runs are more seeds of leaving one source out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=${1:?usage: training/train_gpu.sh PACK OUT_DIR}
@@ -44,6 +46,10 @@ declare -A VARIANTS=(
   [s1-seed1]="--aug-strength 1 --seed 1"
   [s1-no-pbc]="--aug-strength 1 --exclude-source pbc"
   [s1-no-bccd]="--aug-strength 1 --exclude-source bccd"
+  [no-pbc-s2]="--exclude-source pbc --seed 2"
+  [no-pbc-s3]="--exclude-source pbc --seed 3"
+  [no-bccd-s1]="--exclude-source bccd --seed 1"
+  [no-bccd-s2]="--exclude-source bccd --seed 2"
 )
 RUNS=${RUNS:-"seed0 seed1 no-pbc no-bccd width24 width48"}
 
