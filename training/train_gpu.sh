@@ -50,6 +50,8 @@ declare -A VARIANTS=(
   [no-pbc-s3]="--exclude-source pbc --seed 3"
   [no-bccd-s1]="--exclude-source bccd --seed 1"
   [no-bccd-s2]="--exclude-source bccd --seed 2"
+  [no-bccd-s3]="--exclude-source bccd --seed 3"
+  [no-bccd-s4]="--exclude-source bccd --seed 4"
 )
 RUNS=${RUNS:-"seed0 seed1 no-pbc no-bccd width24 width48"}
 
