@@ -66,68 +66,11 @@ with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w") as dst:
         dst.writestr(info, data, compress_type=zipfile.ZIP_LZMA)
 trimmed.replace(wheel)
 EOF
-  # onnxruntime-gpu's CUDA provider carries cubins for six GPU generations (218 of its 284 MB): keep GPU_SM's, zero
-  # the rest (the CUDA runtime loads the cubin built for the card; zeros compress to nothing) and store the wheel
-  # LZMA-compressed: 256 -> 70 MB for sm_90. On an H200 every ONNX Runtime CUDA row ran from the trimmed wheel.
+  # onnxruntime-gpu's CUDA provider, cut to GPU_SM's cubins and LZMA-compressed (256 -> 70 MB for sm_90).
   local ort_wheel
   for ort_wheel in "$WHEELS"/onnxruntime_gpu-*.whl; do
     [ -e "$ort_wheel" ] || continue
-    "$py" - "$ort_wheel" "$GPU_SM" <<'EOF'
-import base64, hashlib, struct, sys, zipfile
-from pathlib import Path
-wheel, keep_sm = Path(sys.argv[1]), int(sys.argv[2])
-FATBIN_MAGIC = 0xBA55ED50
-def section(elf: bytes, wanted: bytes) -> tuple[int, int]:
-    """(offset, size) of an ELF64 section by name."""
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-    def header(i: int) -> tuple[int, int, int]:
-        name, = struct.unpack_from("<I", elf, shoff + i * shentsize)
-        offset, size = struct.unpack_from("<QQ", elf, shoff + i * shentsize + 0x18)
-        return name, offset, size
-    names_at = header(shstrndx)[1]
-    for i in range(shnum):
-        name, offset, size = header(i)
-        if elf[names_at + name:].split(b"\0", 1)[0] == wanted:
-            return offset, size
-    raise SystemExit(f"{wheel.name}: no {wanted.decode()} section")
-def keep_one_sm(blob: bytes) -> tuple[bytes, int]:
-    elf = bytearray(blob)
-    start, size = section(blob, b".nv_fatbin")
-    pos, kept = start, 0
-    while pos + 16 <= start + size:
-        magic, _, header_size, entries_size = struct.unpack_from("<IHHQ", elf, pos)
-        if magic != FATBIN_MAGIC:  # containers are 8-byte aligned
-            pos += 8
-            continue
-        entry, end = pos + header_size, pos + header_size + entries_size
-        while entry < end:
-            _, _, entry_header, payload = struct.unpack_from("<HHIQ", elf, entry)
-            sm, = struct.unpack_from("<I", elf, entry + 28)
-            if sm == keep_sm:
-                kept += 1
-            else:
-                elf[entry + entry_header:entry + entry_header + payload] = bytes(payload)
-            entry += entry_header + payload
-        pos = end
-    if not kept:
-        raise SystemExit(f"{wheel.name}: no sm_{keep_sm} cubin in its CUDA provider")
-    return bytes(elf), kept
-trimmed, records = wheel.with_suffix(".trim"), {}
-with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w") as dst:
-    for info in sorted(src.infolist(), key=lambda i: i.filename.endswith(".dist-info/RECORD")):
-        data = src.read(info)
-        if info.filename.endswith("/libonnxruntime_providers_cuda.so"):
-            data, kept = keep_one_sm(data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            records[info.filename] = f"{info.filename},sha256={digest},{len(data)}"
-            print(f"{wheel.name}: kept {kept} sm_{keep_sm} cubins")
-        if info.filename.endswith(".dist-info/RECORD"):
-            rows = data.decode().splitlines()
-            data = "".join(records.get(r.split(",", 1)[0], r) + "\n" for r in rows).encode()
-        dst.writestr(info, data, compress_type=zipfile.ZIP_LZMA)
-trimmed.replace(wheel)
-EOF
+    "$py" -m leukograph.deploy.bench.cuda_wheel "$ort_wheel" "$GPU_SM"
   done
   # The BCCD held-out frames (the GPU machine has no ../shared) and the checkpoints to serve.
   "$py" - "$CARRY/frames" <<'EOF'
