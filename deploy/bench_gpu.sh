@@ -46,31 +46,13 @@ pack() {
     nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson==1.25 "protobuf>=6.30,<7" ${EXTRA_WHEELS:-}
   # Only the GPU machine's Python stub travels: drop the other stubs and the bundled libpython3.13 that only the
   # 3.13 stub links (13 MB), and store the rest LZMA-compressed (pip reads it like any zip; 39.5 -> 27.4 MB), so
-  # wheels, frames and the repository fit the 64 MiB such a machine accepts.
-  "$py" - "$WHEELS"/nvidia_pytriton-*.whl "$GPU_PYTHON" <<'EOF'
-import sys, zipfile
-from pathlib import Path
-wheel, keep = Path(sys.argv[1]), sys.argv[2]
-def dropped(name: str) -> bool:
-    stub = "/python_backend_stubs/" in name and f"/python_backend_stubs/{keep}/" not in name
-    return stub or name.startswith("nvidia_pytriton.libs/libpython3")
-trimmed = wheel.with_suffix(".trim")
-with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w") as dst:
-    for info in src.infolist():
-        if dropped(info.filename):
-            continue
-        data = src.read(info)
-        if info.filename.endswith(".dist-info/RECORD"):
-            rows = data.decode().splitlines(keepends=True)
-            data = "".join(r for r in rows if not dropped(r.split(",", 1)[0])).encode()
-        dst.writestr(info, data, compress_type=zipfile.ZIP_LZMA)
-trimmed.replace(wheel)
-EOF
+  # wheels, frames and the repository fit the 64 MiB such a machine accepts (deploy/bench/wheels.py).
+  "$py" -m leukograph.deploy.bench.wheels pytriton "$WHEELS"/nvidia_pytriton-*.whl "$GPU_PYTHON"
   # onnxruntime-gpu's CUDA provider, cut to GPU_SM's cubins and LZMA-compressed (256 -> 70 MB for sm_90).
   local ort_wheel
   for ort_wheel in "$WHEELS"/onnxruntime_gpu-*.whl; do
     [ -e "$ort_wheel" ] || continue
-    "$py" -m leukograph.deploy.bench.cuda_wheel "$ort_wheel" "$GPU_SM"
+    "$py" -m leukograph.deploy.bench.wheels onnxruntime-gpu "$ort_wheel" "$GPU_SM"
   done
   # The BCCD held-out frames (the GPU machine has no ../shared) and the checkpoints to serve.
   "$py" - "$CARRY/frames" <<'EOF'

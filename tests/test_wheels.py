@@ -1,6 +1,6 @@
-"""deploy/bench/cuda_wheel.py on a wheel laid out as onnxruntime-gpu's: an ELF64 CUDA provider whose `.nv_fatbin`
-section holds cubins of two GPU generations in two containers (the real wheel, 256 MB, is what `deploy/bench_gpu.sh
-pack` cut for the H200 run; its output was byte-identical to this module's)."""
+"""deploy/bench/wheels.py on wheels laid out as the real ones: nvidia-pytriton's python-backend stubs, and
+onnxruntime-gpu's ELF64 CUDA provider whose `.nv_fatbin` section holds cubins of two GPU generations in two
+containers (the real wheels, 40 and 256 MB, are what `deploy/bench_gpu.sh pack` cut for the H200 run)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 
 from leukograph.client.errors import UserError
-from leukograph.deploy.bench.cuda_wheel import CUDA_PROVIDER, FATBIN_MAGIC, keep_one_sm, trim_wheel
+from leukograph.deploy.bench.wheels import (
+    CUDA_PROVIDER,
+    FATBIN_MAGIC,
+    PROG,
+    keep_one_sm,
+    trim_onnxruntime_gpu,
+    trim_pytriton,
+)
 
 PROVIDER_PATH = f"onnxruntime/capi/{CUDA_PROVIDER}"
+TRIM_ORT = [sys.executable, "-m", "leukograph.deploy.bench.wheels", "onnxruntime-gpu"]
 RECORD_PATH = "onnxruntime_gpu-1.31.1.dist-info/RECORD"
 ENTRY_HEADER = 64
 
@@ -94,7 +102,7 @@ def test_trim_wheel_rewrites_the_provider_and_its_record_row(provider: tuple[byt
                                                              tmp_path: Path) -> None:
     elf, _ = provider
     wheel = make_wheel(tmp_path / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl", elf)
-    assert trim_wheel(wheel, 90) == 2
+    assert trim_onnxruntime_gpu(wheel, 90) == 2
     with zipfile.ZipFile(wheel) as trimmed:
         assert trimmed.testzip() is None
         assert {i.compress_type for i in trimmed.infolist()} == {zipfile.ZIP_LZMA}
@@ -114,13 +122,11 @@ def test_a_missing_generation_leaves_the_wheel_and_says_so(provider: tuple[bytes
     wheel = make_wheel(tmp_path / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl", elf)
     before = wheel.read_bytes()
     with pytest.raises(UserError, match="no sm_75 cubin"):
-        trim_wheel(wheel, 75)
+        trim_onnxruntime_gpu(wheel, 75)
     assert wheel.read_bytes() == before
-    result = subprocess.run([sys.executable, "-m", "leukograph.deploy.bench.cuda_wheel", str(wheel), "75"],
-                            capture_output=True, text=True)
+    result = subprocess.run([*TRIM_ORT, str(wheel), "75"], capture_output=True, text=True)
     assert result.returncode == 1 and wheel.read_bytes() == before and not wheel.with_suffix(".trim").exists()
-    assert result.stderr.strip() == (f"python -m leukograph.deploy.bench.cuda_wheel: error: {wheel.name}: "
-                                     f"{CUDA_PROVIDER}: no sm_75 cubin in the fatbin")
+    assert result.stderr.strip() == f"{PROG}: error: {wheel.name}: {CUDA_PROVIDER}: no sm_75 cubin in the fatbin"
 
 
 def test_a_wheel_without_the_provider_or_not_a_wheel_is_one_line(tmp_path: Path) -> None:
@@ -128,8 +134,31 @@ def test_a_wheel_without_the_provider_or_not_a_wheel_is_one_line(tmp_path: Path)
     not_a_zip = tmp_path / "broken.whl"
     not_a_zip.write_bytes(b"not a zip")
     for wheel, message in ((plain, f"{plain.name}: no {CUDA_PROVIDER} in it"), (not_a_zip, "File is not a zip file")):
-        result = subprocess.run([sys.executable, "-m", "leukograph.deploy.bench.cuda_wheel", str(wheel), "90"],
-                                capture_output=True, text=True)
+        result = subprocess.run([*TRIM_ORT, str(wheel), "90"], capture_output=True, text=True)
         assert result.returncode == 1
-        assert result.stderr.strip() == f"python -m leukograph.deploy.bench.cuda_wheel: error: {message}"
+        assert result.stderr.strip() == f"{PROG}: error: {message}"
     assert not plain.with_suffix(".trim").exists()
+
+
+def test_pytriton_keeps_one_stub_and_its_record_rows(tmp_path: Path) -> None:
+    """Other Pythons' stubs and the bundled libpython3.13 are dropped with their RECORD rows; every other file, row
+    (line endings included) and the order are kept, RECORD where it stood."""
+    stubs = "pytriton/tritonserver/python_backend_stubs"
+    files = {"pytriton/__init__.py": b"", f"{stubs}/3.12/triton_python_backend_stub": b"stub 3.12",
+             f"{stubs}/3.13/triton_python_backend_stub": b"stub 3.13", "nvidia_pytriton.libs/libpython3.13.so": b"lib",
+             "nvidia_pytriton.libs/libz.so": b"z"}
+    record = "nvidia_pytriton-0.7.0.dist-info/RECORD"
+    rows = [record_row(name, data) + "\r\n" for name, data in files.items()] + [f"{record},,\r\n"]
+    wheel = tmp_path / "nvidia_pytriton-0.7.0-py3-none-manylinux_2_35_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        out.writestr(record, "".join(rows))  # first, as the real wheel has it before its last files
+        for name, data in files.items():
+            out.writestr(name, data)
+    trim_pytriton(wheel, "3.12")
+    kept = [record, "pytriton/__init__.py", f"{stubs}/3.12/triton_python_backend_stub", "nvidia_pytriton.libs/libz.so"]
+    with zipfile.ZipFile(wheel) as trimmed:
+        assert trimmed.namelist() == kept
+        assert {i.compress_type for i in trimmed.infolist()} == {zipfile.ZIP_LZMA}
+        assert all(trimmed.read(name) == files[name] for name in kept[1:])
+        assert trimmed.read(record).decode() == "".join(row for row in rows if row.split(",", 1)[0] in kept)
+    assert not wheel.with_suffix(".trim").exists()
