@@ -18,6 +18,10 @@ Method (on a copy downscaled to WORK_SIDE):
   background (each channel's bright percentile, BACKGROUND_PERCENTILE, is mapped to BACKGROUND_TARGET) and
   localised again. A yellow, blue-grey, pink or dim background then looks like the fitted one. Images where the
   first pass finds a WBC are untouched, so results on the fitted sources do not move.
+* A white cell cut by the field's edge: when neither pass finds a WBC, a nucleus-sized stain group that touches the
+  image's border or its black fill is taken for the visible part of a WBC, from EDGE_WBC_MIN_AREA_FRAC of the image
+  (a whole nucleus needs WBC_MIN_AREA_FRAC; BCCD training frames' cut nuclei start there, their platelets stay
+  below it). Images where a pass finds a WBC are untouched.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ WBC_SCORE_AREA = 2.0  # WBC score saturates at this multiple of WBC_MIN_AREA_FRA
 BACKGROUND_PERCENTILE = 97  # per channel, over valid pixels: the smear's background (brightest common colour)
 BACKGROUND_TARGET = 212.0  # ... is mapped to this neutral grey (BCCD training frames' background is ~210)
 MAX_BALANCE_GAIN = 4.0  # white-balance gains are clipped to [1 / this, this]
+EDGE_WBC_MIN_AREA_FRAC = 0.005  # a stain group touching the field's edge is a cut WBC nucleus from this area fraction
+EDGE_TOUCH = 2  # px (working scale): a stain group this close to the border or the black fill touches the edge
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,10 @@ def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple[np.ndarray, int, bool]]:
-    """Blue/purple stain groups as (x1, y1, x2, y2) working-scale box (exclusive ends), pixel area, and whether
-    the group is a major one (a nucleus candidate made of its large lobes) or a minor blob left beside one."""
+def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple[np.ndarray, int, bool, bool]]:
+    """Blue/purple stain groups as (x1, y1, x2, y2) working-scale box (exclusive ends), pixel area, whether the
+    group is a major one (a nucleus candidate made of its large lobes) or a minor blob left beside one, and whether
+    it touches the field's edge (the image border or the black fill, within EDGE_TOUCH)."""
     stain = ((lab[:, :, 2] <= NUC_B_MAX) & (lab[:, :, 0] <= NUC_L_MAX) & valid).astype(np.uint8)
     stain = cv2.morphologyEx(stain, cv2.MORPH_OPEN, _disk(NUC_OPEN // 2))
     n_comp, comp, stats, _ = cv2.connectedComponentsWithStats(stain, connectivity=8)
@@ -108,6 +115,10 @@ def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple
     areas = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
     x1, y1 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
     x2, y2 = x1 + stats[:, cv2.CC_STAT_WIDTH], y1 + stats[:, cv2.CC_STAT_HEIGHT]
+    edge = cv2.dilate((~valid).astype(np.uint8), _disk(EDGE_TOUCH), borderType=cv2.BORDER_CONSTANT,
+                      borderValue=1) > 0  # outside the image counts as edge
+    at_edge = np.zeros(n_comp, bool)
+    at_edge[comp[on & edge]] = True
     out = []
     for g in np.unique(comp_group[1:]):
         members = np.nonzero(comp_group == g)[0]
@@ -115,7 +126,7 @@ def _stain_groups(lab: np.ndarray, valid: np.ndarray, unit: float) -> list[tuple
         major = areas[members] >= LOBE_MIN_REL * areas[members].max()
         for sel, is_major in ((members[major], True), *((np.array([m]), False) for m in members[~major])):
             box = np.array([x1[sel].min(), y1[sel].min(), x2[sel].max(), y2[sel].max()], np.float32)
-            out.append((box, int(areas[sel].sum()), is_major))
+            out.append((box, int(areas[sel].sum()), is_major, bool(at_edge[sel].any())))
     return out
 
 
@@ -166,19 +177,25 @@ def white_balance(image: np.ndarray) -> np.ndarray:
 def localize(image_rgb: np.ndarray) -> Cells:
     """Boxes for the WBCs, RBCs and platelets in an RGB uint8 image (full frame, 4-class image or crop).
 
-    A second pass on the white-balanced image runs only when the first finds no WBC."""
+    A second pass on the white-balanced image runs only when the first finds no WBC; then, only when neither finds
+    one, both again taking a nucleus cut by the field's edge for a WBC."""
     image = _as_rgb_uint8(image_rgb)
     if image is None or min(image.shape[:2]) < MIN_SIDE:
         return Cells.empty()
     first = _localize(image)
     if (first.kinds == WBC).any():
         return first
-    second = _localize(white_balance(image))
-    return second if (second.kinds == WBC).any() else first
+    balanced = white_balance(image)
+    for source, edge_cut in ((balanced, False), (image, True), (balanced, True)):
+        found = _localize(source, edge_cut)
+        if (found.kinds == WBC).any():
+            return found
+    return first
 
 
-def _localize(image: np.ndarray) -> Cells:
-    """One localisation pass on a validated RGB uint8 image."""
+def _localize(image: np.ndarray, edge_cut: bool = False) -> Cells:
+    """One localisation pass on a validated RGB uint8 image; `edge_cut`: a stain group touching the field's edge
+    is a WBC from EDGE_WBC_MIN_AREA_FRAC of the image."""
     h, w = image.shape[:2]
     factor = min(1.0, WORK_SIDE / max(h, w))
     small = image if factor == 1.0 else cv2.resize(
@@ -195,11 +212,11 @@ def _localize(image: np.ndarray) -> Cells:
     boxes: list[np.ndarray] = []
     kinds: list[int] = []
     scores: list[float] = []
-    for box, px, is_major in _stain_groups(lab, valid, unit):
+    for box, px, is_major, at_edge in _stain_groups(lab, valid, unit):
         frac = px / area
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         bw, bh = box[2] - box[0], box[3] - box[1]
-        if is_major and frac >= WBC_MIN_AREA_FRAC:
+        if is_major and (frac >= WBC_MIN_AREA_FRAC or edge_cut and at_edge and frac >= EDGE_WBC_MIN_AREA_FRAC):
             half_w, half_h = bw * WBC_BOX_SCALE[0] / 2, bh * WBC_BOX_SCALE[1] / 2
             kinds.append(WBC)
             scores.append(min(1.0, 0.5 + 0.5 * frac / (WBC_SCORE_AREA * WBC_MIN_AREA_FRAC)))

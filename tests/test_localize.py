@@ -14,7 +14,7 @@ import pytest
 from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS
 from leukograph.client.images import read_image
-from leukograph.client.localize import WBC, Cells, localize
+from leukograph.client.localize import WBC, Cells, _localize, localize
 from leukograph.deploy.paths import REPO_ROOT
 from leukograph.training.localize_eval import (
     crop_recall,
@@ -86,6 +86,41 @@ def test_four_class_test_images_have_a_wbc() -> None:
     assert rates["exactly_one_wbc"] >= 0.9, rates
     for image in images[:20]:
         _check_cells(localize(image), image.shape)
+
+
+def test_white_cell_cut_by_the_field_edge() -> None:
+    """A 4-class TRAIN image whose lymphocyte the augmentation shifted half out of view: one pass takes the cut
+    nucleus for too small, the edge rule finds it, at the border."""
+    from leukograph.training.datasets import load_four_class
+
+    item = next(i for i in load_four_class(split="TRAIN") if i.path.name == "_2_8743.jpeg")
+    image = read_image(item.path)
+    assert not (_localize(image).kinds == WBC).any()
+    cells = localize(image)
+    _check_cells(cells, image.shape)
+    wbc = cells.boxes[cells.kinds == WBC]
+    assert len(wbc) == 1 and (wbc[0, 1] <= 1 or wbc[0, 3] >= image.shape[0] - 1 or wbc[0, 0] <= 1
+                              or wbc[0, 2] >= image.shape[1] - 1)
+
+
+def test_held_out_white_cells_cut_by_the_frame_edge(held_out) -> None:
+    """Each single-WBC held-out frame cut at 30% of its white cell's width: the part left at the right border is found
+    (60 of 65 such frames; 50 without the edge rule)."""
+    frames, images, _ = held_out
+    hits = tried = 0
+    for frame, image in zip(frames, images):
+        wbc = [b.box for b in frame.boxes if b.kind == "wbc"]
+        if len(wbc) != 1:
+            continue
+        x1, y1, x2, y2 = wbc[0]
+        cut = int(x1 + 0.3 * (x2 - x1))
+        if cut < 100:
+            continue
+        cells = localize(image[:, :cut])
+        tried += 1
+        found = cells.boxes[cells.kinds == WBC]
+        hits += bool(len(found) and box_iou(found, np.array([[x1, y1, cut, y2]], np.float32)).max() >= 0.3)
+    assert tried == 65 and hits >= 58, (hits, tried)
 
 
 def test_single_cell_crops(held_out) -> None:
