@@ -311,6 +311,32 @@ def test_model_card_states_the_framing_figures(tmp_path: Path) -> None:
     assert framing_limits(tmp_path / "absent.json") == []
 
 
+def test_the_committed_model_card_is_what_its_reports_give(tmp_path: Path) -> None:
+    """`write_model_card` (evaluate's, and framing --readme's for the framing line) rebuilds the committed card from
+    the committed evaluation and framing reports and the weights' training summary."""
+    import shutil
+
+    from leukograph.deploy.paths import WEIGHTS_DIR
+    from leukograph.training.evaluate import write_model_card
+
+    shutil.copy(WEIGHTS_DIR / "train_summary.json", tmp_path / "train_summary.json")
+    write_model_card(tmp_path)
+    assert (tmp_path / "MODEL_CARD.md").read_text() == (WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+
+
+def test_camera_framings_keep_the_image_s_shape() -> None:
+    """The lamp, exposure, compression and monochrome framings change pixels only, as their names say."""
+    from leukograph.training.framing import jpeg, lit, monochrome
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    for framed in (lit((1.0, 0.95, 0.6))(image), jpeg(25)(image), monochrome(image)):
+        assert framed.shape == image.shape and framed.dtype == np.uint8
+    assert np.array_equal(lit((0.5, 0.5, 0.5))(image), (image.astype(np.float32) * 0.5).astype(np.uint8))
+    grey = monochrome(image)
+    assert np.array_equal(grey[:, :, 0], grey[:, :, 1]) and np.array_equal(grey[:, :, 0], grey[:, :, 2])
+    assert 0 < np.abs(jpeg(25)(image).astype(int) - image).mean() < 64
+
+
 def test_white_cell_class_is_the_likeliest_of_the_five_white_cell_classes() -> None:
     """An IG-looking cell is answered by its likeliest white-cell class; rows are answered one by one."""
     probs = np.zeros((2, len(CLASSES)))
