@@ -306,20 +306,23 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
     """The `pytorch` variant's model files: each stage module traced to TorchScript on `device` (auto: CUDA if present).
 
     Sets the configs' torch_device to the traced device. Traced with two different frame sizes and cell counts and
-    checked against eager, since a trace silently freezes anything that is not a tensor operation."""
+    checked against eager, since a trace silently freezes anything that is not a tensor operation. The detector works
+    at the field scale of the repository's ONNX detector (`detector.field_scale_of`; 1 without one)."""
     import warnings
 
     import torch  # heavy: only here
 
     from leukograph.training.checkpoints import load_models
-    from leukograph.training.detector import DetectorStage, load_detector
+    from leukograph.training.detector import DetectorStage, field_scale_of, load_detector
     from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
     target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     embedder, gnn, _ = load_models(Path(weights_dir))
     crop_stage = CropEmbedderStage(embedder).eval().to(target)
     graph_stage = CellGraphStage(gnn).eval().to(target)
-    detector_stage = DetectorStage(load_detector(detector_weights_dir(Path(weights_dir)))).eval().to(target)
+    scale = field_scale_of(stage_path(repository, contract.CELL_DETECTOR, MODEL_FILES["onnxruntime"]))
+    detector_stage = DetectorStage(load_detector(detector_weights_dir(Path(weights_dir))),
+                                   field_scale=scale).eval().to(target)
     rng = np.random.default_rng(0)
 
     def example(height: int, width: int, rows: int, cells: int) -> list:  # crop_embedder's FRAME, BOXES, CELL_COUNT

@@ -23,15 +23,19 @@ from leukograph.client.localize import detector_cells
 from leukograph.deploy.paths import REPO_ROOT, WEIGHTS_DIR, graph_code_stale
 from leukograph.training.detector import (
     DETECTOR_WEIGHTS,
+    FIELD_SCALE_KEY,
     DetectorStage,
     export_detector,
+    field_scale_of,
     load_detector,
     standardise,
 )
 from leukograph.training.localize_eval import (
     OnnxDetector,
     average_precision,
+    box_sets,
     four_class_images,
+    mosaic_set,
     select_frames,
     white_cell_found,
 )
@@ -205,6 +209,66 @@ def test_white_cells_found_behind_a_round_field_stop(onnx_path: Path) -> None:
     hits, total = _voc_white_cells_found(OnnxDetector(onnx_path, threads=1), select_frames("held-out")[::2],
                                          behind_field_stop)
     assert total >= 30 and hits == total
+
+
+@pytest.fixture(scope="module")
+def wide_fields() -> list[tuple[np.ndarray, np.ndarray]]:
+    """2x2 mosaics of BCCD validation frames (1280x960: the same cells in a field twice as wide and tall) with their
+    VOC white-cell boxes."""
+    mosaics = mosaic_set(box_sets(split="val")[1], 2)
+    return [(image, boxes[kinds == WBC]) for image, boxes, kinds in mosaics.items]
+
+
+def _white_cells_found(stage: DetectorStage, fields: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    found = 0
+    for image, wbc in fields:
+        with torch.no_grad():
+            cells = detector_cells(*(t.numpy() for t in stage(torch.from_numpy(image))))
+        boxes = cells.boxes[cells.kinds == WBC]
+        if len(wbc) and len(boxes):
+            found += int((box_iou(wbc, boxes).max(axis=1) >= 0.5).sum())
+    return found
+
+
+def test_field_scale_finds_the_white_cells_of_a_wider_field(wide_fields) -> None:
+    """Stretched to 256 px, a field twice as wide draws its white cells at half their trained size: 33 of 45 found
+    (IoU >= 0.5). Working at field scale 2 (512 px a side), 44 of 45, as in the frames themselves (45 of 45)."""
+    net = load_detector(WEIGHTS_DIR)
+    assert sum(len(wbc) for _, wbc in wide_fields) == 45
+    assert _white_cells_found(DetectorStage(net).eval(), wide_fields) <= 38
+    assert _white_cells_found(DetectorStage(net, field_scale=2.0).eval(), wide_fields) >= 43
+
+
+def test_field_scale_is_exported_kept_and_checked(wide_fields, tmp_path: Path) -> None:
+    """The scale is in the graph (its Resize, its metadata), ONNX Runtime matches PyTorch there, the TensorRT op check
+    passes, `export` keeps a repository's scale, and a scale the graph cannot work at is one line."""
+    from leukograph.client.contract import MODEL_FILES, stage_path
+    from leukograph.training.export import export_all
+
+    repository = tmp_path / "repository"
+    path = stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
+    net = load_detector(WEIGHTS_DIR)
+    export_detector(net, path, field_scale=2.0)
+    model = onnx.load(str(path))
+    assert {p.key: p.value for p in model.metadata_props}[FIELD_SCALE_KEY] == "2" and field_scale_of(path) == 2.0
+    assert check_trt_compat(model) == []
+    image = wide_fields[0][0]
+    boxes, scores, kinds, count = OnnxDetector(path, threads=1).outputs(image)
+    with torch.no_grad():
+        ref = [t.numpy() for t in DetectorStage(net, field_scale=2.0).eval()(torch.from_numpy(image))]
+    n = int(count[0])
+    assert n == int(ref[3][0]) > 40
+    np.testing.assert_allclose(scores[:n], ref[1][:n], atol=1e-4)
+    np.testing.assert_allclose(boxes[:n], ref[0][:n], atol=0.05)
+    export_all(WEIGHTS_DIR, repository)  # re-exported (an upgrade, new weights): the scale stays
+    assert field_scale_of(path) == 2.0
+    assert field_scale_of(tmp_path / "missing.onnx") == 1.0
+    cli = Path(sys.executable).parent / "leukograph"
+    for bad in ("3.3", "0.5", "nan"):
+        proc = subprocess.run([str(cli), "export-detector", "--field-scale", bad, "--repository", str(repository)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--field-scale" in proc.stderr, proc.stderr
+    assert field_scale_of(path) == 2.0
 
 
 def test_train_two_steps_then_resume(tmp_path: Path) -> None:

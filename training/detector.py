@@ -11,6 +11,12 @@ Served graph (`DetectorStage`): FRAME (HxWx3 uint8) in; Cast, Resize to the work
 kind = ArgMax, peaks = score where 3x3 MaxPool equals it, TopK at the constant K = MAX_CELLS, Gathers of the size and
 offset at the peaks, boxes scaled back to the frame and clipped. Only ops TensorRT's ONNX parser takes; coordinate
 grids are constants (the working size is fixed), so no integer Div/Mod.
+
+Field scale (`--field-scale S`, stored in the exported graph's metadata under FIELD_SCALE_KEY): a camera whose frame
+shows a field S times wider and taller than BCCD's at the same magnification (a lower-power objective, a larger
+sensor) draws every cell S times smaller against the frame; stretched to DETECTOR_SIZE, its white cells fall below
+what the network was trained on. The served graph then works at S x DETECTOR_SIZE a side (the network is fully
+convolutional; S^2 times the compute), so cells keep their trained size. The weights are the same.
 """
 
 from __future__ import annotations
@@ -45,6 +51,20 @@ HEAT_PRIOR = 0.05  # initial heatmap probability (focal-loss init)
 OPSET = 17
 BLACK_LEVEL = 10 / 255  # channel mean below which a pixel is fill or field stop, not smear
 MIN_SMEAR_SHARE = 1e-3  # an all-black frame: no division by zero
+FIELD_SCALE_KEY = "leukograph_field_scale"  # exported graph metadata: the field scale its working size was set for
+MAX_FIELD_SCALE = 4.0
+BACKBONE_STRIDE = 32  # the working side must be a multiple of the deepest level's stride
+
+
+def check_field_scale(scale: float) -> float:
+    """A field scale the served graph can work at: 1 to MAX_FIELD_SCALE, its working side a multiple of
+    BACKBONE_STRIDE (steps of 0.125 for DETECTOR_SIZE 256)."""
+    side = DETECTOR_SIZE * scale
+    if not 1.0 <= scale <= MAX_FIELD_SCALE or side != round(side) or round(side) % BACKBONE_STRIDE:
+        step = BACKBONE_STRIDE / DETECTOR_SIZE
+        raise UserError(f"--field-scale must be from 1 to {MAX_FIELD_SCALE:g} in steps of {step:g} (the detector "
+                        f"works at {DETECTOR_SIZE} x the scale a side, a multiple of {BACKBONE_STRIDE}), got {scale:g}")
+    return float(scale)
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -131,17 +151,18 @@ def decode(head: Tensor, frame_height: Tensor, frame_width: Tensor, k: int = MAX
 class DetectorStage(nn.Module):
     """The served cell_detector: FRAME (HxWx3 uint8) -> BOXES [K,4], SCORES [K], KINDS [K] int32, CELL_COUNT [1]."""
 
-    def __init__(self, net: CellDetector, threshold: float = DETECTOR_THRESHOLD) -> None:
+    def __init__(self, net: CellDetector, threshold: float = DETECTOR_THRESHOLD, field_scale: float = 1.0) -> None:
         super().__init__()
         self.net = net
         self.threshold = threshold
+        self.side = round(DETECTOR_SIZE * check_field_scale(field_scale))  # the working size (module docstring)
 
     def forward(self, frame: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pixels = frame.to(torch.float32)
         # Shape of the float copy (the uint8 input feeds only the Cast), on the frame's device
         size = torch._shape_as_tensor(pixels).to(pixels.device, torch.float32)
         x = pixels.permute(2, 0, 1).unsqueeze(0) / 255.0
-        x = F.interpolate(x, size=(DETECTOR_SIZE, DETECTOR_SIZE), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(self.side, self.side), mode="bilinear", align_corners=False)
         boxes, scores, kinds = decode(self.net(x)[0], size[0:1], size[1:2])
         count = (scores >= self.threshold).sum(dim=0, keepdim=True).to(torch.int32)  # a sum is int64 in torch
         return boxes, scores, kinds.to(torch.int32), count
@@ -171,10 +192,20 @@ def detector_onnx_path(repository: Path = MODEL_REPOSITORY) -> Path:
     return stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
 
 
-def export_detector(net: CellDetector, path: Path, opset: int = OPSET) -> Path:
-    """Export the served detector graph (weights inline, dynamic frame height/width)."""
+def field_scale_of(path: Path) -> float:
+    """The field scale an exported detector graph works at (1 when the file is missing or does not say)."""
+    import onnx
+
+    if not Path(path).exists():
+        return 1.0
+    model = onnx.load(str(path), load_external_data=False)
+    return float({prop.key: prop.value for prop in model.metadata_props}.get(FIELD_SCALE_KEY, 1.0))
+
+
+def export_detector(net: CellDetector, path: Path, opset: int = OPSET, field_scale: float = 1.0) -> Path:
+    """Export the served detector graph (weights inline, dynamic frame height/width) working at `field_scale`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = DetectorStage(net.eval()).eval()
+    stage = DetectorStage(net.eval(), field_scale=field_scale).eval()
     example = torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -183,17 +214,28 @@ def export_detector(net: CellDetector, path: Path, opset: int = OPSET) -> Path:
                           dynamic_axes=CELL_DETECTOR.dynamic_axes, do_constant_folding=True)
     from leukograph.training.export import save_served_graph
 
-    return save_served_graph(path, CELL_DETECTOR.description)
+    return save_served_graph(path, CELL_DETECTOR.description, {FIELD_SCALE_KEY: f"{field_scale:g}"})
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Export the cell detector to ONNX", add_help=add_help)
     parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="folder holding detector.pt")
     parser.add_argument("--repository", default=str(MODEL_REPOSITORY), help="model repository to write into")
+    add_field_scale_argument(parser)
     return parser
 
 
+def add_field_scale_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--field-scale", type=float, default=None, metavar="S",
+                        help="the camera's field is S times wider and taller than BCCD's 640x480 frames at the same "
+                             "magnification (its white cells S times smaller against the frame): the detector works "
+                             f"at S x {DETECTOR_SIZE} a side, S^2 times the compute; 1 to {MAX_FIELD_SCALE:g} in "
+                             "steps of 0.125 (default: what the repository's detector was exported with, else 1)")
+
+
 def main(args: argparse.Namespace) -> int:
-    path = export_detector(load_detector(Path(args.weights_dir)), detector_onnx_path(Path(args.repository)))
-    print(f"wrote {path}")
+    path = detector_onnx_path(Path(args.repository))
+    scale = check_field_scale(args.field_scale if args.field_scale is not None else field_scale_of(path))
+    export_detector(load_detector(Path(args.weights_dir)), path, field_scale=scale)
+    print(f"wrote {path} (field scale {scale:g}: works at {round(DETECTOR_SIZE * scale)} px a side)")
     return 0

@@ -37,6 +37,7 @@ from leukograph.deploy.paths import (
 )
 from leukograph.training import quantize
 from leukograph.training.checkpoints import cnn_crop_size, load_models
+from leukograph.training.detector import add_field_scale_argument
 from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
 OPSET = 17
@@ -71,28 +72,32 @@ def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: i
     return save_served_graph(path, stage.description)
 
 
-def save_served_graph(path: Path, description: str) -> Path:
+def save_served_graph(path: Path, description: str, properties: dict[str, str] | None = None) -> Path:
     """Finish an exported graph: its description, the digest of the code that built it (`graph_code_digest`, read by
-    `leukograph serve` to re-export after an upgrade), the ONNX checker, weights inline."""
+    `leukograph serve` to re-export after an upgrade) and `properties` in its metadata, the ONNX checker, weights
+    inline."""
     model = onnx.load(str(path))
     model.doc_string = description
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        GRAPH_CODE_KEY: graph_code_digest()})
+                                        GRAPH_CODE_KEY: graph_code_digest(), **(properties or {})})
     onnx.checker.check_model(model)
     onnx.save(model, str(path), save_as_external_data=False)
     return path
 
 
 def export_all(weights_dir: Path = WEIGHTS_DIR, repository: Path = MODEL_REPOSITORY,
-               opset: int = OPSET) -> dict[str, Path]:
+               opset: int = OPSET, field_scale: float | None = None) -> dict[str, Path]:
     """Export cell_detector, crop_embedder and cell_graph from the committed (or given) checkpoints; a weights folder
-    without detector.pt (e.g. `leukograph adapt`'s, which adapts only the classifier) keeps the committed detector."""
-    from leukograph.training.detector import export_detector, load_detector
+    without detector.pt (e.g. `leukograph adapt`'s, which adapts only the classifier) keeps the committed detector.
+    The detector keeps the field scale the repository's detector was exported with, unless `field_scale` is given."""
+    from leukograph.training.detector import check_field_scale, export_detector, field_scale_of, load_detector
 
+    detector_path = onnx_path(CELL_DETECTOR, repository)
+    scale = check_field_scale(field_scale if field_scale is not None else field_scale_of(detector_path))
     embedder, gnn, _ = load_models(weights_dir)
     detector = load_detector(detector_weights_dir(weights_dir))
     return {
-        CELL_DETECTOR.name: export_detector(detector, onnx_path(CELL_DETECTOR, repository), opset),
+        CELL_DETECTOR.name: export_detector(detector, detector_path, opset, scale),
         CROP_EMBEDDER.name: export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER,
                                          onnx_path(CROP_EMBEDDER, repository), opset),
         CELL_GRAPH.name: export_stage(CellGraphStage(gnn), CELL_GRAPH, onnx_path(CELL_GRAPH, repository), opset),
@@ -108,6 +113,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="also write the INT8 (QDQ) crop_embedder, calibrated on training crops of every source "
                              "(or from the activation ranges saved with the weights: no data needed)")
     quantize.add_arguments(parser)
+    add_field_scale_argument(parser)
     return parser
 
 
@@ -116,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--opset must be >= 17 (GridSample and TensorRT 10 parsing), got {args.opset}")
     if args.int8 and args.calibration_per_source < 1:
         raise UserError(f"--calibration-per-source must be >= 1, got {args.calibration_per_source}")
-    for name, path in export_all(args.weights, args.model_repository, args.opset).items():
+    for name, path in export_all(args.weights, args.model_repository, args.opset, args.field_scale).items():
         print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if args.int8:
         paths, ranges = quantize.export_int8(args.model_repository, data_root(args.data_root),

@@ -134,15 +134,15 @@ class OnnxDetector:
 
 def ensure_detector_exported(repository: Path = MODEL_REPOSITORY) -> Path:
     """Export the committed detector weights when the repository's ONNX file is missing, older than them or exported
-    by other code (`leukograph serve`'s rule, `paths.export_stale`)."""
+    by other code (`leukograph serve`'s rule, `paths.export_stale`), keeping the field scale it was exported with."""
     from leukograph.deploy.paths import DETECTOR_WEIGHTS, WEIGHTS_DIR, export_stale
 
     path = stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
     weights = WEIGHTS_DIR / DETECTOR_WEIGHTS
     if weights.exists() and export_stale(path, [weights]) is not None:
-        from leukograph.training.detector import export_detector, load_detector  # torch only when exporting
+        from leukograph.training.detector import export_detector, field_scale_of, load_detector  # torch: exporting
 
-        export_detector(load_detector(WEIGHTS_DIR), path)
+        export_detector(load_detector(WEIGHTS_DIR), path, field_scale=field_scale_of(path))
     return path
 
 
