@@ -263,6 +263,8 @@ def test_field_scale_is_exported_kept_and_checked(wide_fields, tmp_path: Path) -
     export_all(WEIGHTS_DIR, repository)  # re-exported (an upgrade, new weights): the scale stays
     assert field_scale_of(path) == 2.0
     assert field_scale_of(tmp_path / "missing.onnx") == 1.0
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    assert field_scale_of(tmp_path / "broken.onnx") == 1.0  # exported again, at scale 1 (serve's rule for it)
     cli = Path(sys.executable).parent / "leukograph"
     for bad in ("3.3", "0.5", "nan"):
         proc = subprocess.run([str(cli), "export-detector", "--field-scale", bad, "--repository", str(repository)],

@@ -193,13 +193,16 @@ def detector_onnx_path(repository: Path = MODEL_REPOSITORY) -> Path:
 
 
 def field_scale_of(path: Path) -> float:
-    """The field scale an exported detector graph works at (1 when the file is missing or does not say)."""
+    """The field scale an exported detector graph works at: 1 when the file is missing, unreadable (it is then
+    exported again, `paths.graph_code_stale`) or does not say; the scale lives in the graph."""
     import onnx
 
-    if not Path(path).exists():
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        return check_field_scale(float({prop.key: prop.value for prop in model.metadata_props}.get(FIELD_SCALE_KEY,
+                                                                                                    1.0)))
+    except Exception:  # noqa: BLE001 - a missing or broken graph says nothing
         return 1.0
-    model = onnx.load(str(path), load_external_data=False)
-    return float({prop.key: prop.value for prop in model.metadata_props}.get(FIELD_SCALE_KEY, 1.0))
 
 
 def export_detector(net: CellDetector, path: Path, opset: int = OPSET, field_scale: float = 1.0) -> Path:
