@@ -163,15 +163,38 @@ def _rbc_discs(lab: np.ndarray, valid: np.ndarray, unit: float,
     return kept
 
 
+def channel_percentiles(image: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
+    """`np.percentile(image[mask > 0], q, axis=0)` (its default linear method, to the last bit) from each channel's
+    histogram of the masked pixels: a fraction of a millisecond on a 640x480 frame, where NumPy's partition of every
+    pixel took about 20 ms. `image` uint8 HxWx3, `mask` uint8 HxW with at least one pixel set."""
+    count = cv2.countNonZero(mask)
+    position = (count - 1) * (q / 100)  # NumPy's virtual index for the linear method
+    lower = int(np.floor(position))
+    upper = min(lower + 1, count - 1)
+    gamma = position - lower
+    values = []
+    for channel in range(3):
+        cumulative = np.cumsum(cv2.calcHist([image], [channel], mask, [256], [0, 256]).ravel().astype(np.int64))
+        below, above = (int(np.searchsorted(cumulative, rank, side="right")) for rank in (lower, upper))
+        step = above - below  # NumPy's lerp: from the nearer end
+        values.append(above - step * (1 - gamma) if gamma >= 0.5 else below + step * gamma)
+    return np.asarray(values, np.float64)
+
+
 def white_balance(image: np.ndarray) -> np.ndarray:
     """The image with each channel scaled so that its background (BACKGROUND_PERCENTILE of the non-black pixels)
     becomes BACKGROUND_TARGET: a neutral background whatever the lamp, camera or stain cast."""
-    valid = image.max(axis=2) > BLACK_L_MAX
-    if valid.sum() < 16:
+    image = np.ascontiguousarray(image)
+    brightest = cv2.max(cv2.max(image[:, :, 0], image[:, :, 1]), image[:, :, 2])
+    valid = cv2.compare(brightest, BLACK_L_MAX, cv2.CMP_GT)  # 255 where any channel is above the fill level
+    if cv2.countNonZero(valid) < 16:
         return image
-    background = np.percentile(image[valid], BACKGROUND_PERCENTILE, axis=0).astype(np.float32)
+    background = channel_percentiles(image, valid, BACKGROUND_PERCENTILE).astype(np.float32)
     gain = np.clip(BACKGROUND_TARGET / np.maximum(background, 1.0), 1.0 / MAX_BALANCE_GAIN, MAX_BALANCE_GAIN)
-    return np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    # Per channel, each of the 256 levels scaled as float32, clipped and truncated, applied as a lookup table
+    levels = np.arange(256, dtype=np.float32)[:, None] * gain
+    table = np.clip(levels, 0, 255).astype(np.uint8).reshape(1, 256, 3)
+    return cv2.LUT(image, table)
 
 
 def localize(image_rgb: np.ndarray) -> Cells:

@@ -14,7 +14,7 @@ import pytest
 from leukograph.client.boxes import box_iou
 from leukograph.client.contract import CELL_KINDS, MAX_CELLS
 from leukograph.client.images import read_image
-from leukograph.client.localize import WBC, Cells, _localize, localize
+from leukograph.client.localize import WBC, Cells, _localize, channel_percentiles, localize, white_balance
 from leukograph.deploy.paths import REPO_ROOT
 from leukograph.training.localize_eval import (
     crop_recall,
@@ -121,6 +121,35 @@ def test_held_out_white_cells_cut_by_the_frame_edge(held_out) -> None:
         found = cells.boxes[cells.kinds == WBC]
         hits += bool(len(found) and box_iou(found, np.array([[x1, y1, cut, y2]], np.float32)).max() >= 0.3)
     assert tried == 65 and hits >= 58, (hits, tried)
+
+
+def test_channel_percentiles_are_numpy_s_to_the_bit() -> None:
+    """The histogram percentile is NumPy's linear percentile of the masked pixels, exactly, ties and gaps included."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        height, width = rng.integers(4, 90, 2)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if trial % 2:
+            image = (image // 37 * 37).astype(np.uint8)  # few levels: many ties, gaps between them
+        mask = (rng.random((height, width)) < rng.uniform(0.05, 1.0)).astype(np.uint8) * 255
+        mask.flat[rng.integers(mask.size)] = 255
+        for q in (0.0, 3.3, 50.0, 97.0, 99.9, 100.0):
+            assert np.array_equal(channel_percentiles(image, mask, q), np.percentile(image[mask > 0], q, axis=0))
+
+
+def test_white_balance_is_unchanged_by_its_faster_form(held_out) -> None:
+    """The lookup-table white balance gives, pixel for pixel, the float32 scaling it replaced."""
+    def reference(image: np.ndarray) -> np.ndarray:
+        valid = image.max(axis=2) > 40
+        background = np.percentile(image[valid], 97, axis=0).astype(np.float32)
+        gain = np.clip(212.0 / np.maximum(background, 1.0), 0.25, 4.0)
+        return np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+    _, images, _ = held_out
+    for image in images[:8]:
+        cast = (image.astype(np.float32) * np.array([1.0, 0.9, 0.6], np.float32)).astype(np.uint8)
+        for framed in (image, cast, cast[:, ::-1]):  # a mirrored view: not contiguous
+            assert np.array_equal(white_balance(framed), reference(framed))
 
 
 def test_single_cell_crops(held_out) -> None:
