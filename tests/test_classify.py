@@ -296,6 +296,10 @@ def test_framing_reports_each_framing_from_the_classify_answer(tmp_path: Path) -
         assert 0.0 <= row["accuracy"] <= 1.0
     assert rows["as given (360 px)"]["accuracy"] >= 4 / 6  # PBC validation cells as given: 95.1% over all 205
     assert "| magnified 2x, cut to the frame |" in result.stdout
+    for wrong in (["--split", "val"], ["--split", "test", "--limit", "3"]):  # --readme: the release's test figures
+        refused = subprocess.run([sys.executable, "-m", "leukograph.client.cli", "framing", "--readme", *wrong],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr and "--readme" in refused.stderr
 
 
 def test_model_card_states_the_framing_figures(tmp_path: Path) -> None:

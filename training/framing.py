@@ -151,7 +151,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="the first N images of the split only (a quick check; not for figures)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--readme", action="store_true", help="also write the README's framing section")
+    parser.add_argument("--readme", action="store_true",
+                        help="the release's test figures: also write docs/results/framing.json, the README's framing "
+                             "section and the model card's framing line (with --split test, the release first)")
     add_keep_freed_memory_argument(parser)
     return parser
 
@@ -160,6 +162,10 @@ def main(args: argparse.Namespace) -> int:
     for folder in args.weights:
         if not (folder / "gnn.pt").exists():
             raise UserError(f"{folder} is not a weights folder (no gnn.pt)")
+    if args.readme and (args.split != "test" or args.limit is not None
+                        or args.weights[0].resolve() != WEIGHTS_DIR.resolve()):
+        raise UserError("--readme writes the release's test figures: use --split test, no --limit, and the release "
+                        f"({shown_path(WEIGHTS_DIR)}) as the first weights folder")
     apply_keep_freed_memory(args)
     started = time.time()
     if args.limit is not None and args.limit < 1:
@@ -179,11 +185,11 @@ def main(args: argparse.Namespace) -> int:
                          + (f" --limit {args.limit}" if args.limit else ""))
     text = markdown(report)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    outputs = ([args.json] if args.json else []) + ([FRAMING_REPORT] if args.readme else [])
+    for path in {path.resolve() for path in outputs}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
     if args.readme:
         replace_section("framing", text)
-        if args.json and args.json.resolve() == FRAMING_REPORT.resolve():
-            write_model_card(WEIGHTS_DIR)  # its framing line reads this report
+        write_model_card(WEIGHTS_DIR)  # its framing line reads FRAMING_REPORT
     return 0
