@@ -201,45 +201,77 @@ def localize(image_rgb: np.ndarray) -> Cells:
     """Boxes for the WBCs, RBCs and platelets in an RGB uint8 image (full frame, 4-class image or crop).
 
     A second pass on the white-balanced image runs only when the first finds no WBC; then, only when neither finds
-    one, both again taking a nucleus cut by the field's edge for a WBC."""
+    one, both again taking a nucleus cut by the field's edge for a WBC. Each image (as taken, balanced) is read once
+    (`_read_stain`); a pass whose rule no stain group meets is skipped."""
     image = _as_rgb_uint8(image_rgb)
     if image is None or min(image.shape[:2]) < MIN_SIDE:
         return Cells.empty()
-    first = _localize(image)
+    taken = _read_stain(image)
+    first = _cells(taken)
     if (first.kinds == WBC).any():
         return first
-    balanced = white_balance(image)
-    for source, edge_cut in ((balanced, False), (image, True), (balanced, True)):
-        found = _localize(source, edge_cut)
-        if (found.kinds == WBC).any():
-            return found
+    balanced = _read_stain(white_balance(image))
+    for stain, edge_cut in ((balanced, False), (taken, True), (balanced, True)):
+        if stain is not None and any(_is_wbc(group, stain.area, edge_cut) for group in stain.groups):
+            found = _cells(stain, edge_cut)
+            if (found.kinds == WBC).any():
+                return found
     return first
 
 
-def _localize(image: np.ndarray, edge_cut: bool = False) -> Cells:
-    """One localisation pass on a validated RGB uint8 image; `edge_cut`: a stain group touching the field's edge
-    is a WBC from EDGE_WBC_MIN_AREA_FRAC of the image."""
+@dataclass(frozen=True)
+class _Stain:
+    """An image read at working scale: what every pass over it decides from."""
+    lab: np.ndarray
+    valid: np.ndarray  # bool: not black fill
+    factor: float  # working scale / input scale
+    size: tuple[int, int]  # input height, width
+    area: float  # working-scale pixels
+    unit: float  # sqrt(area): the image's own length scale
+    groups: list[tuple[np.ndarray, int, bool, bool]]  # `_stain_groups`
+
+
+def _read_stain(image: np.ndarray) -> _Stain | None:
+    """A validated RGB uint8 image at working scale, its fill mask and stain groups; None when it is all fill."""
     h, w = image.shape[:2]
     factor = min(1.0, WORK_SIDE / max(h, w))
     small = image if factor == 1.0 else cv2.resize(
         image, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
-    sh, sw = small.shape[:2]
     lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
     valid = (lab[:, :, 0] > BLACK_L_MAX).astype(np.uint8)
     valid = cv2.erode(valid, _disk(BLACK_ERODE), borderType=cv2.BORDER_REPLICATE) > 0
     if not valid.any():
-        return Cells.empty()
-    area = float(sh * sw)
+        return None
+    area = float(lab.shape[0] * lab.shape[1])
     unit = float(np.sqrt(area))
+    return _Stain(lab, valid, factor, (h, w), area, unit, _stain_groups(lab, valid, unit))
+
+
+def _is_wbc(group: tuple[np.ndarray, int, bool, bool], area: float, edge_cut: bool) -> bool:
+    """A whole nucleus; with `edge_cut`, also a smaller one cut by the field's edge."""
+    _, px, is_major, at_edge = group
+    frac = px / area
+    return is_major and (frac >= WBC_MIN_AREA_FRAC or edge_cut and at_edge and frac >= EDGE_WBC_MIN_AREA_FRAC)
+
+
+def _cells(stain: _Stain | None, edge_cut: bool = False) -> Cells:
+    """One localisation pass over a read image; `edge_cut`: a stain group touching the field's edge is a WBC from
+    EDGE_WBC_MIN_AREA_FRAC of the image."""
+    if stain is None:
+        return Cells.empty()
+    lab, valid, unit, area = stain.lab, stain.valid, stain.unit, stain.area
+    (h, w), factor = stain.size, stain.factor
+    sh, sw = lab.shape[:2]
 
     boxes: list[np.ndarray] = []
     kinds: list[int] = []
     scores: list[float] = []
-    for box, px, is_major, at_edge in _stain_groups(lab, valid, unit):
+    for group in stain.groups:
+        box, px = group[0], group[1]
         frac = px / area
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         bw, bh = box[2] - box[0], box[3] - box[1]
-        if is_major and (frac >= WBC_MIN_AREA_FRAC or edge_cut and at_edge and frac >= EDGE_WBC_MIN_AREA_FRAC):
+        if _is_wbc(group, area, edge_cut):
             half_w, half_h = bw * WBC_BOX_SCALE[0] / 2, bh * WBC_BOX_SCALE[1] / 2
             kinds.append(WBC)
             scores.append(min(1.0, 0.5 + 0.5 * frac / (WBC_SCORE_AREA * WBC_MIN_AREA_FRAC)))
