@@ -313,14 +313,14 @@ def write_torchscript(weights_dir: Path, repository: Path = MODEL_REPOSITORY, de
     import torch  # heavy: only here
 
     from leukograph.training.checkpoints import load_models
-    from leukograph.training.detector import DetectorStage, field_scale_of, load_detector
+    from leukograph.training.detector import DetectorStage, detector_onnx_path, field_scale_of, load_detector
     from leukograph.training.models import CellGraphStage, CropEmbedderStage
 
     target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     embedder, gnn, _ = load_models(Path(weights_dir))
     crop_stage = CropEmbedderStage(embedder).eval().to(target)
     graph_stage = CellGraphStage(gnn).eval().to(target)
-    scale = field_scale_of(stage_path(repository, contract.CELL_DETECTOR, MODEL_FILES["onnxruntime"]))
+    scale = field_scale_of(detector_onnx_path(repository))
     detector_stage = DetectorStage(load_detector(detector_weights_dir(Path(weights_dir))),
                                    field_scale=scale).eval().to(target)
     rng = np.random.default_rng(0)

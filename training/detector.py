@@ -205,8 +205,10 @@ def field_scale_of(path: Path) -> float:
         return 1.0
 
 
-def export_detector(net: CellDetector, path: Path, opset: int = OPSET, field_scale: float = 1.0) -> Path:
-    """Export the served detector graph (weights inline, dynamic frame height/width) working at `field_scale`."""
+def export_detector(net: CellDetector, path: Path, opset: int = OPSET, field_scale: float | None = None) -> Path:
+    """Export the served detector graph (weights inline, dynamic frame height/width) working at `field_scale`;
+    None keeps the scale of the graph already at `path` (`field_scale_of`: 1 without one)."""
+    field_scale = field_scale_of(path) if field_scale is None else field_scale
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = DetectorStage(net.eval(), field_scale=field_scale).eval()
     example = torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -237,8 +239,8 @@ def add_field_scale_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = detector_onnx_path(Path(args.repository))
-    scale = check_field_scale(args.field_scale if args.field_scale is not None else field_scale_of(path))
-    export_detector(load_detector(Path(args.weights_dir)), path, field_scale=scale)
+    path = export_detector(load_detector(Path(args.weights_dir)), detector_onnx_path(Path(args.repository)),
+                           field_scale=args.field_scale)
+    scale = field_scale_of(path)
     print(f"wrote {path} (field scale {scale:g}: works at {round(DETECTOR_SIZE * scale)} px a side)")
     return 0

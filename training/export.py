@@ -90,14 +90,12 @@ def export_all(weights_dir: Path = WEIGHTS_DIR, repository: Path = MODEL_REPOSIT
     """Export cell_detector, crop_embedder and cell_graph from the committed (or given) checkpoints; a weights folder
     without detector.pt (e.g. `leukograph adapt`'s, which adapts only the classifier) keeps the committed detector.
     The detector keeps the field scale the repository's detector was exported with, unless `field_scale` is given."""
-    from leukograph.training.detector import check_field_scale, export_detector, field_scale_of, load_detector
+    from leukograph.training.detector import export_detector, load_detector
 
-    detector_path = onnx_path(CELL_DETECTOR, repository)
-    scale = check_field_scale(field_scale if field_scale is not None else field_scale_of(detector_path))
     embedder, gnn, _ = load_models(weights_dir)
     detector = load_detector(detector_weights_dir(weights_dir))
     return {
-        CELL_DETECTOR.name: export_detector(detector, detector_path, opset, scale),
+        CELL_DETECTOR.name: export_detector(detector, onnx_path(CELL_DETECTOR, repository), opset, field_scale),
         CROP_EMBEDDER.name: export_stage(CropEmbedderStage(embedder), CROP_EMBEDDER,
                                          onnx_path(CROP_EMBEDDER, repository), opset),
         CELL_GRAPH.name: export_stage(CellGraphStage(gnn), CELL_GRAPH, onnx_path(CELL_GRAPH, repository), opset),

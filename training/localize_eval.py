@@ -140,9 +140,9 @@ def ensure_detector_exported(repository: Path = MODEL_REPOSITORY) -> Path:
     path = stage_path(repository, CELL_DETECTOR, MODEL_FILES["onnxruntime"])
     weights = WEIGHTS_DIR / DETECTOR_WEIGHTS
     if weights.exists() and export_stale(path, [weights]) is not None:
-        from leukograph.training.detector import export_detector, field_scale_of, load_detector  # torch: exporting
+        from leukograph.training.detector import export_detector, load_detector  # torch only when exporting
 
-        export_detector(load_detector(WEIGHTS_DIR), path, field_scale=field_scale_of(path))
+        export_detector(load_detector(WEIGHTS_DIR), path)  # at the scale it was exported with
     return path
 
 
