@@ -24,6 +24,7 @@ import numpy as np
 from leukograph.client.contract import WBC_CLASSES
 from leukograph.client.errors import UserError
 from leukograph.client.images import read_image
+from leukograph.client.review_store import decode_jpeg, encode_jpeg
 from leukograph.deploy.paths import WEIGHTS_DIR, shown_path
 from leukograph.deploy.readme import replace_section
 from leukograph.training.classify import Classifier, centred_in_field
@@ -67,10 +68,10 @@ def lit(gains: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndarray]
 
 
 def jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Saved as JPEG at `quality` and read back (a camera's or a network share's compression)."""
+    """Saved as JPEG at `quality` and read back (a camera's or a network share's compression), with the result
+    database's own codec."""
     def frame(image: np.ndarray) -> np.ndarray:
-        _, encoded = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-        return np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
+        return decode_jpeg(encode_jpeg(image, quality))
     return frame
 
 
